@@ -1,0 +1,1 @@
+"""Input side: tokenizers, parallel-text sources, MLM masking and the batch pipeline."""

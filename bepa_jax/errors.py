@@ -1,0 +1,13 @@
+"""Errors a user can fix. The CLIs print their one-line message and exit with status 2."""
+
+
+class BepaError(Exception):
+  """Base of errors caused by user input (config, files, flags), not by a bug."""
+
+
+class ConfigError(BepaError, ValueError):
+  """A configuration that cannot run. The message names the key."""
+
+
+class InputError(BepaError, ValueError):
+  """Bad input data: the message names the file, line or field."""

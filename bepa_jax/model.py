@@ -1,0 +1,251 @@
+"""A BERT / XLM-R encoder in Flax Linen, with the MLM head applied at gathered positions.
+
+One module covers both families by config (`EncoderConfig.family`):
+  bert : positions 0..L-1, token types, LayerNorm eps 1e-12 (BERT, mBERT)
+  xlmr : positions pad+1.. over non-pad tokens only, one token type, eps 1e-5 (XLM-R, RoBERTa)
+Both are post-LayerNorm with exact (erf) GELU, as in HF transformers, so HF weights load
+without numerical drift. Every parameter names its logical axes
+(`nn.with_logical_partitioning`); `mesh.py` maps them to mesh axes from config.
+Module and parameter names follow HF's so that `hf.py` stays a plain key map.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  vocab_size: int
+  family: str = "bert"
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  pad_token_id: int = 0
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  initializer_range: float = 0.02
+  dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = False
+
+  @classmethod
+  def from_config(cls, model_cfg, vocab_size: int | None = None) -> "EncoderConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in model_cfg.items() if k in fields}
+    if vocab_size is not None and not kw.get("vocab_size"):
+      kw["vocab_size"] = vocab_size
+    return cls(**kw)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+def gelu(x):
+  return jax.nn.gelu(x, approximate=False)  # HF "gelu" is the exact erf form
+
+
+def _init(cfg: EncoderConfig, names):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
+
+
+def _zeros(names):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                      scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)), name=name)
+
+
+def position_ids(cfg: EncoderConfig, input_ids):
+  """BERT counts from 0; XLM-R counts non-pad tokens from pad+1 (HF's create_position_ids)."""
+  if cfg.family == "xlmr":
+    not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
+  return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+
+
+class Embeddings(nn.Module):
+  cfg: EncoderConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
+                                    embedding_init=_init(cfg, ("vocab", "embed")))
+    self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
+                                        dtype=cfg.compute_dtype,
+                                        embedding_init=_init(cfg, ("position", "embed")))
+    self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.hidden_size,
+                                          dtype=cfg.compute_dtype,
+                                          embedding_init=_init(cfg, ("type", "embed")))
+    self.LayerNorm = layer_norm(cfg, "LayerNorm")
+    self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+  def __call__(self, input_ids, token_type_ids, deterministic: bool):
+    x = (self.word_embeddings(input_ids)
+         + self.position_embeddings(position_ids(self.cfg, input_ids))
+         + self.token_type_embeddings(token_type_ids))
+    return self.dropout(self.LayerNorm(x), deterministic=deterministic)
+
+
+class HeadsDense(nn.Module):
+  """x [..., in_dims] -> [..., out_dims] with a kernel shaped in_dims + out_dims.
+
+  Keeps the head axis explicit ([embed, heads, kv] / [heads, kv, embed]) so that tensor
+  parallelism can shard it by name. (flax's DenseGeneral builds a flat kernel first,
+  which clashes with per-axis logical names at init.)
+  """
+  cfg: EncoderConfig
+  in_dims: tuple
+  out_dims: tuple
+  kernel_axes: tuple
+  bias_axes: tuple
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    kernel = self.param("kernel", _init(cfg, self.kernel_axes), self.in_dims + self.out_dims,
+                        jnp.float32)
+    bias = self.param("bias", _zeros(self.bias_axes), self.out_dims, jnp.float32)
+    n_in = len(self.in_dims)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
+                            (contract, ((), ())))
+    return y + bias.astype(cfg.compute_dtype)
+
+
+class SelfAttention(nn.Module):
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic: bool):
+    cfg = self.cfg
+    heads = (cfg.num_heads, cfg.head_dim)
+    proj = functools.partial(HeadsDense, cfg, (cfg.hidden_size,), heads, ("embed", "heads", "kv"),
+                             ("heads", "kv"))
+    q = proj(name="query")(x) / jnp.sqrt(cfg.head_dim).astype(cfg.compute_dtype)
+    k = proj(name="key")(x)
+    v = proj(name="value")(x)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return HeadsDense(cfg, heads, (cfg.hidden_size,), ("heads", "kv", "embed"), ("embed",),
+                      name="output")(ctx)
+
+
+class Layer(nn.Module):
+  """One post-LN transformer layer; returns (x, None) so it can be scanned."""
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic: bool):
+    cfg = self.cfg
+    drop = nn.Dropout(cfg.hidden_dropout)
+    h = SelfAttention(cfg, name="attention")(x, bias, deterministic)
+    x = layer_norm(cfg, "attention_LayerNorm")(x + drop(h, deterministic=deterministic))
+    h = nn.Dense(cfg.intermediate_size, dtype=cfg.compute_dtype,
+                 kernel_init=_init(cfg, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
+                 name="intermediate")(x)
+    h = nn.Dense(cfg.hidden_size, dtype=cfg.compute_dtype,
+                 kernel_init=_init(cfg, ("mlp", "embed")), bias_init=_zeros(("embed",)),
+                 name="output")(gelu(h))
+    x = layer_norm(cfg, "output_LayerNorm")(x + drop(h, deterministic=deterministic))
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    return x, None
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Encoder(nn.Module):
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic: bool):
+    cfg = self.cfg
+    layer_cls = Layer
+    if cfg.remat != "none":
+      layer_cls = nn.remat(Layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
+                           static_argnums=(3,))  # (self, x, bias, deterministic)
+    if cfg.scan_layers:
+      scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True,
+                                                                             "dropout": True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(cfg, name="layers")(x, bias, deterministic)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = layer_cls(cfg, name=f"layer_{i}")(x, bias, deterministic)
+    return x
+
+
+class MLMHead(nn.Module):
+  """dense -> GELU -> LayerNorm -> decoder tied to the word embeddings + bias."""
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, h, word_embeddings: nn.Embed):
+    cfg = self.cfg
+    h = nn.Dense(cfg.hidden_size, dtype=cfg.compute_dtype,
+                 kernel_init=_init(cfg, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
+                 name="dense")(h)
+    h = layer_norm(cfg, "LayerNorm")(gelu(h))
+    logits = word_embeddings.attend(h.astype(cfg.compute_dtype))
+    bias = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), jnp.float32)
+    return logits.astype(jnp.float32) + bias
+
+
+class BepaEncoder(nn.Module):
+  """Encoder + MLM head. Outputs hidden states, the last-layer [CLS] and masked-position logits."""
+  cfg: EncoderConfig
+
+  def setup(self):
+    self.embeddings = Embeddings(self.cfg)
+    self.encoder = Encoder(self.cfg)
+    self.mlm_head = MLMHead(self.cfg)
+
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, mlm_positions=None,
+               deterministic: bool = True) -> dict[str, Any]:
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    if attention_mask is None:
+      attention_mask = (input_ids != self.cfg.pad_token_id)
+    bias = jnp.where(attention_mask[:, None, None, :].astype(bool), 0.0,
+                     jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    x = self.embeddings(input_ids, token_type_ids, deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    hidden = self.encoder(x, bias, deterministic)
+    out = {"hidden": hidden, "cls": hidden[:, 0].astype(jnp.float32)}
+    if mlm_positions is not None:
+      picked = jnp.take_along_axis(hidden, mlm_positions[..., None].astype(jnp.int32), axis=1)
+      out["mlm_logits"] = self.mlm_head(picked, self.embeddings.word_embeddings)
+    return out
+
+  def mlm_logits_all(self, input_ids, token_type_ids=None, attention_mask=None):
+    """MLM logits at every position (for export parity checks, not for training)."""
+    L = input_ids.shape[1]
+    pos = jnp.broadcast_to(jnp.arange(L), input_ids.shape)
+    return self(input_ids, token_type_ids, attention_mask, pos)

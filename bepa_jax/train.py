@@ -1,0 +1,257 @@
+"""`bepa-train`: the training loop, in phases (config -> mesh -> data -> state -> step -> loop).
+
+  bepa-train --config configs/quickstart.py --config.train.steps=200 --workdir DIR
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from bepa_jax import config as config_lib
+from bepa_jax import mesh as mesh_lib
+from bepa_jax import step as step_lib
+from bepa_jax import train_state
+from bepa_jax.data import corpus as corpus_lib
+from bepa_jax.data import pipeline as pipeline_lib
+from bepa_jax.data import tokenizer as tokenizer_lib
+from bepa_jax.errors import BepaError, ConfigError
+from bepa_jax.metric_writer import MetricWriter
+from bepa_jax.model import BepaEncoder, EncoderConfig
+
+log = logging.getLogger("bepa")
+
+
+# ----------------------------------------------------------------------------- phases
+def load_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
+  """An existing sentencepiece model, or one trained on the corpus on first use and cached."""
+  if config.tokenizer.path:
+    return tokenizer_lib.SentencePieceTokenizer(config.tokenizer.path)
+  path = os.path.join(workdir, "tokenizer", "spm.model")
+  if not os.path.exists(path) and jax.process_index() == 0:
+    log.info("training a %d-piece %s tokenizer on the corpus -> %s", config.tokenizer.vocab_size,
+             config.tokenizer.model_type, path)
+    tokenizer_lib.train_sentencepiece(corpus_lib.load_embedded().texts(), os.path.dirname(path),
+                                      config.tokenizer.vocab_size, config.tokenizer.model_type)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("tokenizer")
+  return tokenizer_lib.SentencePieceTokenizer(path)
+
+
+def build_pipeline(config, tokenizer):
+  if config.data.source != "embedded":
+    raise ConfigError(f"data.source={config.data.source!r} is not supported (use 'embedded')")
+  languages = [l.strip() for l in config.data.languages.split(",") if l.strip()]
+  try:
+    corpus = corpus_lib.load_embedded().select(languages)
+    return pipeline_lib.MultiwayPairPipeline(
+        corpus, tokenizer, global_batch=int(config.train.global_batch),
+        max_length=int(config.data.max_length), mask_prob=float(config.data.mask_prob),
+        max_predictions=int(config.data.max_predictions_per_seq), seed=int(config.data.seed))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def example_inputs(config) -> dict:
+  L, P = int(config.data.max_length), int(config.data.max_predictions_per_seq)
+  return dict(input_ids=np.zeros((2, L), np.int32), token_type_ids=np.zeros((2, L), np.int32),
+              attention_mask=np.ones((2, L), np.int32), mlm_positions=np.zeros((2, P), np.int32))
+
+
+def global_batch(local: dict, mesh) -> dict:
+  """Per-process rows -> global arrays sharded over the batch axes (no host gathers)."""
+  sharding = mesh_lib.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}"
+
+
+# ----------------------------------------------------------------------------- build
+@dataclasses.dataclass
+class Job:
+  """Everything a run needs, built from the config before the first step."""
+  config: ml_collections.ConfigDict
+  mesh: Any
+  tokenizer: tokenizer_lib.Tokenizer
+  pipeline: pipeline_lib.MultiwayPairPipeline
+  model_cfg: EncoderConfig
+  model: BepaEncoder
+  state: train_state.TrainState
+  shardings: Any
+  step_fn: Any
+
+
+def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Job:
+  """Config -> mesh -> tokenizer and data -> model and sharded state -> jitted step."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = config_lib.validate(config, len(devices))
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  log.info("mesh %s on %d devices (%d processes)", dict(zip(mesh_lib.AXES, shape)),
+           len(devices), jax.process_count())
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  tokenizer = load_tokenizer(config, workdir)
+  pipeline = build_pipeline(config, tokenizer)
+  if pipeline.truncated:
+    log.info("%d sentences are longer than data.max_length=%d and are truncated",
+             pipeline.truncated, config.data.max_length)
+  model_cfg = EncoderConfig.from_config(config.model, vocab_size=tokenizer.vocab_size)
+  if model_cfg.vocab_size < tokenizer.vocab_size:
+    raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                      f"{tokenizer.vocab_size} pieces")
+  model = BepaEncoder(model_cfg)
+
+  steps = int(config.train.steps)
+  schedule = train_state.learning_rate_schedule(config.optim, steps)
+  tx = train_state.create_optimizer(config.optim, steps)
+  state, shardings = train_state.create_sharded_state(
+      model, tx, example_inputs(config), jax.random.key(int(config.train.seed)), mesh, config.mesh)
+  log.info("model: %s, %.2fM parameters", model_cfg.family,
+           train_state.count_params(state.params) / 1e6)
+  step_fn = step_lib.make_train_step(model, config, mesh, shardings, schedule)
+  return Job(config, mesh, tokenizer, pipeline, model_cfg, model, state, shardings, step_fn)
+
+
+# ----------------------------------------------------------------------------- loop
+def train(config: ml_collections.ConfigDict, workdir: str):
+  """Runs the whole job; returns (final state, last logged metrics)."""
+  job = build(config, workdir)
+  mesh, pipeline, state, step_fn = job.mesh, job.pipeline, job.state, job.step_fn
+  steps = int(config.train.steps)
+  writer = MetricWriter(workdir)
+  tokens_per_step = int(config.train.global_batch) * 2 * int(config.data.max_length)
+  log_every = max(int(config.train.log_every), 1)
+  pid, pcount = jax.process_index(), jax.process_count()
+  metrics, t_start, step_start = {}, None, 0
+  first = int(jax.device_get(state.step))
+  with jax.set_mesh(mesh):
+    for step in range(first, steps):
+      batch = global_batch(pipeline.batch(step, pid, pcount), mesh)
+      state, step_metrics = step_fn(state, batch)
+      done = step + 1
+      if done % log_every == 0 or done == steps or done == first + 1:
+        metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        now = time.perf_counter()
+        if t_start is None:  # the first step includes compilation: start the clock after it
+          t_start, step_start = now, done
+          rate = float("nan")
+        else:
+          rate = (done - step_start) / (now - t_start)
+        if rate == rate:  # not NaN: throughput is known from the second log on
+          metrics["steps_per_sec"] = rate
+          metrics["tokens_per_sec"] = rate * tokens_per_step
+        writer.write(done, metrics)
+        eta = format_eta((steps - done) / rate) if rate == rate and rate > 0 else "?"
+        log.info("step %d/%d | loss %.4f | mlm %.4f acc %.3f | con %.4f | x->y %.3f y->x %.3f "
+                 "| cos+ %.3f cos- %.3f | %.0f tok/s | ETA %s",
+                 done, steps, metrics["loss"], metrics["mlm_loss"], metrics["mlm_accuracy"],
+                 metrics["contrastive_loss"], metrics["acc_x2y"], metrics["acc_y2x"],
+                 metrics["pos_cos"], metrics["neg_cos"], metrics.get("tokens_per_sec", 0.0), eta)
+  writer.close()
+  return state, metrics
+
+
+# ----------------------------------------------------------------------------- CLI
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  if "config" not in flags.FLAGS:
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "default_config.py"),
+        "Python config file with get_config(); override keys with --config.a.b=value.",
+        lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for the tokenizer, metrics and checkpoints.")
+  return flags.FLAGS
+
+
+def check_override_keys(argv) -> None:
+  """Unknown `--config.a.b=` keys -> ConfigError naming the key (with a close match)."""
+  import difflib
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "default_config.py")
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+    elif arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+  if not os.path.exists(path):
+    raise ConfigError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location("_bepa_user_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    node = config
+    for depth, part in enumerate(key.split(".")):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        close = difflib.get_close_matches(part, known, n=1)
+        hint = f" (did you mean '{'.'.join(key.split('.')[:depth] + close)}'?)" if close else ""
+        raise ConfigError(f"unknown config key '{key}' in {path}{hint}")
+      node = node[part]
+
+
+def main(argv=None) -> int:
+  from absl import flags
+  argv = list(sys.argv if argv is None else argv)
+  prog = "bepa-train"
+  try:
+    check_override_keys(argv[1:])
+    FLAGS = _define_flags()
+    FLAGS(argv)
+  except ConfigError as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+  except flags.UnrecognizedFlagError as e:
+    name = getattr(e, "flagname", "") or str(e)
+    if name.startswith("config."):
+      print(f"{prog}: error: unknown config key '{name[len('config.'):]}'", file=sys.stderr)
+    else:
+      print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+  except (flags.Error, ValueError, OSError) as e:
+    print(f"{prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+          file=sys.stderr)
+    return 2
+  if not FLAGS.workdir:
+    print(f"{prog}: error: --workdir is required", file=sys.stderr)
+    return 2
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      datefmt="%H:%M:%S", force=True)
+  for noisy in ("absl", "jax._src", "orbax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  if jax.process_index() != 0:
+    log.setLevel(logging.WARNING)
+  try:
+    train(FLAGS.config, FLAGS.workdir)
+  except BepaError as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def run():  # console-script entry point
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,99 @@
+"""Train state, optimizer and its schedule, and the sharded initialisation of both."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from bepa_jax import mesh as mesh_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  def apply_gradients(self, grads):
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state)
+
+
+def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0, then linear / cosine decay to end_lr_fraction * lr, or constant."""
+  lr = float(optim_cfg.learning_rate)
+  warmup = int(optim_cfg.warmup_steps)
+  end = lr * float(optim_cfg.end_lr_fraction)
+  decay_steps = max(int(total_steps) - warmup, 1)
+  if optim_cfg.schedule == "cosine":
+    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(optim_cfg.end_lr_fraction))
+  elif optim_cfg.schedule == "linear":
+    after = optax.linear_schedule(lr, end, decay_steps)
+  else:
+    after = optax.constant_schedule(lr)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def decay_mask(params):
+  """Weight decay on matrices (kernels, embeddings) only: not on biases or LayerNorm."""
+  def is_decayed(path, _):
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]  # skips Partitioned.value
+    return bool(keys) and keys[-1] in ("kernel", "embedding")
+  return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def create_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+  parts = []
+  if float(optim_cfg.grad_clip_norm) > 0:
+    parts.append(optax.clip_by_global_norm(float(optim_cfg.grad_clip_norm)))
+  parts.append(optax.adamw(learning_rate_schedule(optim_cfg, total_steps),
+                           b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
+                           weight_decay=float(optim_cfg.weight_decay), mask=decay_mask))
+  return optax.chain(*parts)
+
+
+def init_fn(model: nn.Module, tx, example_inputs: dict) -> Callable[[jax.Array], TrainState]:
+  """rng -> boxed TrainState (parameters carry their logical axis names)."""
+  def init(rng):
+    variables = model.init(rng, **example_inputs)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), tx=tx)
+  return init
+
+
+def create_sharded_state(model, tx, example_inputs, rng, mesh, mesh_cfg):
+  """Initialises the state directly into its shardings (no host copy of the full model).
+
+  Returns (state, state_shardings) with plain (unboxed) arrays.
+  """
+  init = init_fn(model, tx, example_inputs)
+  boxed = jax.eval_shape(init, rng)
+  shardings = nn.meta.unbox(mesh_lib.logical_shardings(boxed, mesh, mesh_cfg))
+  shardings = shardings.replace(step=mesh_lib.replicated(mesh))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.rules(mesh_cfg)):
+    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def abstract_state(model, tx, example_inputs, rng, mesh, mesh_cfg):
+  """ShapeDtypeStructs of the state carrying the target shardings (for Orbax restore)."""
+  init = init_fn(model, tx, example_inputs)
+  boxed = jax.eval_shape(init, rng)
+  shardings = nn.meta.unbox(mesh_lib.logical_shardings(boxed, mesh, mesh_cfg))
+  shardings = shardings.replace(step=mesh_lib.replicated(mesh))
+  shapes = nn.meta.unbox(boxed)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings), shardings
+
+
+def count_params(params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))

@@ -1,0 +1,9 @@
+"""Tiny BEPA run on the bundled corpus, on CPU: the embedded default, unchanged.
+
+  bepa-train --config configs/quickstart.py --workdir /tmp/bepa-quickstart
+"""
+from bepa_jax import default_config
+
+
+def get_config():
+  return default_config.get_config()
