@@ -16,13 +16,17 @@ import ml_collections
 import numpy as np
 
 from bepa_jax import config as config_lib
+from bepa_jax import heads as heads_lib
+from bepa_jax import distributed
 from bepa_jax import mesh as mesh_lib
 from bepa_jax import step as step_lib
 from bepa_jax import train_state
 from bepa_jax.data import corpus as corpus_lib
+from bepa_jax.data import factory as data_factory
 from bepa_jax.data import pipeline as pipeline_lib
 from bepa_jax.data import tokenizer as tokenizer_lib
 from bepa_jax.errors import BepaError, ConfigError
+from bepa_jax.eval import periodic as periodic_eval
 from bepa_jax.metric_writer import MetricWriter
 from bepa_jax.model import BepaEncoder, EncoderConfig
 
@@ -33,12 +37,14 @@ log = logging.getLogger("bepa")
 def load_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
   """An existing sentencepiece model, or one trained on the corpus on first use and cached."""
   if config.tokenizer.path:
-    return tokenizer_lib.SentencePieceTokenizer(config.tokenizer.path)
+    return data_factory.load_tokenizer(config.tokenizer)
   path = os.path.join(workdir, "tokenizer", "spm.model")
   if not os.path.exists(path) and jax.process_index() == 0:
     log.info("training a %d-piece %s tokenizer on the corpus -> %s", config.tokenizer.vocab_size,
              config.tokenizer.model_type, path)
-    tokenizer_lib.train_sentencepiece(corpus_lib.load_embedded().texts(), os.path.dirname(path),
+    texts = (corpus_lib.load_embedded().texts() if config.data.source == "embedded"
+             else data_factory.training_texts(config.data))
+    tokenizer_lib.train_sentencepiece(texts, os.path.dirname(path),
                                       config.tokenizer.vocab_size, config.tokenizer.model_type)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -48,7 +54,7 @@ def load_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
 
 def build_pipeline(config, tokenizer):
   if config.data.source != "embedded":
-    raise ConfigError(f"data.source={config.data.source!r} is not supported (use 'embedded')")
+    return data_factory.build_pipeline(config, tokenizer)
   languages = [l.strip() for l in config.data.languages.split(",") if l.strip()]
   try:
     corpus = corpus_lib.load_embedded().select(languages)
@@ -121,7 +127,9 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Job:
   schedule = train_state.learning_rate_schedule(config.optim, steps)
   tx = train_state.create_optimizer(config.optim, steps)
   state, shardings = train_state.create_sharded_state(
-      model, tx, example_inputs(config), jax.random.key(int(config.train.seed)), mesh, config.mesh)
+      model, tx, example_inputs(config), jax.random.key(int(config.train.seed)), mesh, config.mesh,
+      head=heads_lib.from_config(config.loss, model_cfg.hidden_size),
+      ema=heads_lib.uses_ema(config.loss))
   log.info("model: %s, %.2fM parameters", model_cfg.family,
            train_state.count_params(state.params) / 1e6)
   step_fn = step_lib.make_train_step(model, config, mesh, shardings, schedule)
@@ -133,6 +141,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   """Runs the whole job; returns (final state, last logged metrics)."""
   job = build(config, workdir)
   mesh, pipeline, state, step_fn = job.mesh, job.pipeline, job.state, job.step_fn
+  evaluator = periodic_eval.from_config(config, job.model, job.tokenizer, mesh)  # None: eval off
   steps = int(config.train.steps)
   writer = MetricWriter(workdir)
   tokens_per_step = int(config.train.global_batch) * 2 * int(config.data.max_length)
@@ -163,6 +172,13 @@ def train(config: ml_collections.ConfigDict, workdir: str):
                  done, steps, metrics["loss"], metrics["mlm_loss"], metrics["mlm_accuracy"],
                  metrics["contrastive_loss"], metrics["acc_x2y"], metrics["acc_y2x"],
                  metrics["pos_cos"], metrics["neg_cos"], metrics.get("tokens_per_sec", 0.0), eta)
+      if evaluator is not None and evaluator.due(done, steps):
+        t_eval = time.perf_counter()
+        eval_metrics = evaluator(state.params)
+        writer.write(done, eval_metrics, prefix="eval")
+        log.info("eval step %d | %s", done, periodic_eval.headline(eval_metrics))
+        if t_start is not None:  # keep evaluation time out of the throughput figures
+          t_start += time.perf_counter() - t_eval
   writer.close()
   return state, metrics
 
@@ -177,6 +193,11 @@ def _define_flags():
         "Python config file with get_config(); override keys with --config.a.b=value.",
         lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for the tokenizer, metrics and checkpoints.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs; "
+                        "else $BEPA_COORDINATOR_ADDRESS, SLURM, or Cloud TPU auto-detection).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (else from the environment).")
+    flags.DEFINE_integer("process_id", None, "This process's index (else from the environment).")
+    flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes to join.")
   return flags.FLAGS
 
 
@@ -234,6 +255,12 @@ def main(argv=None) -> int:
     return 2
   if not FLAGS.workdir:
     print(f"{prog}: error: --workdir is required", file=sys.stderr)
+    return 2
+  try:  # first thing, before any JAX computation: join the other processes, if any
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           timeout_s=FLAGS.distributed_timeout)
+  except (ValueError, distributed.DistributedInitError) as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
     return 2
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       datefmt="%H:%M:%S", force=True)

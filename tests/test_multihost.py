@@ -1,0 +1,80 @@
+"""The multi-host path for real: 2 processes x 2 CPU devices (gloo) vs 1 process x 4 devices."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from launch.local import run_local
+from tests.conftest import REPO
+
+SCRIPT = r'''
+import json, os, sys
+import numpy as np
+from bepa_jax import distributed
+distributed.initialize(timeout_s=120)
+import jax
+from jax.experimental import multihost_utils
+from bepa_jax import train
+from tests.helpers import tiny_config
+
+out, workdir = sys.argv[1], sys.argv[2]
+config = tiny_config(**{"train.steps": 4, "train.log_every": 1, "train.global_batch": 16})
+job = train.build(config, workdir)
+losses, shards = [], []
+with jax.set_mesh(job.mesh):
+  state = job.state
+  for step in range(4):
+    local = job.pipeline.batch(step, jax.process_index(), jax.process_count())
+    shards.append(local["input_ids"].tolist())
+    state, metrics = job.step_fn(state, train.global_batch(local, job.mesh))
+    losses.append(float(metrics["loss"]))
+params = multihost_utils.process_allgather(state.params, tiled=True)
+flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+tag = f"{out}/p{jax.process_index()}"
+np.savez(tag + ".npz", **flat)
+json.dump({"losses": losses, "shards": shards, "process_count": jax.process_count(),
+           "device_count": jax.device_count()}, open(tag + ".json", "w"))
+'''
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("multihost")
+  script = root / "job.py"
+  script.write_text(SCRIPT)
+  results = {}
+  for name, (nproc, ndev) in {"single": (1, 4), "multi": (2, 2)}.items():
+    out = root / name
+    out.mkdir()
+    rc = run_local([sys.executable, str(script), str(out), str(root / "wd")], num_processes=nproc,
+                   devices_per_process=ndev, log_dir=str(root / f"logs_{name}"), stream=open(os.devnull, "w"),
+                   cwd=REPO, timeout_s=300)
+    assert rc == 0, open(root / f"logs_{name}" / "worker_0.log").read()[-3000:]
+    results[name] = out
+  return results
+
+
+def test_two_processes_equal_one_process(runs):
+  single = json.load(open(runs["single"] / "p0.json"))
+  multi = [json.load(open(runs["multi"] / f"p{i}.json")) for i in range(2)]
+  assert single["device_count"] == 4 and multi[0]["device_count"] == 4
+  assert multi[0]["process_count"] == 2
+  np.testing.assert_allclose(multi[0]["losses"], single["losses"], rtol=1e-5)
+  np.testing.assert_allclose(multi[1]["losses"], single["losses"], rtol=1e-5)
+  a, b = np.load(runs["single"] / "p0.npz"), np.load(runs["multi"] / "p0.npz")
+  assert set(a.files) == set(b.files)
+  for k in a.files:  # see tests/test_step.py for why 1e-5 (1% of one AdamW step)
+    np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_process_shards_are_disjoint_and_form_the_global_batch(runs):
+  single = json.load(open(runs["single"] / "p0.json"))
+  multi = [json.load(open(runs["multi"] / f"p{i}.json")) for i in range(2)]
+  for step in range(4):
+    s0, s1 = np.array(multi[0]["shards"][step]), np.array(multi[1]["shards"][step])
+    assert s0.shape[0] == s1.shape[0] == 8
+    np.testing.assert_array_equal(np.concatenate([s0, s1]), np.array(single["shards"][step]))
+    rows0 = {r.tobytes() for r in s0}
+    assert not any(r.tobytes() in rows0 for r in s1)
