@@ -248,4 +248,4 @@ class BepaEncoder(nn.Module):
     """MLM logits at every position (for export parity checks, not for training)."""
     L = input_ids.shape[1]
     pos = jnp.broadcast_to(jnp.arange(L), input_ids.shape)
-    return self(input_ids, token_type_ids, attention_mask, pos)
+    return self(input_ids, token_type_ids, attention_mask, pos)["mlm_logits"]

@@ -31,3 +31,27 @@ def tiny_config(**overrides):
 
 def devices(n):
   return jax.devices()[:n]
+
+
+def assert_params_close(actual, desired, *, tight=1e-6, loose=2e-4, max_loose_fraction=1e-3):
+  """Parameters equal up to float reordering, allowing for Adam's amplification of tiny grads.
+
+  Sharded and unsharded runs sum gradients in different orders. Adam's update
+  lr * m / (sqrt(v) + eps) turns rounding noise in a gradient that is ~0 (e.g. directions that
+  a LayerNorm makes invariant) into a step of up to ~lr. So: every element within `loose`
+  (0.2 x lr for lr 1e-3) and all but a tiny fraction within `tight`. A real disagreement (wrong
+  shard, wrong sign, wrong labels) moves most elements by ~lr and fails both.
+  """
+  import numpy as np
+  flat_a = jax.tree_util.tree_leaves_with_path(actual)
+  flat_d = jax.tree.leaves(desired)
+  assert len(flat_a) == len(flat_d)
+  n_total = n_off = 0
+  for (path, a), d in zip(flat_a, flat_d):
+    a, d = np.asarray(a), np.asarray(d)
+    assert a.shape == d.shape, jax.tree_util.keystr(path)
+    diff = np.abs(a - d)
+    assert diff.max() <= loose, f"{jax.tree_util.keystr(path)}: max diff {diff.max():.3g}"
+    n_off += int((diff > tight).sum())
+    n_total += a.size
+  assert n_off <= max_loose_fraction * n_total, f"{n_off}/{n_total} elements differ by > {tight}"
