@@ -21,8 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
       type_vocab_size=2,             # XLM-R: 1
       layer_norm_eps=1e-12,          # XLM-R: 1e-5
       pad_token_id=0,                # XLM-R: 1
-      hidden_dropout=0.1,
-      attention_dropout=0.1,
+      hidden_dropout=0.0,            # BERT uses 0.1; the tiny quickstart learns faster without
+      attention_dropout=0.0,
       initializer_range=0.02,
       dtype="float32",               # compute dtype: float32 | bfloat16 (params stay float32)
       remat="none",                  # none | full | dots_saveable
@@ -30,29 +30,65 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   # --- Objective: L = L_mlm + weight * L_con (symmetric InfoNCE over the global batch).
+  #   s_ij = cos(a(x_i), c(y_j)),  l_ij = (s_ij - margin * [i = j]) / tau
+  #   L_x->y = mean_i [ logsumexp_{j in pool(i)} l_ij - l_ii ],  L_y->x likewise with x <-> y
+  # a = anchors (context: encoder [CLS] -> projector -> predictor), c = candidates (target:
+  # [CLS] -> projector, or the EMA target encoder). All defaults = plain symmetric InfoNCE.
   c.loss = ml_collections.ConfigDict(dict(
-      weight=1.0,                    # lambda; 0 gives pure MLM
-      temperature=0.07,              # tau
+      weight=1.0,                    # lambda; 0 gives pure MLM (contrastive still logged)
+      temperature=0.07,              # tau (its initial value if learned)
+      learn_temperature=False,       # tau = clip(exp(log_tau), min, max), log_tau in params
+      temperature_min=0.01,          # clamp of a learned tau (0.01 = CLIP's logit scale 100)
+      temperature_max=1.0,
+      margin=0.0,                    # m: additive margin on the positive logit (LaBSE: 0.3)
+      symmetric="mean",              # mean: (L_x->y + L_y->x)/2 | sum | x2y | y2x (one direction)
+      negatives="global",            # global: all B rows (grad through all_gather) | local: the
+                                     # device's b rows | global_stopgrad: B rows, grad via own b
+      same_language_negatives=False, # pool(i) = {c(y_j)} + {c(x_j)} (candidates concat[z_y, z_x])
+      mask_self=True,                # with same-language negatives, drop c(x_i) (the anchor's own
+                                     # sentence); False = the reference code's unmasked e^{s_ii/tau}
+      mask_duplicates=False,         # drop candidates whose text equals the positive's (needs the
+                                     # batch's text_hash; no-op without it)
+      projector_layers=0,            # MLP on [CLS] before L2-norm, both sides; 0 = none
+      projector_dim=0,               # its width; 0 = hidden size
+      predictor_layers=0,            # MLP on the anchor side only (JEPA); 0 = none
+      predictor_dim=0,               # its hidden width; 0 = projector output size
+      ema_decay=0.0,                 # > 0: candidates come from an EMA target encoder (+ projector),
+                                     # stop-gradient; ema <- d * ema + (1 - d) * online, per step
   ))
 
   # --- Data.
   c.data = ml_collections.ConfigDict(dict(
-      source="embedded",             # the bundled multilingual corpus (bepa_jax/resources)
-      languages="en,de,fr,es,ru,el", # languages of a multi-way source to draw pairs from
-      max_length=32,                 # tokens per sentence incl. [CLS] and [SEP]
+      source="embedded",             # the bundled multilingual corpus (bepa_jax/resources), or
+                                     # `;`-separated KIND:ARG[@weight] (bepa_jax/data/sources.py):
+                                     # aligned:DIR/train.{en,de} | tatoeba:DIR[:deu,fra] | tsv:F |
+                                     # jsonl:F | tfds:NAME[:SPLIT] | mono:LANG=F (MLM only)
+      languages="en,de,fr,es,ru,el", # languages of the embedded corpus to draw pairs from
+      pairs="",                      # other sources: language pairs to use, e.g. "en-de,en-fr";
+                                     # "" = every pair a source holds
+      temperature=1.0,               # p(pair) ~ weight * size^(1/T): 1 = by size, large = uniform
+      dedup=True,                    # redraw rows whose sentence already is in the batch
+      max_chars=2000,                # lines longer than this are over-long (before tokenising)
+      long_lines="skip",             # skip | truncate (over-long lines; counted and logged)
+      invalid_utf8="error",          # error (file:line) | skip (counted and logged)
+      tfds_data_dir="",              # TFDS data_dir ("" = TFDS default); array_record, prepared
+      max_length=48,                 # tokens per sentence incl. [CLS] and [SEP]
       mask_prob=0.15,
       max_predictions_per_seq=5,
       seed=0,
   ))
   c.tokenizer = ml_collections.ConfigDict(dict(
-      path="",                       # existing sentencepiece .model; empty = train one on first use
+      path="",                       # existing tokenizer; empty = train a sentencepiece model on the
+                                     # configured data on first use (cached in the workdir)
+      kind="spm",                    # of `path`: spm (ours: [PAD]=0..[MASK]=4) | xlmr_spm (fairseq
+                                     # layout: <s>=0 <pad>=1 </s>=2 <unk>=3, <mask> last) | hf_json
       vocab_size=1000,
       model_type="unigram",          # unigram | bpe
   ))
 
   # --- Optimisation.
   c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=1e-3,
+      learning_rate=2e-3,
       warmup_steps=20,
       schedule="linear",             # linear | cosine | constant (after warmup)
       end_lr_fraction=0.0,
@@ -67,9 +103,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       global_batch=32,               # sentence pairs per step, over all devices and hosts
       grad_accum_steps=1,            # micro-batches per step (each one its own negative pool)
-      steps=200,
+      gradcache_chunks=0,            # > 1: GradCache, the pool is the full global batch and
+                                     # activation memory is one chunk of global_batch / chunks
+      steps=600,
       seed=0,
-      log_every=20,
+      log_every=50,
+  ))
+
+  # --- Checkpoints in WORKDIR/checkpoints (bepa_jax/checkpoint.py); rerunning resumes from them.
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=100,               # save every N steps (0 = off); always after the last step
+      every_minutes=30.0,            # and when T minutes passed since the last save (0 = off)
+      keep=3,                        # most recent checkpoints kept
+      keep_best_metric="",           # also keep the best by this saved metric, e.g. "loss"
+      keep_best_mode="min",          # min | max
+      async_save=True,               # write in the background while training goes on
   ))
 
   # --- Device mesh. -1 = all remaining devices. dcn_data > 1 spreads `data` over slices.
@@ -92,5 +140,17 @@ def get_config() -> ml_collections.ConfigDict:
           ("length", None),
           ("act_embed", None),
       ),
+  ))
+
+  # --- Periodic evaluation (bepa_jax/eval/periodic.py), logged as eval/... with the metrics.
+  c.eval = ml_collections.ConfigDict(dict(
+      every_steps=0,                 # 0 = off; else every N steps and after the last step
+      tatoeba_dir="",                # LASER-layout dir: tatoeba.xxx-eng.{xxx,eng}
+      langs="deu,fra",               # Tatoeba languages ("" = every language in the dir)
+      parallel="",                   # comma-separated line-aligned files (.gz ok), e.g. a test set
+      max_sentences=500,             # per set (0 = all)
+      batch_size=64,                 # sentences per forward pass (rounded up to the batch shards)
+      pooling="cls,mean",            # cls and/or mean
+      margin="",                     # "" (cosine) | ratio | distance: also score with a BUCC margin
   ))
   return c
