@@ -9,6 +9,7 @@ twice in a batch (a duplicate would be a false negative for InfoNCE).
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import numpy as np
 
@@ -76,7 +77,10 @@ class MultiwayPairPipeline:
            "attention_mask": np.zeros((b, 2, L), np.int32),
            "mlm_positions": np.zeros((b, 2, P), np.int32),
            "mlm_ids": np.zeros((b, 2, P), np.int32),
-           "mlm_weights": np.zeros((b, 2, P), np.float32)}
+           "mlm_weights": np.zeros((b, 2, P), np.float32),
+           # id of each side's text (crc32 of its tokens as encoded, before MLM masking):
+           # lets loss.mask_duplicates drop candidates that repeat the positive's text
+           "text_hash": np.zeros((b, 2), np.int32)}
     for r in range(b):
       row = process_index * b + r                     # global row: masking is process-count free
       rng = np.random.default_rng([self.seed, 2, int(step), row])
@@ -85,6 +89,8 @@ class MultiwayPairPipeline:
         out["input_ids"][r, side], out["attention_mask"][r, side] = ids, att
         out["mlm_positions"][r, side], out["mlm_ids"][r, side] = pos, lab
         out["mlm_weights"][r, side] = w
+        text = np.asarray(self.ids[meanings[row]][lang][:L - 2], np.int32).tobytes()
+        out["text_hash"][r, side] = np.int64(zlib.crc32(text)).astype(np.int32)
     return out
 
   def languages_of(self, step: int) -> list[tuple[str, str]]:

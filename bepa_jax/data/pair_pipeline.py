@@ -1,0 +1,241 @@
+"""Batches from any mixture of pair sources, as a pure function of (seed, step).
+
+Like `MultiwayPairPipeline`: every process computes the same global plan for a step and
+then tokenises and masks only its own contiguous rows, so the global batch does not depend
+on the number of processes and resuming at step s needs nothing but s (the step is already
+in the checkpoint).
+
+Duplicates: two pairs of one batch sharing a sentence on either side are false negatives
+for InfoNCE. With `dedup` on, each process reads the *texts* of the whole global batch
+(cheap: B record reads, no tokenisation), and a row whose sentence already occurred -- or
+whose record is unusable (empty, too long, not UTF-8) -- is redrawn from the same component
+with a seed of (step, row, attempt). With `dedup` off a process reads only its own rows.
+
+Masking is vectorised over a process's rows; its random numbers come from one Philox stream
+per step jumped to the process's first row, so they too are independent of the process count.
+"""
+from __future__ import annotations
+
+import collections
+import zlib
+from typing import Sequence
+
+import numpy as np
+
+from bepa_jax.data.mixture import Mixture
+from bepa_jax.data.sources import Component, LoadStats
+from bepa_jax.data.tokenizer import Tokenizer
+from bepa_jax.errors import ConfigError, InputError
+
+MAX_ATTEMPTS = 64
+
+
+def mask_batch(seq: np.ndarray, n: np.ndarray, u: np.ndarray, *, mask_prob: float,
+               max_predictions: int, mask_id: int, vocab_size: int, random_token_low: int):
+  """BERT masking of [N, L] sequences [CLS] t_1..t_n [SEP] [PAD]..., vectorised.
+
+  Same rule as masking.mask_sequence: k = clip(round(n * mask_prob), 1, P) content tokens,
+  80% -> [MASK], 10% -> a random non-special token, 10% kept; never a special position.
+  `u` [N, >= L + 2P] uniforms: L position keys, P actions, P random-token draws.
+  Returns (masked [N, L], positions [N, P], labels [N, P], weights [N, P]).
+  """
+  N, L = seq.shape
+  P = max_predictions
+  k = np.where(n > 0, np.clip(np.round(n * mask_prob), 1, P), 0).astype(np.int64)
+  idx = np.arange(L)[None]
+  keys = np.where((idx >= 1) & (idx <= n[:, None]), u[:, :L], 2.0)   # only content tokens
+  chosen = np.argsort(keys, axis=1, kind="stable")[:, :P]
+  take = np.arange(P)[None] < k[:, None]
+  positions = np.sort(np.where(take, chosen, L), axis=1)            # ascending, unused last
+  take = positions < L
+  positions = np.where(take, positions, 0).astype(np.int32)
+  rows = np.arange(N)[:, None]
+  labels = np.where(take, seq[rows, positions], 0).astype(np.int32)
+  act, rnd = u[:, L:L + P], u[:, L + P:L + 2 * P]
+  rand_tok = np.minimum(random_token_low + (rnd * (vocab_size - random_token_low)).astype(
+      np.int64), vocab_size - 1)
+  new = np.where(act < 0.8, mask_id, np.where(act < 0.9, rand_tok, labels))
+  masked = seq.copy()
+  r, c = np.nonzero(take)
+  masked[r, positions[r, c]] = new[r, c]
+  return masked, positions, labels, take.astype(np.float32)
+
+
+class PairPipeline:
+  """Sentence pairs from language-pair components mixed by weight and temperature."""
+
+  def __init__(self, components: Sequence[Component], weights: Sequence[float],
+               tokenizer: Tokenizer, *, global_batch: int, max_length: int, mask_prob: float,
+               max_predictions: int, seed: int, temperature: float = 1.0, dedup: bool = True,
+               load_stats: LoadStats | None = None):
+    if not components:
+      raise ConfigError("data.source yields no language pairs")
+    mono = [bool(getattr(c, "monolingual", False)) for c in components]
+    if any(mono) and not all(mono):
+      raise ConfigError("data.source mixes mono: with parallel sources: MLM-only rows would "
+                        "be negatives of the contrastive loss; use them alone with loss.weight=0")
+    self.mlm_only = all(mono)
+    self.components = list(components)
+    self.tok = tokenizer
+    self.global_batch = int(global_batch)
+    self.max_length = int(max_length)
+    self.mask_prob = float(mask_prob)
+    self.max_predictions = int(max_predictions)
+    self.seed = int(seed)
+    self.dedup = bool(dedup)
+    self.load_stats = load_stats or LoadStats()
+    self.mixture = Mixture([len(c) for c in components], weights, temperature, global_batch,
+                           seed)
+    self.counters = collections.Counter()   # replaced duplicates / unusable, truncations
+    self._resolved = None
+
+  # -------------------------------------------------------------------- plan
+  @property
+  def truncated(self) -> int:
+    return self.counters["truncated"]
+
+  @property
+  def probs(self) -> dict[str, float]:
+    return {c.name: float(p) for c, p in zip(self.components, self.mixture.probs)}
+
+  def _redraw(self, step, row, c, attempt):
+    rng = np.random.default_rng([self.seed, 13, int(step), int(row), attempt])
+    return int(rng.integers(len(self.components[c])))
+
+  def resolve(self, step: int, rows: range | None = None):
+    """(component [B], index [B], texts {row: (x, y)}) after replacing bad/duplicate rows.
+
+    With dedup every row of the global batch is resolved (in global order); otherwise only
+    `rows`, each on its own, which gives the same result for those rows.
+    """
+    key = (int(step), None if self.dedup else (rows.start, rows.stop) if rows else None)
+    if self._resolved and self._resolved[0] == key:
+      return self._resolved[1]
+    comps, idx = self.mixture.plan(step)
+    todo = range(self.global_batch) if self.dedup or rows is None else rows
+    seen, texts = set(), {}
+    for r in todo:
+      c = int(comps[r])
+      for attempt in range(MAX_ATTEMPTS):
+        pair = self.components[c][int(idx[r])]
+        if pair is None:
+          self.counters["unusable_replaced"] += 1
+        elif self.dedup and (pair[0] in seen or pair[1] in seen):
+          self.counters["duplicates_replaced"] += 1
+        else:
+          break
+        idx[r] = self._redraw(step, r, c, attempt)
+      else:
+        raise InputError(f"{self.components[c].name}: no usable, non-duplicate pair found for "
+                         f"row {r} of step {step} after {MAX_ATTEMPTS} draws (component too "
+                         f"small for train.global_batch={self.global_batch}, or mostly bad "
+                         f"records; data.dedup=False allows duplicates)")
+      if self.dedup:
+        seen.update(pair)
+      texts[r] = pair
+    # a random side order per row: the languages of x and y are balanced
+    swap = np.random.default_rng([self.seed, 14, int(step)]).random(self.global_batch) < 0.5
+    if self.mlm_only:
+      swap[:] = False
+    out = (comps, idx, texts, swap)
+    self._resolved = (key, out)
+    return out
+
+  def languages_of(self, step: int) -> list[tuple[str, str]]:
+    comps, _, _, swap = self.resolve(step)
+    out = []
+    for c, s in zip(comps, swap):
+      lx, ly = self.components[c].lang_x, self.components[c].lang_y
+      out.append((ly, lx) if s else (lx, ly))
+    return out
+
+  def texts_of(self, step: int) -> list[tuple[str, str]]:
+    """The (x, y) texts of the global batch at `step` (for tests and inspection)."""
+    _, _, texts, swap = self.resolve(step)
+    return [(texts[r][1], texts[r][0]) if swap[r] else texts[r]
+            for r in range(self.global_batch)]
+
+  # -------------------------------------------------------------------- batch
+  def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+    """This process's rows of the global batch at `step`, as numpy arrays [b, 2, ...]."""
+    if self.global_batch % process_count:
+      raise ConfigError(f"train.global_batch={self.global_batch} is not divisible by "
+                        f"{process_count} processes")
+    b = self.global_batch // process_count
+    rows = range(process_index * b, (process_index + 1) * b)
+    _, _, texts, swap = self.resolve(step, rows)
+    flat = []
+    for r in rows:
+      x, y = texts[r]
+      flat += [y, x] if swap[r] else [x, y]
+    ids = self.tok.encode_batch(flat)
+    L, P, tok = self.max_length, self.max_predictions, self.tok
+    seq = np.full((2 * b, L), tok.pad_id, np.int32)
+    n = np.zeros(2 * b, np.int64)
+    hashes = np.zeros(2 * b, np.int32)
+    for k, t in enumerate(ids):
+      if len(t) > L - 2:
+        self.counters["truncated"] += 1
+      t = np.asarray(t[:L - 2], np.int32)
+      seq[k, 1:len(t) + 1] = t
+      n[k] = len(t)
+      # crc32 of each side's tokens before masking (as MultiwayPairPipeline): lets
+      # loss.mask_duplicates drop candidates repeating the positive's text
+      hashes[k] = np.int64(zlib.crc32(t.tobytes())).astype(np.int32)
+    seq[:, 0] = tok.cls_id
+    seq[np.arange(2 * b), n + 1] = tok.sep_id
+    u = self._uniforms(step, rows.start, b).reshape(2 * b, -1)
+    masked, pos, lab, w = mask_batch(
+        seq, n, u, mask_prob=self.mask_prob, max_predictions=P, mask_id=tok.mask_id,
+        vocab_size=tok.vocab_size, random_token_low=max(tok.special_ids) + 1)
+    shape = lambda a: a.reshape((b, 2) + a.shape[1:])
+    return {"input_ids": shape(masked),
+            "token_type_ids": np.zeros((b, 2, L), np.int32),
+            "attention_mask": shape((np.arange(L)[None] < (n + 2)[:, None]).astype(np.int32)),
+            "mlm_positions": shape(pos), "mlm_ids": shape(lab), "mlm_weights": shape(w),
+            "text_hash": shape(hashes)}
+
+  def _uniforms(self, step: int, first_row: int, count: int) -> np.ndarray:
+    """[count, 2, D] uniforms of global rows first_row.. at `step`; D = L + 2P (padded to 4).
+
+    One counter-based (Philox) stream per step, jumped to the first row: a row's numbers
+    do not depend on which process draws them, and a process draws only its own rows.
+    """
+    L, P = self.max_length, self.max_predictions
+    d = -(-(L + 2 * P) // 2) * 2        # 2 sides x d doubles per row: a multiple of 4
+    key = np.random.SeedSequence([self.seed, 2, int(step)]).generate_state(2, np.uint64)
+    bitgen = np.random.Philox(key=key)
+    bitgen.advance(first_row * 2 * d // 4)    # Philox counts blocks of 4 doubles
+    return np.random.Generator(bitgen).random((count, 2, d))
+
+  def fingerprint(self) -> str:
+    """What the batch of a step depends on besides the step: seed, mixture, shapes."""
+    import hashlib
+    parts = [str(self.seed), str(self.global_batch), str(self.max_length), str(self.dedup),
+             *(f"{c.name}={len(c)}:{p:.9f}" for c, p in zip(self.components, self.mixture.probs))]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+  def state_dict(self, step: int) -> dict:
+    """The position saved in a checkpoint: the step (a pure function) + the data fingerprint."""
+    return {"next_step": int(step), "data_fingerprint": self.fingerprint()}
+
+  def verify_state(self, state: dict) -> None:
+    """Refuses to resume on different data (the batches after the step would silently change)."""
+    saved = state.get("data_fingerprint")
+    if saved and saved != self.fingerprint():
+      raise ConfigError(f"checkpoint was written with other data (fingerprint {saved}, now "
+                        f"{self.fingerprint()}): data.source/pairs/temperature/seed or "
+                        f"train.global_batch changed since; use a new workdir")
+
+  def report(self) -> str:
+    """One log line: what the readers dropped and what the batches replaced or truncated."""
+    live = LoadStats()
+    for c in self.components:
+      if hasattr(c, "stats"):
+        live.add(c.stats)
+    total = LoadStats()
+    total.add(self.load_stats)
+    total.add(live)
+    extra = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(self.counters.items())
+                      if v)
+    return f"input: {total.report()}" + (f"; {extra}" if extra else "")

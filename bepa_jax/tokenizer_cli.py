@@ -1,0 +1,77 @@
+"""`bepa-tokenizer`: train a sentencepiece model (with [PAD] [UNK] [CLS] [SEP] [MASK]) from sources.
+
+  bepa-tokenizer train --input 'aligned:../shared/data/multi30k/train.{en,de,fr,cs}' \
+      --vocab-size 8000 --out /tmp/tok
+  bepa-tokenizer encode --model /tmp/tok/spm.model "Hello world"
+
+--input takes the `data.source` syntax (see bepa_jax/data/sources.py), `;`-separated.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from bepa_jax.data import pretrained_tokenizers, sources
+from bepa_jax.data import tokenizer as tokenizer_lib
+from bepa_jax.errors import BepaError
+
+PROG = "bepa-tokenizer"
+
+
+def _parser():
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+  sub = p.add_subparsers(dest="cmd", required=True)
+  t = sub.add_parser("train", help="train a sentencepiece model from parallel/monolingual sources")
+  t.add_argument("--input", required=True, action="append",
+                 help="source spec(s), e.g. aligned:DIR/train.{en,de}; tsv:F; jsonl:F; tfds:NAME")
+  t.add_argument("--vocab-size", type=int, required=True)
+  t.add_argument("--out", required=True, help="output directory (spm.model)")
+  t.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
+  t.add_argument("--max-sentences", type=int, default=2_000_000,
+                 help="distinct sentences fed to the trainer (0 = all)")
+  t.add_argument("--pairs", default="", help="language pairs to read, e.g. en-de,en-fr")
+  t.add_argument("--invalid-utf8", choices=("error", "skip"), default="error")
+  e = sub.add_parser("encode", help="print the ids of texts (a quick check of a model)")
+  e.add_argument("--model", required=True)
+  e.add_argument("--kind", choices=pretrained_tokenizers.KINDS, default="spm")
+  e.add_argument("text", nargs="+")
+  return p
+
+
+def main(argv=None) -> int:
+  p = _parser()
+  args = p.parse_args(argv)
+  try:
+    if args.cmd == "train":
+      if args.vocab_size < 8:
+        p.error(f"--vocab-size must be >= 8, got {args.vocab_size}")
+      policy = sources.TextPolicy(invalid_utf8=args.invalid_utf8)
+      comps, _, stats = sources.open_sources(";".join(args.input), policy,
+                                             sources.parse_pairs(args.pairs))
+      t0 = time.perf_counter()
+      path = tokenizer_lib.train_sentencepiece(
+          sources.iter_texts(comps, args.max_sentences), args.out, args.vocab_size,
+          args.model_type)
+      tok = tokenizer_lib.SentencePieceTokenizer(path)
+      print(f"{path}: {tok.vocab_size} pieces ({args.model_type}), "
+            f"{len(comps)} language pairs, {stats.report()}, {time.perf_counter() - t0:.1f}s")
+    else:
+      tok = pretrained_tokenizers.load(args.kind, args.model)
+      for text, ids in zip(args.text, tok.encode_batch(args.text)):
+        print(" ".join(map(str, ids)))
+  except BepaError as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+  except RuntimeError as e:  # sentencepiece trainer errors (e.g. vocab too large for the text)
+    print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def run():
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()
