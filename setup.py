@@ -28,11 +28,16 @@ setup(
         "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
         "tfds": ["tensorflow-datasets", "array_record"],
         "plots": ["matplotlib", "scikit-learn"],
-        "test": ["pytest", "pytest-xdist", "matplotlib", "pyyaml"],
+        "gcs": ["gcsfs"],  # gs:// workdirs: etils.epath's file operations (arrays use TensorStore)
+        "test": ["pytest", "pytest-xdist", "matplotlib", "scikit-learn", "pyyaml"],
     },
     entry_points={
         "console_scripts": [
             "bepa-train=bepa_jax.train:run",
+            "bepa-export=bepa_jax.export:run",
+            "bepa-eval=bepa_jax.eval.cli:run",
+            "bepa-tokenizer=bepa_jax.tokenizer_cli:run",
+            "bepa-ckpt=bepa_jax.ckpt_cli:run",
         ],
     },
     classifiers=[

@@ -75,6 +75,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     raise ConfigError(f"loss.temperature must be > 0, got {config.loss.temperature}")
   if float(config.loss.weight) < 0.0:
     raise ConfigError(f"loss.weight (lambda) must be >= 0, got {config.loss.weight}")
+  _validate_loss_options(config.loss)
   d = config.data
   if int(d.max_length) < 3:
     raise ConfigError(f"data.max_length must be >= 3 ([CLS] s [SEP]), got {d.max_length}")
@@ -110,6 +111,35 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     raise ConfigError(
         f"train.global_batch={t.global_batch} (micro-batch {micro}) is not divisible by "
         f"the {shards} batch shards (mesh data={data} x fsdp={fsdp})")
+  chunks = int(t.get("gradcache_chunks", 0))
+  if chunks < 0:
+    raise ConfigError(f"train.gradcache_chunks must be >= 0, got {chunks}")
+  if chunks > 1:
+    if int(t.grad_accum_steps) != 1:
+      raise ConfigError(f"train.gradcache_chunks={chunks} and train.grad_accum_steps="
+                        f"{t.grad_accum_steps}: use one or the other")
+    if int(t.global_batch) % (chunks * shards):
+      raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by "
+                        f"train.gradcache_chunks={chunks} x {shards} batch shards")
   if m.num_heads % tensor:
     raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={tensor}")
   return data, fsdp, tensor
+
+
+def _validate_loss_options(loss) -> None:
+  from bepa_jax import contrastive  # local: config.py stays importable without jax
+  get = loss.get
+  for key, choices in (("symmetric", contrastive.SYMMETRIC), ("negatives", contrastive.NEGATIVES)):
+    if str(get(key, choices[0])) not in choices:
+      raise ConfigError(f"loss.{key}={get(key)!r} is not one of {', '.join(choices)}")
+  lo, hi = float(get("temperature_min", 0.01)), float(get("temperature_max", 1.0))
+  if get("learn_temperature", False) and not 0.0 < lo <= float(loss.temperature) <= hi:
+    raise ConfigError(f"loss.temperature={loss.temperature} must lie in [temperature_min="
+                      f"{lo}, temperature_max={hi}] (and min > 0) when learned")
+  if float(get("margin", 0.0)) < 0.0:
+    raise ConfigError(f"loss.margin must be >= 0, got {get('margin')}")
+  for key in ("projector_layers", "projector_dim", "predictor_layers", "predictor_dim"):
+    if int(get(key, 0)) < 0:
+      raise ConfigError(f"loss.{key} must be >= 0, got {get(key)}")
+  if not 0.0 <= float(get("ema_decay", 0.0)) < 1.0:
+    raise ConfigError(f"loss.ema_decay must be in [0, 1), got {get('ema_decay')}")

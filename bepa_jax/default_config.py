@@ -55,6 +55,14 @@ def get_config() -> ml_collections.ConfigDict:
       predictor_dim=0,               # its hidden width; 0 = projector output size
       ema_decay=0.0,                 # > 0: candidates come from an EMA target encoder (+ projector),
                                      # stop-gradient; ema <- d * ema + (1 - d) * online, per step
+      contrastive_chunk=0,           # > 0: streaming log-sum-exp over this many candidate columns
+                                     # (b x chunk logits per device, not b x B; bepa_jax/chunked.py)
+  ))
+
+  # --- Start from a pretrained HF checkpoint (continued pretraining, as in the paper).
+  c.init = ml_collections.ConfigDict(dict(
+      hf_dir="",                     # local dir: config.json + model.safetensors (+ tokenizer)
+      allow_pickle=False,            # also read pytorch_model.bin (torch.load weights_only=True)
   ))
 
   # --- Data.
@@ -108,6 +116,8 @@ def get_config() -> ml_collections.ConfigDict:
       steps=600,
       seed=0,
       log_every=50,
+      profile_start=0,               # jax.profiler trace of steps [start, start + profile_steps)
+      profile_steps=0,               # into WORKDIR/profile; 0 = off (start >= 2 skips compilation)
   ))
 
   # --- Checkpoints in WORKDIR/checkpoints (bepa_jax/checkpoint.py); rerunning resumes from them.

@@ -37,6 +37,7 @@ class EncoderConfig:
   dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = False
+  fused_qkv: bool = False  # one [H, 3, heads, kv] matmul; same parameters, same names
 
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int | None = None) -> "EncoderConfig":
@@ -107,6 +108,22 @@ class Embeddings(nn.Module):
     return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
 
+class HeadsKernel(nn.Module):
+  """Just the (kernel, bias) of a HeadsDense of the same name: for fused projections."""
+  cfg: EncoderConfig
+  in_dims: tuple
+  out_dims: tuple
+  kernel_axes: tuple
+  bias_axes: tuple
+
+  @nn.compact
+  def __call__(self):
+    kernel = self.param("kernel", _init(self.cfg, self.kernel_axes),
+                        self.in_dims + self.out_dims, jnp.float32)
+    bias = self.param("bias", _zeros(self.bias_axes), self.out_dims, jnp.float32)
+    return kernel, bias
+
+
 class HeadsDense(nn.Module):
   """x [..., in_dims] -> [..., out_dims] with a kernel shaped in_dims + out_dims.
 
@@ -142,9 +159,16 @@ class SelfAttention(nn.Module):
     heads = (cfg.num_heads, cfg.head_dim)
     proj = functools.partial(HeadsDense, cfg, (cfg.hidden_size,), heads, ("embed", "heads", "kv"),
                              ("heads", "kv"))
-    q = proj(name="query")(x) / jnp.sqrt(cfg.head_dim).astype(cfg.compute_dtype)
-    k = proj(name="key")(x)
-    v = proj(name="value")(x)
+    if cfg.fused_qkv:  # concatenating the kernels costs 3*H*H copies; the matmul is 3x wider
+      kb = [HeadsKernel(cfg, (cfg.hidden_size,), heads, ("embed", "heads", "kv"), ("heads", "kv"),
+                        name=n)() for n in ("query", "key", "value")]
+      kernel = jnp.stack([w for w, _ in kb], axis=1).astype(cfg.compute_dtype)  # [H, 3, nh, hd]
+      qkv_bias = jnp.stack([b for _, b in kb], axis=0).astype(cfg.compute_dtype)
+      qkv = jnp.einsum("blh,hcnd->blcnd", x.astype(cfg.compute_dtype), kernel) + qkv_bias
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      q, k, v = (proj(name=n)(x) for n in ("query", "key", "value"))
+    q = q / jnp.sqrt(cfg.head_dim).astype(cfg.compute_dtype)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)

@@ -25,11 +25,17 @@ def l2_normalize(x, eps: float = 1e-12):
 
 def mlm_loss(logits, labels, weights):
   """Sums over masked positions: (cross-entropy sum, correct count, number of positions)."""
+  # Written for XLA on CPU/TPU: the label logit is a one-hot select, not a gather (whose
+  # gradient is a scatter into [N, V]), and a hit is "the label logit is the max", not an
+  # argmax (a variadic reduce over V). Same values; the step is ~10% faster (bench/step.py).
   logits = logits.astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
-  label_logit = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  onehot = labels[..., None].astype(jnp.int32) == lax.broadcasted_iota(jnp.int32, logits.shape,
+                                                                       logits.ndim - 1)
+  label_logit = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
   ce = (logz - label_logit) * weights
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32) * weights
+  hit = label_logit >= lax.stop_gradient(jnp.max(logits, axis=-1))
+  correct = hit.astype(jnp.float32) * weights
   return ce.sum(), correct.sum(), weights.sum()
 
 
@@ -60,7 +66,7 @@ def _infonce_stats(zx, zy, *, temperature, axis, global_batch):
   if axis is not None:
     stats = lax.psum(stats, axis)
   B = global_batch
-  n_neg = max(B * (B - 1), 1)
+  n_neg = float(max(B * (B - 1), 1))  # a Python float: B(B-1) overflows int32 from B = 46,341
   return {
       "contrastive_loss": 0.5 * (stats[0] + stats[1]) / B,
       "acc_x2y": stats[2] / B,

@@ -12,13 +12,17 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bepa_jax import checkpoint as ckpt_lib
 from bepa_jax import config as config_lib
 from bepa_jax import heads as heads_lib
+from bepa_jax import hf_init
 from bepa_jax import distributed
 from bepa_jax import mesh as mesh_lib
+from bepa_jax import profiling
 from bepa_jax import step as step_lib
 from bepa_jax import train_state
 from bepa_jax.data import corpus as corpus_lib
@@ -35,9 +39,12 @@ log = logging.getLogger("bepa")
 
 # ----------------------------------------------------------------------------- phases
 def load_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
-  """An existing sentencepiece model, or one trained on the corpus on first use and cached."""
+  """An existing tokenizer (tokenizer.path, or init.hf_dir's), or a sentencepiece model trained
+  on the corpus on first use and cached in the workdir."""
   if config.tokenizer.path:
     return data_factory.load_tokenizer(config.tokenizer)
+  if config.init.hf_dir:
+    return hf_init.load_tokenizer(str(config.init.hf_dir))
   path = os.path.join(workdir, "tokenizer", "spm.model")
   if not os.path.exists(path) and jax.process_index() == 0:
     log.info("training a %d-piece %s tokenizer on the corpus -> %s", config.tokenizer.vocab_size,
@@ -100,9 +107,15 @@ class Job:
   step_fn: Any
 
 
-def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Job:
-  """Config -> mesh -> tokenizer and data -> model and sharded state -> jitted step."""
+def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=None) -> Job:
+  """Config -> mesh -> tokenizer and data -> model and sharded state -> jitted step.
+
+  With a checkpoint.Checkpointer, the state is restored from its latest readable checkpoint
+  (straight into this mesh's shardings) instead of initialised, when there is one.
+  """
   devices = list(jax.devices() if devices is None else devices)
+  if config.init.hf_dir:  # the model's shape comes from the pretrained checkpoint
+    hf_init.apply_to_config(config)
   shape = config_lib.validate(config, len(devices))
   mesh = mesh_lib.create_mesh(config.mesh, devices)
   log.info("mesh %s on %d devices (%d processes)", dict(zip(mesh_lib.AXES, shape)),
@@ -126,10 +139,32 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Job:
   steps = int(config.train.steps)
   schedule = train_state.learning_rate_schedule(config.optim, steps)
   tx = train_state.create_optimizer(config.optim, steps)
-  state, shardings = train_state.create_sharded_state(
-      model, tx, example_inputs(config), jax.random.key(int(config.train.seed)), mesh, config.mesh,
-      head=heads_lib.from_config(config.loss, model_cfg.hidden_size),
-      ema=heads_lib.uses_ema(config.loss))
+  init_args = (model, tx, example_inputs(config), jax.random.key(int(config.train.seed)), mesh,
+               config.mesh)
+  init_kwargs = dict(head=heads_lib.from_config(config.loss, model_cfg.hidden_size),
+                     ema=heads_lib.uses_ema(config.loss))
+  restored = None
+  if ckpt is not None:  # abstract arrays carry this mesh's shardings: any saved mesh restores
+    abstract, shardings = train_state.abstract_state(*init_args, **init_kwargs)
+    restored = ckpt.restore_latest(abstract)
+  if restored is not None:
+    state = ckpt_lib.restore_state(abstract, restored)
+    ckpt_lib.restore_data_state(pipeline, restored)
+    log.info("resumed from checkpoint step %d in %s (saved on mesh %s)", restored.step,
+             ckpt.directory, restored.meta.get("mesh"))
+  else:
+    state, shardings = train_state.create_sharded_state(*init_args, **init_kwargs)
+    if config.init.hf_dir:  # continued pretraining: encoder + MLM head from HF, fresh optimizer
+      hf_params = hf_init.load_params(config, model_cfg)
+      params = dict(state.params)
+      for name, subtree in hf_params.items():
+        params[name] = jax.device_put(subtree, shardings.params[name])
+      state = state.replace(params=params)
+      if state.ema_params is not None:  # the EMA target starts from the same weights
+        ema = dict(state.ema_params)
+        ema.update({k: jax.tree.map(jnp.copy, params[k]) for k in hf_params if k in ema})
+        state = state.replace(ema_params=ema)
+      log.info("initialised from %s", config.init.hf_dir)
   log.info("model: %s, %.2fM parameters", model_cfg.family,
            train_state.count_params(state.params) / 1e6)
   step_fn = step_lib.make_train_step(model, config, mesh, shardings, schedule)
@@ -139,7 +174,12 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Job:
 # ----------------------------------------------------------------------------- loop
 def train(config: ml_collections.ConfigDict, workdir: str):
   """Runs the whole job; returns (final state, last logged metrics)."""
-  job = build(config, workdir)
+  if config.init.hf_dir:  # before the config is compared with the workdir's checkpoints
+    hf_init.apply_to_config(config)
+  ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint)
+  ckpt.check_config(config)  # before anything is built or workdir/config.json is rewritten
+  ckpt.install_preemption_handler()
+  job = build(config, workdir, ckpt=ckpt)
   mesh, pipeline, state, step_fn = job.mesh, job.pipeline, job.state, job.step_fn
   evaluator = periodic_eval.from_config(config, job.model, job.tokenizer, mesh)  # None: eval off
   steps = int(config.train.steps)
@@ -148,14 +188,18 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   log_every = max(int(config.train.log_every), 1)
   pid, pcount = jax.process_index(), jax.process_count()
   metrics, t_start, step_start = {}, None, 0
+  profiler = profiling.StepProfiler(config.train, workdir)
   first = int(jax.device_get(state.step))
   with jax.set_mesh(mesh):
     for step in range(first, steps):
+      profiler.before(step)
       batch = global_batch(pipeline.batch(step, pid, pcount), mesh)
       state, step_metrics = step_fn(state, batch)
       done = step + 1
+      profiler.after(done, step_metrics)
       if done % log_every == 0 or done == steps or done == first + 1:
         metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        ckpt.check(metrics, done)
         now = time.perf_counter()
         if t_start is None:  # the first step includes compilation: start the clock after it
           t_start, step_start = now, done
@@ -179,7 +223,17 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         log.info("eval step %d | %s", done, periodic_eval.headline(eval_metrics))
         if t_start is not None:  # keep evaluation time out of the throughput figures
           t_start += time.perf_counter() - t_eval
+      evaluated = evaluator is not None and evaluator.due(done, steps)
+      if ckpt.step_end(done, steps, state, step_metrics, config=config, pipeline=pipeline,
+                       mesh=mesh, extra_metrics={f"eval/{k}": v for k, v in eval_metrics.items()}
+                       if evaluated else None):
+        break  # preempted: the state at `done` is saved
+  profiler.stop(state)  # a run that ends (or is preempted) inside the profiled range
+  ckpt.wait()
+  ckpt.close()
   writer.close()
+  if hasattr(pipeline, "report"):  # what the input dropped, redrew or truncated: never silent
+    log.info("%s", pipeline.report())
   return state, metrics
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bepa_jax import heads as heads_lib
 from bepa_jax import mesh as mesh_lib
 
 
@@ -18,6 +19,7 @@ class TrainState:
   params: Any
   opt_state: Any
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  ema_params: Any = None  # EMA target encoder (+ projector) when loss.ema_decay > 0
 
   def apply_gradients(self, grads):
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
@@ -60,22 +62,32 @@ def create_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformatio
   return optax.chain(*parts)
 
 
-def init_fn(model: nn.Module, tx, example_inputs: dict) -> Callable[[jax.Array], TrainState]:
-  """rng -> boxed TrainState (parameters carry their logical axis names)."""
+def init_fn(model: nn.Module, tx, example_inputs: dict, head=None,
+            ema: bool = False) -> Callable[[jax.Array], TrainState]:
+  """rng -> boxed TrainState (parameters carry their logical axis names).
+
+  head: optional heads.ContrastiveHead, its params under params["bepa_head"];
+  ema: keep an EMA target copy of the encoder (+ projector) in `ema_params`.
+  """
   def init(rng):
     variables = model.init(rng, **example_inputs)
     params = variables["params"]
+    if head is not None:
+      params = {**params, heads_lib.HEAD_KEY: heads_lib.init_params(
+          head, jax.random.fold_in(rng, 1), model.cfg.hidden_size)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), tx=tx)
+                      opt_state=tx.init(params), tx=tx,
+                      ema_params=heads_lib.ema_target(params) if ema else None)
   return init
 
 
-def create_sharded_state(model, tx, example_inputs, rng, mesh, mesh_cfg):
+def create_sharded_state(model, tx, example_inputs, rng, mesh, mesh_cfg, head=None,
+                         ema: bool = False):
   """Initialises the state directly into its shardings (no host copy of the full model).
 
   Returns (state, state_shardings) with plain (unboxed) arrays.
   """
-  init = init_fn(model, tx, example_inputs)
+  init = init_fn(model, tx, example_inputs, head, ema)
   boxed = jax.eval_shape(init, rng)
   shardings = nn.meta.unbox(mesh_lib.logical_shardings(boxed, mesh, mesh_cfg))
   shardings = shardings.replace(step=mesh_lib.replicated(mesh))
@@ -84,9 +96,9 @@ def create_sharded_state(model, tx, example_inputs, rng, mesh, mesh_cfg):
   return state, shardings
 
 
-def abstract_state(model, tx, example_inputs, rng, mesh, mesh_cfg):
+def abstract_state(model, tx, example_inputs, rng, mesh, mesh_cfg, head=None, ema: bool = False):
   """ShapeDtypeStructs of the state carrying the target shardings (for Orbax restore)."""
-  init = init_fn(model, tx, example_inputs)
+  init = init_fn(model, tx, example_inputs, head, ema)
   boxed = jax.eval_shape(init, rng)
   shardings = nn.meta.unbox(mesh_lib.logical_shardings(boxed, mesh, mesh_cfg))
   shardings = shardings.replace(step=mesh_lib.replicated(mesh))

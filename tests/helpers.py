@@ -19,6 +19,7 @@ def tiny_config(**overrides):
   c.train.steps = 10
   c.train.log_every = 5
   c.optim.warmup_steps = 0
+  c.optim.learning_rate = 1e-3
   c.optim.schedule = "constant"
   for key, value in overrides.items():
     node = c

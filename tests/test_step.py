@@ -8,11 +8,12 @@ from tests.helpers import assert_params_close, devices, tiny_config
 
 # fp32 on CPU. Sharding changes the order of floating-point sums (all-reduces), so results
 # agree to rounding, not bitwise: loss and metrics to rtol 1e-5. Parameters after one AdamW
-# step to atol 1e-5 = 1% of the lr (1e-3): Adam's first update is lr * g / (|g| + eps), so for
-# gradients of size ~eps (1e-6) a rounding-level change in g moves the update by ~1e-6. A real
-# disagreement (wrong shard, wrong sign) shows as ~1e-3.
+# step (lr 1e-3): all but 0.1% of elements within 1e-6 and every element within 2e-4. Adam's
+# first update is lr * g / (|g| + eps): for the few gradients of size ~eps (1e-6) -- e.g. the
+# [CLS] position embedding, whose LayerNorm input is the same vector in every sequence -- a
+# rounding-level change in g moves the update by a fraction of lr (see helpers.assert_params_close).
+# A real disagreement (wrong shard, wrong labels) moves most elements by ~lr.
 LOSS_RTOL = 1e-5
-PARAM_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_sharded_step_matches_one_device(workdir, mesh):
   assert ref_metrics["contrastive_loss"] > 1.0 and ref_metrics["mlm_loss"] > 1.0
   for k in ("loss", "mlm_loss", "contrastive_loss", "acc_x2y", "pos_cos", "neg_cos", "grad_norm"):
     np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=LOSS_RTOL, err_msg=k)
-  assert_params_close(params, ref_params, loose=PARAM_ATOL)
+  assert_params_close(params, ref_params)
 
 
 def test_lambda_zero_is_pure_mlm(workdir):

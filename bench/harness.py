@@ -1,0 +1,180 @@
+"""Shared pieces of the benchmarks: model shapes, analytic FLOPs, a synthetic batch, our jitted
+step, the peak matmul rate, and interleaved timing (the machine is shared: only ratios measured
+in the same run, with alternating repetitions, mean anything).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "bench", "results")
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bepa_jax import default_config  # noqa: E402
+
+# name -> (layers, hidden, heads, intermediate, seq, vocab, pairs per step)
+SHAPES = {
+    "tiny": dict(num_layers=2, hidden_size=128, num_heads=2, intermediate_size=512, seq=64,
+                 vocab_size=32000, pairs=16),
+    "small": dict(num_layers=4, hidden_size=256, num_heads=4, intermediate_size=1024, seq=128,
+                  vocab_size=32000, pairs=16),
+    "base": dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072, seq=128,
+                 vocab_size=32000, pairs=16),
+}
+
+
+def n_predictions(seq: int) -> int:
+  """BERT's 15% of the tokens between [CLS] and [SEP] (every sentence is full length here)."""
+  return max(1, round(0.15 * (seq - 2)))
+
+
+def make_config(name: str, **model_overrides):
+  s = SHAPES[name]
+  c = default_config.get_config()
+  for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size"):
+    c.model[k] = s[k]
+  c.model.max_position_embeddings = max(512, s["seq"])
+  for k, v in model_overrides.items():
+    c.model[k] = v
+  c.data.max_length = s["seq"]
+  c.data.max_predictions_per_seq = n_predictions(s["seq"])
+  c.train.global_batch = s["pairs"]
+  c.mesh.data = 1
+  return c
+
+
+def train_flops(config) -> dict:
+  """Model FLOPs of one train step (forward + backward = 3x forward matmul FLOPs).
+
+  Counts every matmul: QKV, attention scores and context, output projection, MLP, the MLM head
+  at the masked positions only (dense + tied decoder), the b x B contrastive logits. Element-wise
+  work (softmax, GELU, LayerNorm, the optimizer) is not model FLOPs.
+  """
+  m = config.model
+  h, I, V, nl = m.hidden_size, m.intermediate_size, m.vocab_size, m.num_layers
+  L, B = config.data.max_length, config.train.global_batch
+  seqs = 2 * B
+  tokens = seqs * L
+  per_token_layer = 2 * (4 * h * h + 2 * h * I) + 2 * 2 * L * h  # projections + QK^T and PV
+  encoder = tokens * nl * per_token_layer
+  head = seqs * config.data.max_predictions_per_seq * 2 * (h * h + h * V)
+  contrastive = 2 * 2 * B * B * h
+  fwd = encoder + head + contrastive
+  return dict(forward=fwd, step=3 * fwd, encoder=3 * encoder, mlm_head=3 * head,
+              contrastive=3 * contrastive, tokens=tokens, sequences=seqs)
+
+
+def synthetic_batch(config, seed: int = 0) -> dict:
+  """A [B, 2, L] batch like the pipeline's: full-length sentences, 15% masked positions."""
+  rng = np.random.default_rng(seed)
+  B, L = config.train.global_batch, config.data.max_length
+  P = config.data.max_predictions_per_seq
+  V = config.model.vocab_size
+  ids = rng.integers(5, V, size=(B, 2, L)).astype(np.int32)
+  ids[..., 0], ids[..., -1] = 2, 3  # [CLS] ... [SEP]
+  pos = np.stack([np.sort(rng.choice(np.arange(1, L - 1), P, replace=False))
+                  for _ in range(2 * B)]).reshape(B, 2, P).astype(np.int32)
+  labels = np.take_along_axis(ids, pos, axis=2)
+  ids_masked = ids.copy()
+  np.put_along_axis(ids_masked, pos, 4, axis=2)  # [MASK]
+  return dict(input_ids=ids_masked, token_type_ids=np.zeros_like(ids),
+              attention_mask=np.ones_like(ids), mlm_positions=pos, mlm_ids=labels,
+              mlm_weights=np.ones((B, 2, P), np.float32))
+
+
+def build_jax_step(config, devices=None):
+  """(step_fn, state, device batch, compile seconds, memory dict) for `config` on `devices`."""
+  from bepa_jax import mesh as mesh_lib
+  from bepa_jax import step as step_lib
+  from bepa_jax import train as train_lib
+  from bepa_jax import train_state
+  from bepa_jax.model import BepaEncoder, EncoderConfig
+
+  devices = devices or jax.devices()[:1]
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  model = BepaEncoder(EncoderConfig.from_config(config.model))
+  tx = train_state.create_optimizer(config.optim, 1000)
+  state, shardings = train_state.create_sharded_state(
+      model, tx, train_lib.example_inputs(config), jax.random.key(0), mesh, config.mesh)
+  step_fn = step_lib.make_train_step(model, config, mesh, shardings)
+  batch = train_lib.global_batch(synthetic_batch(config), mesh)
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  return compiled, state, batch, mesh, compile_s, memory(compiled)
+
+
+def memory(compiled) -> dict:
+  """XLA's compiled memory analysis: peak ~ arguments + outputs - aliased (donated) + temps."""
+  ma = compiled.memory_analysis()
+  out = {k: int(getattr(ma, k + "_in_bytes", 0) or 0)
+         for k in ("argument_size", "output_size", "alias_size", "temp_size",
+                   "generated_code_size")}
+  out["peak_bytes"] = (out["argument_size"] + out["output_size"] - out["alias_size"]
+                       + out["temp_size"])
+  return out
+
+
+def jax_matmul(n: int = 2048):
+  """A jitted n x n x n fp32 matmul and its FLOPs: the XLA CPU peak in this run."""
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  return (lambda: f(a, b).block_until_ready()), 2 * n ** 3
+
+
+def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict:
+  """Runs every fn once per repetition, in turn; returns {name: [seconds, ...]}."""
+  for _ in range(warmup):
+    for f in fns.values():
+      f()
+  times = {k: [] for k in fns}
+  for _ in range(reps):
+    for k, f in fns.items():
+      t0 = time.perf_counter()
+      f()
+      times[k].append(time.perf_counter() - t0)
+  return times
+
+
+def median(xs):
+  return statistics.median(xs)
+
+
+def machine_info() -> dict:
+  load = os.getloadavg()
+  return dict(cpu=_cpu_name(), cores=os.cpu_count(),
+              loadavg_1_5_15=[round(x, 2) for x in load], jax=jax.__version__,
+              backend=jax.default_backend(), devices=len(jax.devices()),
+              xla_flags=os.environ.get("XLA_FLAGS", ""))
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def save_json(name: str, payload: dict) -> str:
+  os.makedirs(RESULTS, exist_ok=True)
+  path = os.path.join(RESULTS, name)
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=2, default=float)
+  return path

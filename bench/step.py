@@ -1,0 +1,126 @@
+"""Train-step throughput and MFU of bepa-jax against HF transformers in PyTorch, same run.
+
+  python bench/step.py                       # tiny + small, ours vs PyTorch, 10 reps
+  python bench/step.py --configs base --reps 3
+  python bench/step.py --configs small --model.dtype=bfloat16 --baseline none
+
+For each config: compile time, XLA's compiled peak memory, then `reps` rounds that alternate
+one step of ours, one of each PyTorch variant and one large matmul per framework (the machine
+is shared, so only ratios of interleaved medians are meaningful). MFU = analytic model FLOPs per
+step (bench/harness.train_flops) / step time / the XLA fp32 matmul FLOP/s measured here
+(and, stricter, / the best of the XLA and PyTorch matmul rates). Honours XLA_FLAGS.
+Results go to bench/results/step_<tag>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402  (sets up the repo path)
+
+import jax  # noqa: E402
+
+
+def _parse_value(v: str):
+  for cast in (int, float):
+    try:
+      return cast(v)
+    except ValueError:
+      pass
+  return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def run_config(name: str, args, overrides: dict) -> dict:
+  config = harness.make_config(name, **overrides)
+  fl = harness.train_flops(config)
+  compiled, state, batch, mesh, compile_s, mem = harness.build_jax_step(config)
+  holder = {"state": state}
+
+  def ours():
+    with jax.set_mesh(mesh):
+      holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(metrics)
+
+  fns = {"ours": ours}
+  peak_fn, peak_flops = harness.jax_matmul(args.matmul_n)
+  fns["xla_matmul"] = peak_fn
+  if args.baseline != "none":
+    import torch_baseline
+    np_batch = harness.synthetic_batch(config)
+    variants = ["hf", "gathered"] if args.baseline == "both" else [args.baseline]
+    for v in variants:
+      fns[f"torch_{v}"] = torch_baseline.build_torch_step(config, np_batch, v)
+    t_mm, _ = torch_baseline.torch_matmul(args.matmul_n)
+    fns["torch_matmul"] = t_mm
+  times = harness.interleaved(fns, args.reps, warmup=args.warmup)
+  med = {k: harness.median(v) for k, v in times.items()}
+  peak = peak_flops / med["xla_matmul"]
+  # The stricter denominator: the best fp32 matmul rate any framework reached in this run.
+  best = max(peak, peak_flops / med["torch_matmul"]) if "torch_matmul" in med else peak
+  res = dict(config=name, shapes=harness.SHAPES[name], overrides=overrides,
+             flops_per_step=fl["step"], flops_breakdown=fl, compile_s=compile_s, memory=mem,
+             peak_matmul_flops_xla=peak, times_s=times, median_s=med)
+  for k in fns:
+    if k.endswith("matmul"):
+      continue
+    res[k] = dict(step_s=med[k], tokens_per_s=fl["tokens"] / med[k],
+                  sequences_per_s=fl["sequences"] / med[k],
+                  mfu=fl["step"] / med[k] / peak, mfu_vs_best_matmul=fl["step"] / med[k] / best)
+  if "torch_matmul" in med:
+    res["peak_matmul_flops_torch"] = peak_flops / med["torch_matmul"]
+  for k in fns:
+    if k.startswith("torch_") and not k.endswith("matmul"):
+      res[f"ratio_vs_{k}"] = med[k] / med["ours"]
+  return res
+
+
+def report(res: dict) -> None:
+  o = res["ours"]
+  print(f"\n== {res['config']} {res['overrides'] or ''}: {res['flops_per_step'] / 1e9:.1f} GFLOP/step,"
+        f" compile {res['compile_s']:.1f}s, peak memory {res['memory']['peak_bytes'] / 2**20:.0f} MiB"
+        f" (temps {res['memory']['temp_size'] / 2**20:.0f} MiB)")
+  print(f"   XLA fp32 matmul peak {res['peak_matmul_flops_xla'] / 1e9:.0f} GFLOP/s"
+        + (f", torch {res['peak_matmul_flops_torch'] / 1e9:.0f} GFLOP/s"
+           if "peak_matmul_flops_torch" in res else ""))
+  for k in [k for k in res if k == "ours" or (k.startswith("torch_") and isinstance(res[k], dict))]:
+    r = res[k]
+    ratio = f"   ours/this = {res['ratio_vs_' + k]:.2f}x" if k != "ours" else ""
+    print(f"   {k:15s} {r['step_s'] * 1e3:8.1f} ms/step {r['tokens_per_s']:9.0f} tok/s "
+          f"{r['sequences_per_s']:7.1f} seq/s  MFU {100 * r['mfu']:5.1f}% "
+          f"({100 * r['mfu_vs_best_matmul']:4.1f}% of the best matmul){ratio}")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="bench/step.py", description=__doc__.splitlines()[0])
+  p.add_argument("--configs", default="tiny,small", help="comma list of tiny, small, base")
+  p.add_argument("--reps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--baseline", choices=("hf", "gathered", "both", "none"), default="both")
+  p.add_argument("--matmul_n", type=int, default=2048)
+  p.add_argument("--tag", default="", help="suffix of the JSON file name")
+  args, rest = p.parse_known_args(argv)
+  overrides = {}
+  for a in rest:
+    if not a.startswith("--model.") or "=" not in a:
+      p.error(f"unknown argument {a!r} (model overrides look like --model.dtype=bfloat16)")
+    k, v = a[len("--model."):].split("=", 1)
+    overrides[k] = _parse_value(v)
+  names = [c.strip() for c in args.configs.split(",") if c.strip()]
+  for n in names:
+    if n not in harness.SHAPES:
+      p.error(f"unknown config {n!r} (choose from {', '.join(harness.SHAPES)})")
+  out = dict(machine=harness.machine_info(), reps=args.reps, results=[])
+  print(f"machine: {out['machine']}")
+  for n in names:
+    res = run_config(n, args, overrides)
+    report(res)
+    out["results"].append(res)
+  out["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+  tag = args.tag or "_".join(names)
+  print("saved", harness.save_json(f"step_{tag}.json", out))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,141 @@
+"""`bepa-ckpt`: what a workdir's checkpoints hold, without a device or the training code.
+
+  bepa-ckpt list WORKDIR            one line per checkpoint: step, time, loss, size
+  bepa-ckpt show WORKDIR [--step N] one checkpoint: time, config summary, parameter count, ...
+
+WORKDIR may also be its checkpoints/ directory, or a gs:// path.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import sys
+
+PROG = "bepa-ckpt"
+SUMMARY_KEYS = ("model.family", "model.hidden_size", "model.num_layers", "model.num_heads",
+                "model.intermediate_size", "model.vocab_size", "tokenizer.vocab_size",
+                "train.global_batch", "train.steps", "optim.learning_rate", "loss.weight",
+                "loss.temperature", "data.source", "data.max_length")
+
+
+def _when(t) -> str:
+  if t is None:
+    return "?"
+  return datetime.datetime.fromtimestamp(float(t)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _size(path) -> int:
+  """Bytes under `path` (walked one level at a time: epath refuses '**' for gs://)."""
+  return sum(_size(p) if p.is_dir() else p.stat().length for p in path.iterdir())
+
+
+def _human(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if n < 1024 or unit == "TiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+
+
+def _param_count(ckpt, step: int) -> int | None:
+  """From the stored array shapes of the params subtree (not from what the trainer claimed)."""
+  import jax
+  try:
+    tree = ckpt.manager.item_metadata(step)["state"]
+    leaves = jax.tree.leaves(tree["params"], is_leaf=lambda x: hasattr(x, "shape"))
+    return int(sum(math.prod(x.shape) for x in leaves))
+  except Exception:  # noqa: BLE001  (older layout: fall back to the metadata)
+    return None
+
+
+def _meta(ckpt, step: int) -> dict:
+  try:
+    return ckpt.meta(step)
+  except Exception as e:  # noqa: BLE001
+    return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+
+def cmd_list(ckpt, out) -> int:
+  steps = ckpt.steps()
+  tmp = sorted(p.name for p in ckpt.directory.glob("*.orbax-checkpoint-tmp*")) \
+      if ckpt.directory.exists() else []
+  if not steps and not tmp:
+    print(f"no checkpoints in {ckpt.directory}", file=out)
+    return 0
+  print(f"{'step':>8}  {'saved':19}  {'loss':>9}  {'size':>9}  note", file=out)
+  for step in steps:
+    meta = _meta(ckpt, step)
+    loss = meta.get("metrics", {}).get("loss")
+    loss = f"{loss:9.4f}" if isinstance(loss, (int, float)) else f"{'-':>9}"
+    note = "unreadable metadata" if "error" in meta else ""
+    print(f"{step:>8}  {_when(meta.get('time')):19}  {loss}  "
+          f"{_human(_size(ckpt.directory / str(step))):>9}  {note}", file=out)
+  for name in tmp:
+    print(f"{'-':>8}  {'':19}  {'':>9}  {'':>9}  {name}: incomplete (interrupted save), ignored",
+          file=out)
+  return 0
+
+
+def cmd_show(ckpt, step: int | None, out) -> int:
+  steps = ckpt.steps()
+  if not steps:
+    raise ValueError(f"no checkpoints in {ckpt.directory}")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ValueError(f"no checkpoint at step {step} in {ckpt.directory} (has {steps})")
+  meta = _meta(ckpt, step)
+  if "error" in meta:
+    raise ValueError(f"checkpoint {step} metadata cannot be read: {meta['error']}")
+  from bepa_jax.checkpoint import _get
+  n = _param_count(ckpt, step)
+  n = meta.get("num_params") if n is None else n
+  print(f"checkpoint  {ckpt.directory / str(step)}", file=out)
+  print(f"step        {step}", file=out)
+  print(f"saved       {_when(meta.get('time'))}", file=out)
+  print(f"parameters  {n:,}" if n is not None else "parameters  ?", file=out)
+  print(f"size        {_human(_size(ckpt.directory / str(step)))}", file=out)
+  print(f"mesh        {meta.get('mesh')} on {meta.get('process_count')} process(es)", file=out)
+  print(f"data_state  {meta.get('data_state')}", file=out)
+  print(f"rng         {meta.get('rng')}", file=out)
+  metrics = meta.get("metrics") or {}
+  if metrics:
+    print("metrics     " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), file=out)
+  print("config", file=out)
+  for key in SUMMARY_KEYS:
+    print(f"  {key:24} {_get(meta.get('config') or {}, key)!r}", file=out)
+  return 0
+
+
+def main(argv=None, out=None) -> int:
+  out = out or sys.stdout
+  parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  p_list = sub.add_parser("list", help="the checkpoints of a workdir")
+  p_list.add_argument("workdir")
+  p_show = sub.add_parser("show", help="one checkpoint (default: the latest)")
+  p_show.add_argument("workdir")
+  p_show.add_argument("--step", type=int, default=None)
+  args = parser.parse_args(argv)
+
+  import logging
+  logging.getLogger("absl").setLevel(logging.ERROR)
+  from etils import epath
+  from bepa_jax import checkpoint
+  if not epath.Path(args.workdir).exists():
+    parser.exit(2, f"{PROG}: error: {args.workdir} does not exist\n")
+  try:
+    ckpt = checkpoint.Checkpointer(args.workdir, read_only=True)
+    if args.command == "list":
+      return cmd_list(ckpt, out)
+    return cmd_show(ckpt, args.step, out)
+  except ValueError as e:
+    parser.exit(2, f"{PROG}: error: {e}\n")
+
+
+def run():  # console-script entry point
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,127 @@
+"""`bepa-eval`: retrieval accuracy and embedding-space diagnostics of one or two checkpoints.
+
+  bepa-eval --workdir DIR --tatoeba TATOEBA_DIR --langs deu,fra,ces --out DIR
+  bepa-eval --hf-dir DIR --parallel test.de.gz test.en.gz --margin ratio
+  bepa-eval --compare RUN_A RUN_B --tatoeba DIR --langs deu,fra     (workdirs or HF dirs)
+
+Writes report.json, summary.md and spectrum.png / map.png / similarity_hist.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+PROG = "bepa-eval"
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="a bepa-train workdir (config.json, tokenizer, checkpoints)")
+  src.add_argument("--hf-dir", help="an HF BertForMaskedLM / XLMRobertaForMaskedLM directory")
+  src.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="two workdirs or HF dirs, evaluated side by side in one report")
+  p.add_argument("--tatoeba", help="LASER-layout Tatoeba dir (tatoeba.xxx-eng.{xxx,eng})")
+  p.add_argument("--langs", default="", help="comma-separated Tatoeba languages (default: all)")
+  p.add_argument("--parallel", nargs="+", default=[], metavar="FILE",
+                 help="two or more line-aligned files (.gz ok); language = last suffix")
+  p.add_argument("--out", help="output dir (default: <model dir>/eval)")
+  p.add_argument("--max-sentences", type=int, default=1000, help="per set (0 = all)")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--max-length", type=int, default=0,
+                 help="tokens per sentence (default: data.max_length of the run, 128 for HF)")
+  p.add_argument("--pooling", default="cls,mean", help="cls, mean or both")
+  p.add_argument("--margin", choices=("ratio", "distance"),
+                 help="also score retrieval with a BUCC margin (k-NN ratio or distance)")
+  p.add_argument("--margin-k", type=int, default=4)
+  p.add_argument("--tokenizer", help="sentencepiece .model or HF tokenizer dir to use instead")
+  p.add_argument("--map-per-lang", type=int, default=100, help="points per language in map.png")
+  p.add_argument("--no-tsne", action="store_true", help="PCA map only (t-SNE takes seconds)")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  if not args.tatoeba and not args.parallel:
+    p.error("nothing to evaluate: give --tatoeba DIR and/or --parallel FILE FILE")
+  if len(args.parallel) == 1:
+    p.error("--parallel needs at least 2 aligned files")
+  args.poolings = tuple(x.strip() for x in args.pooling.split(",") if x.strip())
+  if not args.poolings or any(x not in ("cls", "mean") for x in args.poolings):
+    p.error(f"--pooling must name cls and/or mean, got {args.pooling!r}")
+  if args.batch_size < 1 or args.max_sentences < 0 or args.margin_k < 1:
+    p.error("--batch-size and --margin-k must be >= 1, --max-sentences >= 0")
+  return args
+
+
+def evaluate_model(path: str, sets, args, log):
+  """Loads one model, returns (name, report, plot data)."""
+  import copy
+
+  from bepa_jax import mesh as mesh_lib
+  from bepa_jax.eval import embed, loading, suite
+
+  loaded = loading.load(path, args.tokenizer)
+  mesh_cfg = copy.deepcopy(loaded.mesh_cfg)
+  mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, mesh_cfg.dcn_data = -1, 1, 1, 1
+  mesh = mesh_lib.create_mesh(mesh_cfg)
+  max_length = args.max_length or loaded.max_length
+  model = loaded.model
+  params = embed.shard_params(model, loaded.params, mesh, mesh_cfg, max_length)
+  embedder = embed.Embedder(model, params, loaded.tokenizer, mesh, max_length=max_length,
+                            batch_size=args.batch_size, rules=mesh_lib.rules(mesh_cfg))
+  log.info("%s: %s model, %d sentences per set, max_length %d", path, loaded.model_cfg.family,
+           max(len(s) for s in sets), max_length)
+  report, plot = suite.run(embedder, sets, poolings=args.poolings, margin=args.margin,
+                           k=args.margin_k, seed=args.seed, map_per_lang=args.map_per_lang)
+  report["model"] = {"path": os.path.abspath(path), "family": loaded.model_cfg.family,
+                     "hidden_size": loaded.model_cfg.hidden_size,
+                     "num_layers": loaded.model_cfg.num_layers, "max_length": max_length}
+  return loaded.name, report, plot
+
+
+def main(argv=None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      datefmt="%H:%M:%S", force=True)
+  for noisy in ("absl", "jax._src", "orbax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  log = logging.getLogger("bepa.eval")
+  from bepa_jax.errors import BepaError
+  from bepa_jax.eval import diagnostics, suite
+
+  paths = args.compare or [args.workdir or args.hf_dir]
+  try:
+    langs = [l.strip() for l in args.langs.split(",") if l.strip()]
+    sets = suite.load_sets(args.tatoeba, langs, args.parallel, args.max_sentences or None)
+    reports, plots = {}, {}
+    for path in paths:
+      name, report, plot = evaluate_model(path, sets, args, log)
+      while name in reports:  # two dirs with the same basename
+        name += "'"
+      reports[name], plots[name] = report, plot
+  except BepaError as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+  out = args.out or os.path.join(paths[0], "eval")
+  os.makedirs(out, exist_ok=True)
+  settings = {k: v for k, v in vars(args).items() if k not in ("poolings",)}
+  with open(os.path.join(out, "report.json"), "w") as f:
+    json.dump({"models": reports, "settings": settings}, f, indent=2)
+  with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write(suite.markdown(reports))
+  pool = "cls" if "cls" in args.poolings else args.poolings[0]
+  pngs = diagnostics.save_plots({n: p[pool] for n, p in plots.items()}, out,
+                                tsne=not args.no_tsne, seed=args.seed)
+  log.info("wrote %s", ", ".join(os.path.join(out, f) for f in
+                                 ["report.json", "summary.md"] + [os.path.basename(p) for p in pngs]))
+  print(suite.markdown(reports))
+  return 0
+
+
+def run():  # console-script entry point
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,132 @@
+"""`bepa-export`: a bepa-train workdir -> a HuggingFace directory (PyTorch-layout safetensors).
+
+  bepa-export --workdir DIR [--step N] --out HF_DIR
+
+Writes config.json + model.safetensors (BertForMaskedLM or XLMRobertaForMaskedLM by model
+family, see hf.py) and tokenizer files, so that offline
+`AutoModelForMaskedLM.from_pretrained(HF_DIR)` and `AutoTokenizer.from_pretrained(HF_DIR)`
+reproduce our logits and our token ids. An existing non-empty --out is never overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import types
+
+import numpy as np
+
+from bepa_jax.errors import BepaError, InputError
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "sentencepiece.bpe.model", "vocab.txt")
+
+
+def export_sentencepiece_tokenizer(spm_path: str, out_dir: str) -> None:
+  """Our [PAD]/[UNK]/[CLS]/[SEP]/[MASK] sentencepiece model as an HF fast tokenizer.
+
+  transformers' SpmConverter reproduces sentencepiece's ids; the post-processor adds
+  [CLS] s [SEP] exactly as our pipeline lays sentences out.
+  """
+  from tokenizers import processors
+  from transformers import PreTrainedTokenizerFast
+  from transformers.convert_slow_tokenizer import SpmConverter
+  from bepa_jax.data.tokenizer import SentencePieceTokenizer
+
+  ours = SentencePieceTokenizer(spm_path)
+  tok = SpmConverter(types.SimpleNamespace(vocab_file=spm_path)).converted()
+  tok.post_processor = processors.TemplateProcessing(
+      single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+      special_tokens=[("[CLS]", ours.cls_id), ("[SEP]", ours.sep_id)])
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                 cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+  fast.save_pretrained(out_dir)
+  shutil.copyfile(spm_path, os.path.join(out_dir, "spm.model"))  # our own loaders read this
+
+
+def export_tokenizer(config, workdir: str, out_dir: str) -> None:
+  """The tokenizer training used: our sentencepiece model, or the files of an imported one."""
+  path = str(config.tokenizer.path)
+  kind = str(config.tokenizer.get("kind", "spm"))
+  if not path:
+    path = os.path.join(workdir, "tokenizer", "spm.model")
+  if not os.path.exists(path):
+    raise InputError(f"{path}: tokenizer not found")
+  if kind == "spm":
+    export_sentencepiece_tokenizer(path, out_dir)
+    return
+  src = path if os.path.isdir(path) else os.path.dirname(path)
+  copied = [f for f in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
+  if not copied:
+    raise InputError(f"{src}: no HF tokenizer files ({', '.join(HF_TOKENIZER_FILES)}) to export")
+  for f in copied:
+    shutil.copyfile(os.path.join(src, f), os.path.join(out_dir, f))
+
+
+def load_workdir_params(workdir: str, step: int | None = None):
+  """(config, EncoderConfig, numpy params) of checkpoint `step` (default: the latest)."""
+  from bepa_jax import checkpoint as ckpt_lib
+  from bepa_jax.eval import loading
+  from bepa_jax.model import EncoderConfig
+  config = loading.read_workdir_config(workdir)
+  ckpt = ckpt_lib.Checkpointer(workdir, None, read_only=True)
+  steps = ckpt.steps()
+  if not steps:
+    raise InputError(f"{workdir}: no checkpoints (looked in {ckpt.directory})")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise InputError(f"{workdir}: no checkpoint at step {step} (have {', '.join(map(str, steps))})")
+  params = loading.restore_params_numpy(workdir, step)
+  vocab = int(config.model.vocab_size) or _tokenizer_vocab(config, workdir)
+  return config, EncoderConfig.from_config(config.model, vocab_size=vocab), params, step
+
+
+def _tokenizer_vocab(config, workdir):
+  from bepa_jax import train
+  return train.load_tokenizer(config, workdir).vocab_size
+
+
+def export(workdir: str, out_dir: str, step: int | None = None) -> str:
+  from bepa_jax import hf
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    raise InputError(f"{out_dir}: exists and is not empty; refusing to overwrite")
+  config, model_cfg, params, step = load_workdir_params(workdir, step)
+  params = {k: np.asarray(v) if not isinstance(v, dict) else v for k, v in params.items()}
+  tmp = out_dir.rstrip("/") + ".tmp-export"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    hf.save_hf(tmp, params, model_cfg)
+    export_tokenizer(config, workdir, tmp)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.isdir(out_dir):
+    os.rmdir(out_dir)  # empty, checked above
+  os.replace(tmp, out_dir)  # all or nothing
+  return out_dir
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="bepa-export", description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", required=True, help="a bepa-train workdir with checkpoints")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--out", required=True, help="new HF directory to write")
+  args = p.parse_args(argv)
+  try:
+    out = export(args.workdir, args.out, args.step)
+  except (BepaError, ValueError, OSError) as e:
+    print(f"bepa-export: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  print(f"exported {args.workdir} -> {out}")
+  return 0
+
+
+def run():
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,65 @@
+"""Continued pretraining from a local HuggingFace checkpoint (`--config.init.hf_dir=DIR`).
+
+The paper continued pretraining of xlm-roberta-base; mBERT-style BERT works the same way.
+From DIR we take the model shape (config.json overrides `config.model`), the weights
+(model.safetensors; pickle .bin only with `init.allow_pickle=True`) and, unless
+`tokenizer.path` is set, the tokenizer (tokenizer.json, XLM-R's sentencepiece.bpe.model, or
+our own exported spm.model). Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from bepa_jax.errors import ConfigError, InputError
+
+# config.model keys that come from the HF config.json.
+SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads",
+                "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                "layer_norm_eps", "pad_token_id")
+
+
+def _hf_error(e: Exception) -> InputError:
+  return InputError(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def apply_to_config(config) -> None:
+  """Overwrites the model-shape keys of `config.model` with those of init.hf_dir/config.json."""
+  from bepa_jax import hf
+  hf_dir = str(config.init.hf_dir)
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
+    raise InputError(f"init.hf_dir: {path} not found")
+  try:
+    with open(path) as f:
+      cfg = hf.encoder_config_from_hf(json.load(f))
+  except (ValueError, KeyError) as e:
+    raise _hf_error(e) from None
+  for field in SHAPE_FIELDS:
+    config.model[field] = getattr(cfg, field)
+
+
+def load_tokenizer(hf_dir: str):
+  from bepa_jax.data import pretrained_tokenizers, tokenizer as tokenizer_lib
+  if os.path.isfile(os.path.join(hf_dir, "spm.model")):  # exported by bepa-export
+    return tokenizer_lib.SentencePieceTokenizer(os.path.join(hf_dir, "spm.model"))
+  if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+    return pretrained_tokenizers.load("hf_json", os.path.join(hf_dir, "tokenizer.json"))
+  if os.path.isfile(os.path.join(hf_dir, "sentencepiece.bpe.model")):
+    return pretrained_tokenizers.load("xlmr_spm", os.path.join(hf_dir, "sentencepiece.bpe.model"))
+  raise InputError(f"init.hf_dir: {hf_dir} has no tokenizer (tokenizer.json, "
+                   f"sentencepiece.bpe.model or spm.model); set tokenizer.path")
+
+
+def load_params(config, model_cfg):
+  """HF weights as a plain numpy tree laid out for `model_cfg` (stacked when scan_layers)."""
+  from bepa_jax import hf
+  try:
+    hf_cfg, params = hf.load_hf(str(config.init.hf_dir), allow_pickle=bool(config.init.allow_pickle))
+  except (ValueError, KeyError) as e:
+    raise _hf_error(e) from None
+  for field in SHAPE_FIELDS:
+    if getattr(hf_cfg, field) != getattr(model_cfg, field):
+      raise ConfigError(f"model.{field}={getattr(model_cfg, field)} differs from "
+                        f"{config.init.hf_dir}/config.json ({getattr(hf_cfg, field)})")
+  return hf.stack_layers(params) if model_cfg.scan_layers else hf.unstack_layers(params)

@@ -1,0 +1,296 @@
+"""Checkpoints: exact resume after SIGKILL, SIGTERM preemption, another mesh, broken checkpoints,
+NaN, config conflicts, `bepa-ckpt`. Real `python -m bepa_jax.train` subprocesses on CPU.
+
+One reference run (8 devices, checkpoints every 2 of 8 steps) is shared by the module; the
+other tests copy its workdir. A persistent XLA cache keeps the repeated compiles cheap.
+"""
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from tests.helpers import tiny_config
+
+STEPS, EVERY = 8, 2
+TINY = {
+    "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 4,
+    "model.intermediate_size": 64, "tokenizer.vocab_size": 400, "model.hidden_dropout": 0.1,  # dropout on: RNG must resume too
+    "model.attention_dropout": 0.1, "data.max_length": 16, "data.max_predictions_per_seq": 3,
+    "train.global_batch": 16, "train.log_every": 1, "optim.warmup_steps": 2,
+    "optim.schedule": "linear", "checkpoint.every_steps": EVERY, "checkpoint.every_minutes": 0,
+    "checkpoint.keep": 10,
+}
+
+
+def _env(cache_dir, devices=8):
+  path = os.environ.get("PYTHONPATH", "")
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+              PYTHONPATH=REPO + (os.pathsep + path if path else ""),
+              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def _cmd(workdir, tokenizer, **overrides):
+  cfg = {**TINY, "tokenizer.path": tokenizer, "train.steps": STEPS, **overrides}
+  return [sys.executable, "-m", "bepa_jax.train", "--workdir", str(workdir),
+          *[f"--config.{k}={v}" for k, v in cfg.items()]]
+
+
+def _run(ctx, workdir, devices=8, **overrides):
+  return subprocess.run(_cmd(workdir, ctx["tokenizer"], **overrides), capture_output=True,
+                        text=True, env=_env(ctx["cache"], devices), cwd=REPO, timeout=300)
+
+
+def _run_until(ctx, workdir, step, sig, **overrides):
+  """Starts a run and sends `sig` once it has logged `step`; returns (returncode, output)."""
+  proc = subprocess.Popen(_cmd(workdir, ctx["tokenizer"], **overrides), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=_env(ctx["cache"]), cwd=REPO)
+  lines, sent = [], False
+  for line in proc.stdout:
+    lines.append(line)
+    if not sent and f" step {step}/" in line:
+      proc.send_signal(sig)
+      sent = True
+  proc.wait(timeout=120)
+  assert sent, f"the run ended before step {step}:\n{''.join(lines)[-3000:]}"
+  return proc.returncode, "".join(lines)
+
+
+def _steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def _load(workdir, step):
+  import orbax.checkpoint as ocp
+  tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+  return jax.tree.map(np.asarray, tree)
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+
+
+def _hashes(directory):
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      with open(os.path.join(root, name), "rb") as f:
+        out[os.path.relpath(os.path.join(root, name), directory)] = hashlib.md5(f.read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+  """A tokenizer, an XLA cache and the uninterrupted reference run."""
+  from bepa_jax.data import corpus, tokenizer
+  base = tmp_path_factory.mktemp("ckpt")
+  tok = tokenizer.train_sentencepiece(corpus.load_embedded().texts(), str(base / "tok"), 400)
+  ctx = {"tokenizer": tok, "cache": base / "xla_cache", "ref": base / "ref"}
+  r = _run(ctx, ctx["ref"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert _steps(ctx["ref"]) == [2, 4, 6, 8]
+  return ctx
+
+
+def _copy(ctx, tmp_path, keep_steps=None):
+  wd = tmp_path / "wd"
+  shutil.copytree(ctx["ref"], wd)
+  for step in _steps(wd):
+    if keep_steps is not None and step not in keep_steps:
+      shutil.rmtree(wd / "checkpoints" / str(step))
+  return wd
+
+
+def test_kill_and_preempt_then_resume_is_bitwise_exact(ctx, tmp_path):
+  """SIGKILL at a random step, rerun; SIGTERM at a later random step (saves, exits 0), rerun:
+  the final parameters and optimizer state equal the uninterrupted run's, bit for bit."""
+  wd = tmp_path / "wd"
+  rng = random.Random()
+  kill_at = rng.randint(3, 5)
+  rc, out = _run_until(ctx, wd, kill_at, signal.SIGKILL)
+  assert rc == -signal.SIGKILL, out[-2000:]
+  resumed_from = max(_steps(wd), default=0)  # an async save cut short by the kill is not listed
+  assert resumed_from <= kill_at + 1
+
+  term_at = rng.randint(resumed_from + 1, STEPS - 1)
+  rc, out = _run_until(ctx, wd, term_at, signal.SIGTERM)
+  assert (f"resumed from checkpoint step {resumed_from}" in out) == (resumed_from > 0), out[-3000:]
+  assert rc == 0, f"SIGTERM at step {term_at}: exit {rc}\n{out[-3000:]}"
+  assert "preempted: saved checkpoint" in out, out[-3000:]
+  preempted_at = int(out.split("preempted: saved checkpoint ")[1].split()[0])
+  assert preempted_at >= term_at and preempted_at == _steps(wd)[-1]
+
+  r = _run(ctx, wd)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"resumed from checkpoint step {preempted_at}" in r.stderr
+  ref, got = _load(ctx["ref"], STEPS), _load(wd, STEPS)
+  assert jax.tree.structure(ref) == jax.tree.structure(got)
+  for path, a, b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(ref),
+                        jax.tree.leaves(got)):
+    assert a.dtype == b.dtype and np.array_equal(a, b), (
+        f"{jax.tree_util.keystr(path[0])} differs (killed at {kill_at}, SIGTERM at {term_at})")
+
+
+def test_restore_onto_another_mesh_continues_with_the_same_loss(ctx, tmp_path):
+  """Saved on 8 devices, mesh (8,1,1); restored on 4 devices, mesh (2,2,1), from step 4."""
+  wd = _copy(ctx, tmp_path, keep_steps={2, 4})
+  r = _run(ctx, wd, devices=4, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1})
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from checkpoint step 4" in r.stderr
+  assert "'data': 8, 'fsdp': 1" in r.stderr and "{'data': 2, 'fsdp': 2, 'tensor': 1}" in r.stderr
+  ref, got = _losses(ctx["ref"]), _losses(wd)
+  for step in range(5, STEPS + 1):
+    np.testing.assert_allclose(got[step], ref[step], rtol=2e-5, err_msg=f"step {step}")
+
+
+def test_incomplete_and_truncated_checkpoints_are_skipped(ctx, tmp_path, caplog):
+  """A crash mid-save (tmp dir) and a truncated copy of step 8: resume from 6, with warnings."""
+  from bepa_jax import checkpoint, train
+  wd = _copy(ctx, tmp_path)
+  shutil.copytree(wd / "checkpoints" / "8", wd / "checkpoints" / "10.orbax-checkpoint-tmp-1")
+  for root, _, files in os.walk(wd / "checkpoints" / "8" / "state"):
+    for name in files:  # an interrupted copy: every file of step 8's arrays is empty
+      os.truncate(os.path.join(root, name), 0)
+  config = tiny_config(**{**TINY, "tokenizer.path": ctx["tokenizer"], "train.steps": STEPS})
+  with caplog.at_level(logging.WARNING, logger="bepa"):
+    job = train.build(config, str(wd), ckpt=checkpoint.Checkpointer(str(wd), config.checkpoint))
+  assert int(job.state.step) == 6
+  ref = _load(ctx["ref"], 6)["params"]
+  assert all(np.array_equal(a, np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(ref), jax.tree.leaves(job.state.params)))
+  text = caplog.text
+  assert "10.orbax-checkpoint-tmp-1 is incomplete" in text
+  assert "checkpoints/8 cannot be read" in text
+
+  # every checkpoint broken: refuse, rather than start over and later delete them
+  for step in (2, 4, 6):
+    shutil.rmtree(wd / "checkpoints" / str(step) / "state")
+  from bepa_jax.errors import BepaError
+  with pytest.raises(BepaError, match="none of the checkpoints"):
+    train.build(config, str(wd), ckpt=checkpoint.Checkpointer(str(wd), config.checkpoint))
+
+
+def test_nan_loss_stops_and_keeps_good_checkpoints(ctx, tmp_path):
+  """lr=1e30 from step 8 on: the loss becomes non-finite; the run stops naming the step and
+  the loss, checkpoints 2..8 are untouched, and no diverged state is left as a checkpoint."""
+  wd = _copy(ctx, tmp_path)
+  before = _hashes(wd / "checkpoints")
+  r = _run(ctx, wd, **{"train.steps": 14, "optim.learning_rate": 1e30, "checkpoint.every_steps": 1})
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = [l for l in r.stderr.splitlines() if l.startswith("bepa-train: error:")]
+  assert len(lines) == 1 and "non-finite loss at step" in lines[0], r.stderr[-3000:]
+  assert "loss=nan" in lines[0] or "loss=inf" in lines[0]
+  bad_step = int(lines[0].split("non-finite loss at step ")[1].split(":")[0])
+  assert 8 < bad_step <= 14
+  if bad_step - 1 > 8:  # the state saved at bad_step - 1 is the one that gave the NaN: removed
+    assert f"deleted checkpoint {bad_step - 1}" in r.stderr, r.stderr[-3000:]
+  after = _hashes(wd / "checkpoints")
+  assert {k: v for k, v in after.items() if k.split(os.sep)[0] in {"2", "4", "6", "8"}} == before
+  for step in _steps(wd):  # whatever was saved before the NaN showed up gives a finite loss
+    assert step < bad_step
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(_load(wd, step)["params"]))
+
+
+def test_config_conflict_is_refused(ctx, tmp_path):
+  wd = _copy(ctx, tmp_path, keep_steps={8})
+  before = _hashes(wd)
+  r = _run(ctx, wd, **{"model.hidden_size": 64, "model.num_layers": 3, "train.steps": 10})
+  assert r.returncode == 2
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("bepa-train: error:"), r.stderr[-2000:]
+  assert "model.hidden_size: 32 -> 64" in lines[0] and "model.num_layers: 2 -> 3" in lines[0]
+  assert _hashes(wd) == before  # nothing written, config.json included
+
+
+def test_bepa_ckpt_list_and_show(ctx):
+  env = _env(ctx["cache"])
+  cli = [sys.executable, "-m", "bepa_jax.ckpt_cli"]
+  r = subprocess.run(cli + ["list", str(ctx["ref"])], capture_output=True, text=True, env=env)
+  assert r.returncode == 0, r.stderr
+  rows = [l.split() for l in r.stdout.splitlines()[1:]]
+  assert [int(row[0]) for row in rows] == [2, 4, 6, 8]
+  assert all(np.isfinite(float(row[3])) for row in rows)  # the loss column
+
+  r = subprocess.run(cli + ["show", str(ctx["ref"]), "--step", "4"], capture_output=True,
+                     text=True, env=env)
+  assert r.returncode == 0, r.stderr
+  fields = {l.split()[0]: l.split(None, 1)[1] for l in r.stdout.splitlines() if l[:1] != " "
+            and len(l.split()) > 1}
+  assert fields["step"] == "4" and fields["data_state"] == "{'next_step': 4}"
+  n_params = sum(x.size for x in jax.tree.leaves(_load(ctx["ref"], 4)["params"]))
+  assert fields["parameters"] == f"{n_params:,}"
+  assert "model.hidden_size        32" in r.stdout and "saved" in fields
+
+  r = subprocess.run(cli + ["show", str(ctx["ref"]), "--step", "5"], capture_output=True,
+                     text=True, env=env)
+  assert r.returncode == 2 and r.stderr.startswith("bepa-ckpt: error: no checkpoint at step 5")
+
+
+def test_every_minutes_and_keep_best(tmp_path):
+  """Time-based saves (every_minutes) and keep=1 plus the best checkpoint by `loss`."""
+  import time
+  import jax.numpy as jnp
+  import optax
+  from bepa_jax import checkpoint, train_state
+  cfg = tiny_config(**{"checkpoint.every_steps": 0, "checkpoint.every_minutes": 1 / 60,
+                       "checkpoint.keep": 1, "checkpoint.keep_best_metric": "loss",
+                       "checkpoint.async_save": False})
+  ck = checkpoint.Checkpointer(str(tmp_path), cfg.checkpoint)
+  state = train_state.TrainState(step=jnp.int32(0), params={"w": jnp.ones(3)},
+                                 opt_state={"m": jnp.zeros(3)}, tx=optax.identity())
+  save = lambda step, loss: ck.save(step, state, config=cfg, data={"next_step": step},
+                                    metrics={"loss": loss})
+  assert ck.should_save(1)  # nothing saved yet
+  save(1, 1.0)
+  assert not ck.should_save(2)  # less than a second since the last save
+  time.sleep(1.2)
+  assert ck.should_save(3)
+  save(3, 5.0)
+  save(4, 3.0)
+  ck.wait()
+  assert ck.steps() == [1, 4]  # the best (loss 1.0) and the latest
+  assert ck.meta(4)["data_state"] == {"next_step": 4}
+
+
+def test_sigterm_with_two_processes_agrees_on_the_step(ctx, tmp_path):
+  """SIGTERM reaches one of two processes only: JAX's preemption sync point makes both save the
+  same step and exit 0."""
+  import time
+  wd, logs = tmp_path / "wd", tmp_path / "logs"
+  cmd = _cmd(wd, ctx["tokenizer"], **{"train.steps": 500, "checkpoint.every_steps": 0})
+  launcher = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, "launch", "local.py"), "--num_processes", "2",
+       "--devices_per_process", "2", "--log_dir", str(logs), "--timeout_s", "240",
+       "--env", f"JAX_COMPILATION_CACHE_DIR={ctx['cache']}",
+       "--env", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0", "--", *cmd],
+      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=_env(ctx["cache"]), cwd=REPO)
+  deadline = time.monotonic() + 240
+  log0 = logs / "worker_0.log"
+  while not (log0.exists() and " step 3/" in log0.read_text(errors="replace")):
+    assert launcher.poll() is None and time.monotonic() < deadline, (
+        log0.read_text(errors="replace")[-3000:] if log0.exists() else "no log")
+    time.sleep(0.5)
+  with open(f"/proc/{launcher.pid}/task/{launcher.pid}/children") as f:
+    workers = [int(p) for p in f.read().split()]
+  assert len(workers) == 2
+  os.kill(workers[1], signal.SIGTERM)  # start order: worker 1 is the second child
+  assert launcher.wait(timeout=120) == 0
+  saved = []
+  for k in (0, 1):
+    text = (logs / f"worker_{k}.log").read_text(errors="replace")
+    assert "preempted: saved checkpoint" in text, text[-3000:]
+    saved.append(int(text.split("preempted: saved checkpoint ")[1].split()[0]))
+  assert saved[0] == saved[1] and _steps(wd) == [saved[0]] and saved[0] < 500
