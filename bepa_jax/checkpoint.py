@@ -78,7 +78,7 @@ def validate_config(ckpt_cfg) -> None:
                       f"min, max")
 
 
-def _get(tree: dict, dotted: str):
+def config_value(tree: dict, dotted: str):
   node = tree
   for part in dotted.split("."):
     if not isinstance(node, dict) or part not in node:
@@ -89,12 +89,11 @@ def _get(tree: dict, dotted: str):
 
 def config_conflicts(saved: dict, new: dict) -> list[str]:
   """'key: old -> new' for every structural key that differs between two config dicts."""
-  diff = [f"{k}: {_get(saved, k)!r} -> {_get(new, k)!r}" for k in SHAPE_KEYS
-          if _get(saved, k) != _get(new, k)]
+  show = lambda k: f"{k}: {config_value(saved, k)!r} -> {config_value(new, k)!r}"
   on = lambda v: bool(v) and float(v) > 0
-  diff += [f"{k}: {_get(saved, k)!r} -> {_get(new, k)!r} (switches part of the state on/off)"
-           for k in SWITCH_KEYS if on(_get(saved, k)) != on(_get(new, k))]
-  return diff
+  return ([show(k) for k in SHAPE_KEYS if config_value(saved, k) != config_value(new, k)] +
+          [show(k) + " (switches part of the state on/off)" for k in SWITCH_KEYS
+           if on(config_value(saved, k)) != on(config_value(new, k))])
 
 
 def check_finite(metrics: dict, step: int) -> None:
@@ -228,7 +227,8 @@ class Checkpointer:
     for step in reversed(steps):
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(state_items(abstract_state)), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(state_items(abstract_state)),
+            meta=ocp.args.JsonRestore()))
         ok, error = True, None
       except Exception as e:  # noqa: BLE001  (a truncated or foreign directory)
         ok, error = False, e
@@ -239,8 +239,8 @@ class Checkpointer:
                   self.directory, step, str(error).splitlines()[0][:300] if error else
                   "failed on another process")
     if steps:  # never start from scratch over existing checkpoints: keep-last-K would drop them
-      raise BepaError(f"none of the checkpoints in {self.directory} can be read ({'; '.join(errors)})"
-                      f"; move them away to start from scratch")
+      raise BepaError(f"none of the checkpoints in {self.directory} can be read "
+                      f"({'; '.join(errors)}); move them away to start from scratch")
     return None
 
   # ------------------------------------------------------------------ save

@@ -87,7 +87,7 @@ def cmd_show(ckpt, step: int | None, out) -> int:
   meta = _meta(ckpt, step)
   if "error" in meta:
     raise ValueError(f"checkpoint {step} metadata cannot be read: {meta['error']}")
-  from bepa_jax.checkpoint import _get
+  from bepa_jax.checkpoint import config_value
   n = _param_count(ckpt, step)
   n = meta.get("num_params") if n is None else n
   print(f"checkpoint  {ckpt.directory / str(step)}", file=out)
@@ -103,7 +103,7 @@ def cmd_show(ckpt, step: int | None, out) -> int:
     print("metrics     " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), file=out)
   print("config", file=out)
   for key in SUMMARY_KEYS:
-    print(f"  {key:24} {_get(meta.get('config') or {}, key)!r}", file=out)
+    print(f"  {key:24} {config_value(meta.get('config') or {}, key)!r}", file=out)
   return 0
 
 

@@ -24,8 +24,9 @@ from tests.helpers import tiny_config
 STEPS, EVERY = 8, 2
 TINY = {
     "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 4,
-    "model.intermediate_size": 64, "tokenizer.vocab_size": 400, "model.hidden_dropout": 0.1,  # dropout on: RNG must resume too
-    "model.attention_dropout": 0.1, "data.max_length": 16, "data.max_predictions_per_seq": 3,
+    "model.intermediate_size": 64, "tokenizer.vocab_size": 400,
+    "model.hidden_dropout": 0.1, "model.attention_dropout": 0.1,  # dropout on: RNG must resume too
+    "data.max_length": 16, "data.max_predictions_per_seq": 3,
     "train.global_batch": 16, "train.log_every": 1, "optim.warmup_steps": 2,
     "optim.schedule": "linear", "checkpoint.every_steps": EVERY, "checkpoint.every_minutes": 0,
     "checkpoint.keep": 10,
@@ -74,7 +75,8 @@ def _steps(workdir):
 
 def _load(workdir, step):
   import orbax.checkpoint as ocp
-  tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  tree = ocp.StandardCheckpointer().restore(path)
   return jax.tree.map(np.asarray, tree)
 
 
@@ -88,7 +90,8 @@ def _hashes(directory):
   for root, _, files in os.walk(directory):
     for name in files:
       with open(os.path.join(root, name), "rb") as f:
-        out[os.path.relpath(os.path.join(root, name), directory)] = hashlib.md5(f.read()).hexdigest()
+        key = os.path.relpath(os.path.join(root, name), directory)
+        out[key] = hashlib.md5(f.read()).hexdigest()
   return out
 
 
