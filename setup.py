@@ -29,6 +29,7 @@ setup(
         "tfds": ["tensorflow-datasets", "array_record"],
         "plots": ["matplotlib", "scikit-learn"],
         "gcs": ["gcsfs"],  # gs:// workdirs: etils.epath's file operations (arrays use TensorStore)
+        "bench": ["torch==2.13.0", "transformers>=4.45", "matplotlib"],  # bench/step.py baseline
         "test": ["pytest", "pytest-xdist", "matplotlib", "scikit-learn", "pyyaml"],
     },
     entry_points={
@@ -38,6 +39,7 @@ setup(
             "bepa-eval=bepa_jax.eval.cli:run",
             "bepa-tokenizer=bepa_jax.tokenizer_cli:run",
             "bepa-ckpt=bepa_jax.ckpt_cli:run",
+            "bepa-sweep=bepa_jax.sweep:run",
         ],
     },
     classifiers=[
