@@ -30,7 +30,8 @@ setup(
         "plots": ["matplotlib", "scikit-learn"],
         "gcs": ["gcsfs"],  # gs:// workdirs: etils.epath's file operations (arrays use TensorStore)
         "bench": ["torch==2.13.0", "transformers>=4.45", "matplotlib"],  # bench/step.py baseline
-        "test": ["pytest", "pytest-xdist", "matplotlib", "scikit-learn", "pyyaml"],
+        "test": ["pytest", "pytest-xdist", "matplotlib", "scikit-learn", "pyyaml",
+                 "tensorflow-datasets", "array_record"],
     },
     entry_points={
         "console_scripts": [
