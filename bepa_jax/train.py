@@ -188,6 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   log_every = max(int(config.train.log_every), 1)
   pid, pcount = jax.process_index(), jax.process_count()
   metrics, t_start, step_start = {}, None, 0
+  window, window_steps = None, 0
   profiler = profiling.StepProfiler(config.train, workdir)
   first = int(jax.device_get(state.step))
   with jax.set_mesh(mesh):
@@ -197,8 +198,14 @@ def train(config: ml_collections.ConfigDict, workdir: str):
       state, step_metrics = step_fn(state, batch)
       done = step + 1
       profiler.after(done, step_metrics)
+      # Logged metrics are means over the steps since the last log (summed on device, no sync).
+      window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
+      window_steps += 1
       if done % log_every == 0 or done == steps or done == first + 1:
-        metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        metrics = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+        if "learning_rate" in step_metrics:  # the current value, not the window's mean
+          metrics["learning_rate"] = float(step_metrics["learning_rate"])
+        window, window_steps = None, 0
         ckpt.check(metrics, done)
         now = time.perf_counter()
         if t_start is None:  # the first step includes compilation: start the clock after it
