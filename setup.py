@@ -41,6 +41,7 @@ setup(
             "bepa-tokenizer=bepa_jax.tokenizer_cli:run",
             "bepa-ckpt=bepa_jax.ckpt_cli:run",
             "bepa-sweep=bepa_jax.sweep:run",
+            "bepa-transfer=bepa_jax.finetune.cli:run",
         ],
     },
     classifiers=[

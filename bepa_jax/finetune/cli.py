@@ -1,0 +1,112 @@
+"""`bepa-transfer`: zero-shot cross-lingual transfer of one checkpoint (fine-tune on English,
+evaluate every language).
+
+  bepa-transfer --workdir DIR --task xnli --steps 20000 --out DIR      (MNLI -> XNLI test)
+  bepa-transfer --hf-dir DIR --task mlqa --steps 5000                   (SQuAD v1.1 -> MLQA test)
+  bepa-transfer --hf-dir DIR --task glue/sst2 --steps 2000              (GLUE validation)
+  bepa-transfer --hf-dir DIR --task xnli --train-jsonl mnli.jsonl --eval-jsonl de=de.jsonl
+
+Writes <task>.json (per-language results, losses, settings) and <task>.md to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+PROG = "bepa-transfer"
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="a bepa-train workdir (config.json, tokenizer, checkpoints)")
+  src.add_argument("--hf-dir", help="an HF BertForMaskedLM / XLMRobertaForMaskedLM directory")
+  p.add_argument("--task", required=True, help="xnli, mlqa or glue/<task> (sst2, mnli, qnli, ...)")
+  p.add_argument("--steps", type=int, default=2000, help="fine-tuning steps")
+  p.add_argument("--batch-size", type=int, default=32, help="global batch")
+  p.add_argument("--lr", type=float, default=3e-5)
+  p.add_argument("--max-length", type=int, default=128)
+  p.add_argument("--doc-stride", type=int, default=128, help="span tasks: window stride (tokens)")
+  p.add_argument("--langs", default="", help="comma-separated evaluation languages (default: all)")
+  p.add_argument("--max-eval", type=int, default=0, help="examples per language (0 = all)")
+  p.add_argument("--data-dir", help="TFDS data_dir with the prepared (array_record) datasets")
+  p.add_argument("--train-jsonl", help="local training records instead of TFDS")
+  p.add_argument("--eval-jsonl", action="append", default=[], metavar="LANG=FILE",
+                 help="local evaluation records instead of TFDS (repeat per language)")
+  p.add_argument("--num-labels", type=int, default=0, help="classes, if not known from TFDS")
+  p.add_argument("--fsdp", type=int, default=1, help="mesh fsdp axis (data = the rest)")
+  p.add_argument("--tensor", type=int, default=1, help="mesh tensor axis")
+  p.add_argument("--tokenizer", help="sentencepiece .model or HF tokenizer dir to use instead")
+  p.add_argument("--out", help="output dir (default: <model dir>/transfer)")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  if args.steps < 1 or args.batch_size < 1 or args.max_length < 8 or args.max_eval < 0:
+    p.error("--steps and --batch-size must be >= 1, --max-length >= 8, --max-eval >= 0")
+  if args.doc_stride < 1:
+    p.error("--doc-stride must be >= 1")
+  evals = {}
+  for item in args.eval_jsonl:
+    lang, sep, path = item.partition("=")
+    if not sep or not lang or not path:
+      p.error(f"--eval-jsonl wants LANG=FILE, got {item!r}")
+    evals[lang] = path
+  args.evals = evals
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      datefmt="%H:%M:%S", force=True)
+  for noisy in ("absl", "jax._src", "orbax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  import copy
+
+  from bepa_jax import mesh as mesh_lib
+  from bepa_jax.errors import BepaError
+  from bepa_jax.eval import loading
+  from bepa_jax.finetune import tasks, trainer
+
+  path = args.workdir or args.hf_dir
+  try:
+    langs = [l.strip() for l in args.langs.split(",") if l.strip()]
+    task = tasks.get_task(args.task, args.data_dir, langs, args.train_jsonl, args.evals,
+                          args.num_labels)
+    loaded = loading.load(path, args.tokenizer)
+    mesh_cfg = copy.deepcopy(loaded.mesh_cfg)
+    mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, mesh_cfg.dcn_data = (-1, args.fsdp,
+                                                                        args.tensor, 1)
+    mesh = mesh_lib.create_mesh(mesh_cfg)
+    limit = loaded.model_cfg.max_position_embeddings - (
+        loaded.model_cfg.pad_token_id + 1 if loaded.model_cfg.family == "xlmr" else 0)
+    if args.max_length > limit:
+      raise BepaError(f"--max-length {args.max_length} exceeds the model's {limit} positions")
+    report = trainer.run(task, loaded, mesh, mesh_cfg, steps=args.steps,
+                         batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
+                         max_eval=args.max_eval, seed=args.seed, doc_stride=args.doc_stride)
+  except BepaError as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+  report["model"] = {"path": os.path.abspath(path), "family": loaded.model_cfg.family}
+  report["settings"] = {k: v for k, v in vars(args).items() if k != "evals"}
+  out = args.out or os.path.join(path, "transfer")
+  os.makedirs(out, exist_ok=True)
+  stem = args.task.replace("/", "_")
+  with open(os.path.join(out, f"{stem}.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  md = trainer.markdown(report)
+  with open(os.path.join(out, f"{stem}.md"), "w") as f:
+    f.write(md)
+  print(md)
+  return 0
+
+
+def run():  # console-script entry point
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()
