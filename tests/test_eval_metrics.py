@@ -192,3 +192,17 @@ def test_suite_with_a_fake_embedder():
   assert "diagnostics/cls/effective_rank" in flat
   md = suite.markdown({"m1": report, "m2": report})
   assert "| | m1 | m2 |" in md and "tatoeba average xx->eng (cls)" in md
+
+
+def test_tatoeba_from_tfds_mock():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from bepa_jax.eval import suite
+  records = [{"source_sentence": f"Satz {i}".encode(), "target_sentence": f"sentence {i}".encode(),
+              "source_language": b"de", "target_language": b"en"} for i in range(5)]
+  with tfds.testing.mock_data(as_data_source_fn=lambda *a, **k: records,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    sets = suite.load_sets("tfds", ["de"], max_sentences=4)
+  assert len(sets) == 1 and sets[0].name == "tatoeba/de"
+  assert sets[0].languages == ("de", "en")
+  assert sets[0].texts == (tuple(f"Satz {i}" for i in range(4)),
+                           tuple(f"sentence {i}" for i in range(4)))

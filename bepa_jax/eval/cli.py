@@ -24,7 +24,8 @@ def parse_args(argv):
   src.add_argument("--hf-dir", help="an HF BertForMaskedLM / XLMRobertaForMaskedLM directory")
   src.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="two workdirs or HF dirs, evaluated side by side in one report")
-  p.add_argument("--tatoeba", help="LASER-layout Tatoeba dir (tatoeba.xxx-eng.{xxx,eng})")
+  p.add_argument("--tatoeba", help="LASER-layout Tatoeba dir (tatoeba.xxx-eng.{xxx,eng}), or "
+                 "'tfds' / 'tfds:DATA_DIR' for TFDS tatoeba/tatoeba_<lang> (2-letter --langs)")
   p.add_argument("--langs", default="", help="comma-separated Tatoeba languages (default: all)")
   p.add_argument("--parallel", nargs="+", default=[], metavar="FILE",
                  help="two or more line-aligned files (.gz ok); language = last suffix")

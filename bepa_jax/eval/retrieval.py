@@ -83,6 +83,25 @@ def read_tatoeba(tatoeba_dir: str, lang: str, max_sentences: int | None = None) 
                   max_sentences)
 
 
+def read_tatoeba_tfds(lang: str, max_sentences: int | None = None,
+                      data_dir: str | None = None) -> ParallelSet:
+  """TFDS `tatoeba/tatoeba_<lang>` (XTREME's copy; 2-letter codes, e.g. de), read through
+  `tfds.data_source` (array_record, no TensorFlow). Records that cannot be used are dropped."""
+  from bepa_jax.data import sources, tfds_sources
+  comps = tfds_sources.tfds_components(f"tatoeba/tatoeba_{lang}", "train", sources.TextPolicy(),
+                                       data_dir=data_dir)
+  if not comps:
+    raise InputError(f"tfds:tatoeba/tatoeba_{lang}: no sentence pairs")
+  c = comps[0]
+  rows = [r for r in (c[i] for i in range(len(c))) if r is not None]
+  if max_sentences:
+    rows = rows[:int(max_sentences)]
+  if len(rows) < 2:
+    raise InputError(f"tfds:tatoeba/tatoeba_{lang}: need at least 2 pairs, got {len(rows)}")
+  return ParallelSet(f"tatoeba/{lang}", (c.lang_x, c.lang_y),
+                     (tuple(r[0] for r in rows), tuple(r[1] for r in rows)))
+
+
 def language_of(path: str) -> str:
   """'test_2016_flickr.de.gz' -> 'de' (the last suffix, .gz dropped)."""
   base = os.path.basename(path)

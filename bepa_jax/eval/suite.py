@@ -7,13 +7,20 @@ from __future__ import annotations
 import math
 import re
 
+from bepa_jax.errors import InputError
 from bepa_jax.eval import diagnostics, retrieval
 
 
 def load_sets(tatoeba_dir: str | None = None, langs=(), parallel=(),
               max_sentences: int | None = None) -> list[retrieval.ParallelSet]:
   sets = []
-  if tatoeba_dir:
+  if tatoeba_dir and tatoeba_dir.split(":")[0] == "tfds":  # "tfds" or "tfds:DATA_DIR"
+    if not langs:
+      raise InputError("Tatoeba from TFDS needs the languages (--langs de,fr,...)")
+    data_dir = tatoeba_dir.split(":", 1)[1] if ":" in tatoeba_dir else None
+    for lang in langs:
+      sets.append(retrieval.read_tatoeba_tfds(lang, max_sentences, data_dir))
+  elif tatoeba_dir:
     for lang in langs or retrieval.tatoeba_languages(tatoeba_dir):
       sets.append(retrieval.read_tatoeba(tatoeba_dir, lang, max_sentences))
   if parallel:
