@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import shlex
 import signal
 import socket
@@ -138,6 +139,9 @@ def run_local(
     """
     if not command:
         raise ValueError("no command to run")
+    if shutil.which(command[0]) is None and not os.path.isfile(command[0]):
+        raise FileNotFoundError(f"command not found: {command[0]} (is the project installed in "
+                                f"this environment? `pip install -e .`)")
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     if devices_per_process < 1:
@@ -280,16 +284,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sep or not key:
             parser.error(f"--env wants KEY=VALUE, got {item!r}")
         extra[key] = value
-    return run_local(
-        command,
-        num_processes=args.num_processes,
-        devices_per_process=args.devices_per_process,
-        port=args.port,
-        log_dir=args.log_dir,
-        env=extra,
-        grace_s=args.grace_s,
-        timeout_s=args.timeout_s,
-    )
+    try:
+        return run_local(
+            command,
+            num_processes=args.num_processes,
+            devices_per_process=args.devices_per_process,
+            port=args.port,
+            log_dir=args.log_dir,
+            env=extra,
+            grace_s=args.grace_s,
+            timeout_s=args.timeout_s,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"launch/local.py: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
