@@ -108,28 +108,13 @@ class Embeddings(nn.Module):
     return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
 
-class HeadsKernel(nn.Module):
-  """Just the (kernel, bias) of a HeadsDense of the same name: for fused projections."""
-  cfg: EncoderConfig
-  in_dims: tuple
-  out_dims: tuple
-  kernel_axes: tuple
-  bias_axes: tuple
-
-  @nn.compact
-  def __call__(self):
-    kernel = self.param("kernel", _init(self.cfg, self.kernel_axes),
-                        self.in_dims + self.out_dims, jnp.float32)
-    bias = self.param("bias", _zeros(self.bias_axes), self.out_dims, jnp.float32)
-    return kernel, bias
-
-
 class HeadsDense(nn.Module):
   """x [..., in_dims] -> [..., out_dims] with a kernel shaped in_dims + out_dims.
 
   Keeps the head axis explicit ([embed, heads, kv] / [heads, kv, embed]) so that tensor
   parallelism can shard it by name. (flax's DenseGeneral builds a flat kernel first,
-  which clashes with per-axis logical names at init.)
+  which clashes with per-axis logical names at init.) `weights()` alone serves the fused
+  QKV path, which stacks three of them under the same parameter names.
   """
   cfg: EncoderConfig
   in_dims: tuple
@@ -138,11 +123,15 @@ class HeadsDense(nn.Module):
   bias_axes: tuple
 
   @nn.compact
+  def weights(self):
+    kernel = self.param("kernel", _init(self.cfg, self.kernel_axes),
+                        self.in_dims + self.out_dims, jnp.float32)
+    bias = self.param("bias", _zeros(self.bias_axes), self.out_dims, jnp.float32)
+    return kernel, bias
+
   def __call__(self, x):
     cfg = self.cfg
-    kernel = self.param("kernel", _init(cfg, self.kernel_axes), self.in_dims + self.out_dims,
-                        jnp.float32)
-    bias = self.param("bias", _zeros(self.bias_axes), self.out_dims, jnp.float32)
+    kernel, bias = self.weights()
     n_in = len(self.in_dims)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     y = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
@@ -160,8 +149,7 @@ class SelfAttention(nn.Module):
     proj = functools.partial(HeadsDense, cfg, (cfg.hidden_size,), heads, ("embed", "heads", "kv"),
                              ("heads", "kv"))
     if cfg.fused_qkv:  # concatenating the kernels costs 3*H*H copies; the matmul is 3x wider
-      kb = [HeadsKernel(cfg, (cfg.hidden_size,), heads, ("embed", "heads", "kv"), ("heads", "kv"),
-                        name=n)() for n in ("query", "key", "value")]
+      kb = [proj(name=n).weights() for n in ("query", "key", "value")]
       kernel = jnp.stack([w for w, _ in kb], axis=1).astype(cfg.compute_dtype)  # [H, 3, nh, hd]
       qkv_bias = jnp.stack([b for _, b in kb], axis=0).astype(cfg.compute_dtype)
       qkv = jnp.einsum("blh,hcnd->blcnd", x.astype(cfg.compute_dtype), kernel) + qkv_bias
