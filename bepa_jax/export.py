@@ -15,7 +15,6 @@ import shutil
 import sys
 import types
 
-import numpy as np
 
 from bepa_jax.errors import BepaError, InputError
 
@@ -93,7 +92,6 @@ def export(workdir: str, out_dir: str, step: int | None = None) -> str:
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     raise InputError(f"{out_dir}: exists and is not empty; refusing to overwrite")
   config, model_cfg, params, step = load_workdir_params(workdir, step)
-  params = {k: np.asarray(v) if not isinstance(v, dict) else v for k, v in params.items()}
   tmp = out_dir.rstrip("/") + ".tmp-export"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
