@@ -1,7 +1,7 @@
 """`bepa-sweep`: a grid of short bepa-train runs, each evaluated, summarised as a table and plots.
 
   bepa-sweep --config configs/quickstart.py --grid 'train.global_batch=16,64' \
-      --grid 'loss.negatives=global,local' --set train.steps=200 --out /tmp/sweep
+      --grid 'loss.negatives=global,local' --set train.steps=200 --out runs/sweep
   bepa-sweep ... --backend print --tpu-name bepa --zone us-central2-b \
       --accelerator-type v4-32 --gcs-root gs://BUCKET/sweep     (pod commands, nothing runs)
 

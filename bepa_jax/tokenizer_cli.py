@@ -1,8 +1,8 @@
 """`bepa-tokenizer`: train a sentencepiece model (with [PAD] [UNK] [CLS] [SEP] [MASK]) from sources.
 
-  bepa-tokenizer train --input 'aligned:../shared/data/multi30k/train.{en,de,fr,cs}' \
-      --vocab-size 8000 --out /tmp/tok
-  bepa-tokenizer encode --model /tmp/tok/spm.model "Hello world"
+  bepa-tokenizer train --input 'aligned:corpus/train.{en,de,fr,cs}' \
+      --vocab-size 8000 --out runs/tok
+  bepa-tokenizer encode --model runs/tok/spm.model "Hello world"
 
 --input takes the `data.source` syntax (see bepa_jax/data/sources.py), `;`-separated.
 """
