@@ -22,6 +22,8 @@ import harness  # noqa: E402  (sets up the repo path)
 
 import jax  # noqa: E402
 
+from bepa_jax import host_memory  # noqa: E402
+
 
 def _parse_value(v: str):
   for cast in (int, float):
@@ -100,7 +102,12 @@ def main(argv=None):
   p.add_argument("--baseline", choices=("hf", "gathered", "both", "none"), default="both")
   p.add_argument("--matmul_n", type=int, default=2048)
   p.add_argument("--tag", default="", help="suffix of the JSON file name")
+  p.add_argument("--host_malloc", choices=host_memory.MODES, default="retain",
+                 help="glibc settings for the whole process, both frameworks "
+                      "(bepa_jax/host_memory.py); 'system' = glibc's defaults")
   args, rest = p.parse_known_args(argv)
+  # Before anything starts XLA's (or PyTorch's) threads; applies to both frameworks alike.
+  host_memory.configure(args.host_malloc)
   overrides = {}
   for a in rest:
     if not a.startswith("--model.") or "=" not in a:
@@ -111,7 +118,8 @@ def main(argv=None):
   for n in names:
     if n not in harness.SHAPES:
       p.error(f"unknown config {n!r} (choose from {', '.join(harness.SHAPES)})")
-  out = dict(machine=harness.machine_info(), reps=args.reps, results=[])
+  out = dict(machine=harness.machine_info(), reps=args.reps, host_malloc=args.host_malloc,
+             results=[])
   print(f"machine: {out['machine']}")
   for n in names:
     res = run_config(n, args, overrides)

@@ -118,6 +118,9 @@ def get_config() -> ml_collections.ConfigDict:
       log_every=50,
       profile_start=0,               # jax.profiler trace of steps [start, start + profile_steps)
       profile_steps=0,               # into WORKDIR/profile; 0 = off (start >= 2 skips compilation)
+      host_malloc="auto",            # auto | retain | system: keep freed host memory so XLA:CPU's
+                                     # per-step buffers don't page-fault (bepa_jax/host_memory.py);
+                                     # auto = retain when the CPU is the accelerator
   ))
 
   # --- Checkpoints in WORKDIR/checkpoints (bepa_jax/checkpoint.py); rerunning resumes from them.

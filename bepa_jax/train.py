@@ -21,6 +21,7 @@ from bepa_jax import config as config_lib
 from bepa_jax import heads as heads_lib
 from bepa_jax import hf_init
 from bepa_jax import distributed
+from bepa_jax import host_memory
 from bepa_jax import mesh as mesh_lib
 from bepa_jax import profiling
 from bepa_jax import step as step_lib
@@ -316,6 +317,11 @@ def main(argv=None) -> int:
     return 2
   if not FLAGS.workdir:
     print(f"{prog}: error: --workdir is required", file=sys.stderr)
+    return 2
+  try:  # before XLA starts its threads (they keep the malloc arena they first use)
+    host_memory.configure(FLAGS.config.train.get("host_malloc", "auto"))
+  except ConfigError as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
     return 2
   try:  # first thing, before any JAX computation: join the other processes, if any
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

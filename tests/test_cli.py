@@ -22,6 +22,7 @@ def _run(*args, devices=8, timeout=120):
     ("--config.loss.temperature=0", "loss.temperature must be > 0"),
     ("--config.loss.temperature=-0.1", "loss.temperature must be > 0"),
     ("--config.model.family=gpt", "model.family='gpt' is not one of"),
+    ("--config.train.host_malloc=jemalloc", "train.host_malloc='jemalloc' must be one of"),
 ])
 def test_bad_config_is_one_line_error(tmp_path, override, expected):
   wd = tmp_path / "wd"
