@@ -136,7 +136,11 @@ def jax_matmul(n: int = 2048):
 
 
 def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict:
-  """Runs every fn once per repetition, in turn; returns {name: [seconds, ...]}."""
+  """Runs every fn once per repetition, in turn; returns {name: [seconds, ...]}.
+
+  A fn with `reports_seconds = True` (a worker process) returns its own measured time, so
+  the pipe round trip is not counted.
+  """
   for _ in range(warmup):
     for f in fns.values():
       f()
@@ -144,8 +148,9 @@ def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict:
   for _ in range(reps):
     for k, f in fns.items():
       t0 = time.perf_counter()
-      f()
-      times[k].append(time.perf_counter() - t0)
+      r = f()
+      elapsed = time.perf_counter() - t0
+      times[k].append(float(r) if getattr(f, "reports_seconds", False) else elapsed)
   return times
 
 

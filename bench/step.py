@@ -6,7 +6,10 @@
 
 For each config: compile time, XLA's compiled peak memory, then `reps` rounds that alternate
 one step of ours, one of each PyTorch variant and one large matmul per framework (the machine
-is shared, so only ratios of interleaved medians are meaningful). MFU = analytic model FLOPs per
+is shared, so only ratios of interleaved medians are meaningful). Each PyTorch variant runs
+in a worker process of its own, once per host-allocator setting (--torch_malloc): glibc's
+defaults, as PyTorch users run it, and `retain`, the setting bepa-train applies on CPU
+(bepa_jax/host_memory.py), so that the ratio with the allocator held equal is printed too. MFU = analytic model FLOPs per
 step (bench/harness.train_flops) / step time / the XLA fp32 matmul FLOP/s measured here
 (and, stricter, / the best of the XLA and PyTorch matmul rates). Honours XLA_FLAGS.
 Results go to bench/results/step_<tag>.json.
@@ -48,22 +51,29 @@ def run_config(name: str, args, overrides: dict) -> dict:
   fns = {"ours": ours}
   peak_fn, peak_flops = harness.jax_matmul(args.matmul_n)
   fns["xla_matmul"] = peak_fn
+  workers = []
   if args.baseline != "none":
     import torch_baseline
-    np_batch = harness.synthetic_batch(config)
     variants = ["hf", "gathered"] if args.baseline == "both" else [args.baseline]
     for v in variants:
-      fns[f"torch_{v}"] = torch_baseline.build_torch_step(config, np_batch, v)
-    t_mm, _ = torch_baseline.torch_matmul(args.matmul_n)
-    fns["torch_matmul"] = t_mm
-  times = harness.interleaved(fns, args.reps, warmup=args.warmup)
+      for m in args.torch_malloc.split(","):
+        w = torch_baseline.TorchWorker(name, overrides, v, m, args.matmul_n)
+        workers.append(w)
+        fns[w.name] = w
+    fns["torch_matmul"] = workers[-1].matmul_fn()
+  try:
+    times = harness.interleaved(fns, args.reps, warmup=args.warmup)
+  finally:
+    for w in workers:
+      w.close()
   med = {k: harness.median(v) for k, v in times.items()}
   peak = peak_flops / med["xla_matmul"]
   # The stricter denominator: the best fp32 matmul rate any framework reached in this run.
   best = max(peak, peak_flops / med["torch_matmul"]) if "torch_matmul" in med else peak
   res = dict(config=name, shapes=harness.SHAPES[name], overrides=overrides,
              flops_per_step=fl["step"], flops_breakdown=fl, compile_s=compile_s, memory=mem,
-             peak_matmul_flops_xla=peak, times_s=times, median_s=med)
+             peak_matmul_flops_xla=peak, peak_matmul_flops_best=best, times_s=times,
+             median_s=med)
   for k in fns:
     if k.endswith("matmul"):
       continue
@@ -89,7 +99,7 @@ def report(res: dict) -> None:
   for k in [k for k in res if k == "ours" or (k.startswith("torch_") and isinstance(res[k], dict))]:
     r = res[k]
     ratio = f"   ours/this = {res['ratio_vs_' + k]:.2f}x" if k != "ours" else ""
-    print(f"   {k:15s} {r['step_s'] * 1e3:8.1f} ms/step {r['tokens_per_s']:9.0f} tok/s "
+    print(f"   {k:22s} {r['step_s'] * 1e3:8.1f} ms/step {r['tokens_per_s']:9.0f} tok/s "
           f"{r['sequences_per_s']:7.1f} seq/s  MFU {100 * r['mfu']:5.1f}% "
           f"({100 * r['mfu_vs_best_matmul']:4.1f}% of the best matmul){ratio}")
 
@@ -102,11 +112,17 @@ def main(argv=None):
   p.add_argument("--baseline", choices=("hf", "gathered", "both", "none"), default="both")
   p.add_argument("--matmul_n", type=int, default=2048)
   p.add_argument("--tag", default="", help="suffix of the JSON file name")
-  p.add_argument("--host_malloc", choices=host_memory.MODES, default="retain",
-                 help="glibc settings for the whole process, both frameworks "
-                      "(bepa_jax/host_memory.py); 'system' = glibc's defaults")
+  p.add_argument("--host_malloc", choices=host_memory.MODES, default="auto",
+                 help="ours: glibc settings of this process (bepa_jax/host_memory.py; auto = "
+                      "what bepa-train does: retain on CPU)")
+  p.add_argument("--torch_malloc", default="system,retain",
+                 help="PyTorch workers to run, one per glibc setting: system (glibc's "
+                      "defaults, as PyTorch users run it) and/or retain (the same as ours)")
   args, rest = p.parse_known_args(argv)
-  # Before anything starts XLA's (or PyTorch's) threads; applies to both frameworks alike.
+  for m in args.torch_malloc.split(","):
+    if m not in ("system", "retain"):
+      p.error(f"--torch_malloc: {m!r} is not system or retain")
+  # Before anything starts XLA's threads: they keep the malloc arena they first use.
   host_memory.configure(args.host_malloc)
   overrides = {}
   for a in rest:
@@ -119,8 +135,11 @@ def main(argv=None):
     if n not in harness.SHAPES:
       p.error(f"unknown config {n!r} (choose from {', '.join(harness.SHAPES)})")
   out = dict(machine=harness.machine_info(), reps=args.reps, host_malloc=args.host_malloc,
+             host_malloc_applied=host_memory.applied(), torch_malloc=args.torch_malloc,
              results=[])
   print(f"machine: {out['machine']}")
+  print(f"host malloc: ours {args.host_malloc} (retuned: {host_memory.applied()}), "
+        f"PyTorch workers: {args.torch_malloc}")
   for n in names:
     res = run_config(n, args, overrides)
     report(res)

@@ -5,8 +5,20 @@ weight decay off biases/LayerNorm and grad-norm clipping, dropout on: the step o
 Two variants of the MLM head:
   hf      : the usual HF call, `labels` with -100 off the masked positions (logits everywhere)
   gathered: the encoder, then `model.cls` at the masked positions only (what ours does)
+
+It runs in a worker process of its own (`TorchWorker`, `python bench/torch_baseline.py
+--serve ...`), so that its host allocator is set on its own (glibc defaults, as PyTorch users
+run it, or the same `retain` setting as ours) and the two frameworks' thread pools and heaps
+never share a process. bench/step.py alternates steps of ours and of each worker.
 """
 from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 
@@ -83,3 +95,74 @@ def torch_matmul(n: int = 2048):
     with torch.no_grad():
       a @ b
   return run, 2 * n ** 3
+
+
+class TorchWorker:
+  """A PyTorch step in a child process: `worker()` runs one step there and returns its seconds."""
+
+  reports_seconds = True
+
+  def __init__(self, config_name: str, overrides: dict, variant: str, host_malloc: str,
+               matmul_n: int = 2048):
+    cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--config", config_name,
+           "--variant", variant, "--host_malloc", host_malloc, "--matmul_n", str(matmul_n),
+           "--overrides", json.dumps(overrides)]
+    self.name = f"torch_{variant}/{host_malloc}"
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = self.proc.stdout.readline()
+    if line.strip() != "ready":
+      raise RuntimeError(f"{self.name}: worker failed to start (exit {self.proc.wait()})")
+
+  def _ask(self, what: str) -> float:
+    self.proc.stdin.write(what + "\n")
+    self.proc.stdin.flush()
+    return float(self.proc.stdout.readline())
+
+  def __call__(self) -> float:
+    return self._ask("step")
+
+  def matmul(self) -> float:
+    return self._ask("matmul")
+
+  def matmul_fn(self):
+    """The worker's n^3 fp32 matmul, as a timed fn for `harness.interleaved`."""
+    fn = lambda: self.matmul()  # noqa: E731
+    fn.reports_seconds = True
+    return fn
+
+  def close(self):
+    if self.proc.poll() is None:
+      self.proc.stdin.write("quit\n")
+      self.proc.stdin.flush()
+      self.proc.wait(timeout=60)
+
+
+def _serve(argv=None):
+  p = argparse.ArgumentParser(prog="bench/torch_baseline.py")
+  p.add_argument("--serve", action="store_true", required=True)
+  p.add_argument("--config", required=True)
+  p.add_argument("--variant", choices=("hf", "gathered"), required=True)
+  p.add_argument("--host_malloc", choices=("retain", "system"), required=True)
+  p.add_argument("--matmul_n", type=int, default=2048)
+  p.add_argument("--overrides", default="{}")
+  args = p.parse_args(argv)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import harness
+  from bepa_jax import host_memory
+  host_memory.configure(args.host_malloc)  # before torch starts its threads
+  config = harness.make_config(args.config, **json.loads(args.overrides))
+  step = build_torch_step(config, harness.synthetic_batch(config), args.variant)
+  mm, _ = torch_matmul(args.matmul_n)
+  print("ready", flush=True)
+  for line in sys.stdin:
+    what = line.strip()
+    if what == "quit":
+      break
+    fn = {"step": step, "matmul": mm}[what]
+    t0 = time.perf_counter()
+    fn()
+    print(time.perf_counter() - t0, flush=True)
+
+
+if __name__ == "__main__":
+  _serve()

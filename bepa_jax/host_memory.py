@@ -61,6 +61,11 @@ def _glibc():
     return None
 
 
+def applied() -> bool:
+  """Whether `configure` retuned glibc in this process."""
+  return _applied is not None
+
+
 def configure(mode: str = "auto") -> bool:
   """Applies `mode` ("auto" | "retain" | "system"); returns whether glibc was retuned.
 
