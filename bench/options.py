@@ -20,6 +20,8 @@ import harness  # noqa: E402
 
 import jax  # noqa: E402
 
+from bepa_jax import host_memory  # noqa: E402
+
 OPTIONS = {
     "default (fp32)": {},
     "bf16 compute, fp32 params": {"dtype": "bfloat16"},
@@ -36,7 +38,10 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--only", default="", help="comma list of option names to run (default: all)")
   p.add_argument("--scan_layers_depth", type=int, default=24, help="0 skips the compile study")
+  p.add_argument("--host_malloc", choices=host_memory.MODES, default="auto",
+                 help="glibc settings (bepa_jax/host_memory.py), as bepa-train applies them")
   args = p.parse_args(argv)
+  host_memory.configure(args.host_malloc)  # before XLA starts its threads
   names = [n for n in OPTIONS if not args.only or n in args.only.split(",")]
   fns, rows = {}, {}
   for name in names:
@@ -65,7 +70,9 @@ def main(argv=None):
     print(f"{name:28s} {r['step_s'] * 1e3:8.0f} {r['speedup']:9.2f}x {r['tokens_per_s']:7.0f} "
           f"{r['compile_s']:9.1f} {r['memory']['peak_bytes'] / 2**20:8.0f} "
           f"{r['memory']['temp_size'] / 2**20:9.0f}")
-  out = dict(machine=harness.machine_info(), config=args.config, reps=args.reps, options=rows)
+  out = dict(machine=harness.machine_info(), config=args.config, reps=args.reps,
+             host_malloc=args.host_malloc, host_malloc_applied=host_memory.applied(),
+             options=rows)
   if args.scan_layers_depth:
     out["scan_compile"] = {}
     for scan in (False, True):
