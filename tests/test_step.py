@@ -8,7 +8,7 @@ from tests.helpers import assert_params_close, devices, tiny_config
 
 # fp32 on CPU. Sharding changes the order of floating-point sums (all-reduces), so results
 # agree to rounding, not bitwise: loss and metrics to rtol 1e-5. Parameters after one AdamW
-# step (lr 1e-3): all but 0.1% of elements within 1e-6 and every element within 5e-4. Adam's
+# step (lr 1e-3): all but 0.1% of elements within 1e-6 and every element within 2e-4. Adam's
 # first update is lr * g / (|g| + eps): for the few gradients of size ~eps (1e-6) -- e.g. the
 # [CLS] position embedding, whose LayerNorm input is the same vector in every sequence -- a
 # rounding-level change in g moves the update by a fraction of lr (see helpers.assert_params_close).
