@@ -105,6 +105,33 @@ def report(res: dict) -> None:
           f"({100 * r['mfu_vs_best_matmul']:4.1f}% of the best matmul){ratio}")
 
 
+def plot(out: dict, path: str) -> str | None:
+  """Tokens/s of ours and of each baseline, one panel per config, beside the JSON."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return None
+  results = out["results"]
+  fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.2), squeeze=False)
+  for ax, res in zip(axes[0], results):
+    names = [k for k in res if k == "ours" or (k.startswith("torch_") and isinstance(res[k], dict))]
+    tok = [res[k]["tokens_per_s"] for k in names]
+    colors = ["tab:blue" if k == "ours" else "tab:gray" for k in names]
+    ax.barh(names[::-1], tok[::-1], color=colors[::-1])
+    for y, (k, t) in enumerate(zip(names[::-1], tok[::-1])):
+      label = f"{t:,.0f}" + ("" if k == "ours" else f"  (ours {res['ratio_vs_' + k]:.2f}x)")
+      ax.text(t, y, " " + label, va="center", fontsize=8)
+    ax.set_xlim(0, max(tok) * 1.6)
+    ax.set_xlabel("tokens / s (fp32, CPU)")
+    ax.set_title(f"{res['config']}: MFU {100 * res['ours']['mfu_vs_best_matmul']:.1f}%", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(prog="bench/step.py", description=__doc__.splitlines()[0])
   p.add_argument("--configs", default="tiny,small", help="comma list of tiny, small, base")
@@ -148,6 +175,9 @@ def main(argv=None):
   out["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
   tag = args.tag or "_".join(names)
   print("saved", harness.save_json(f"step_{tag}.json", out))
+  png = plot(out, os.path.join(harness.RESULTS, f"step_{tag}.png"))
+  if png:
+    print("saved", png)
 
 
 if __name__ == "__main__":
