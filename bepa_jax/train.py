@@ -335,6 +335,9 @@ def main(argv=None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   if jax.process_index() != 0:
     log.setLevel(logging.WARNING)
+  if host_memory.applied():
+    log.info("train.host_malloc=%s: glibc keeps freed host memory (no per-step page faults)",
+             FLAGS.config.train.get("host_malloc", "auto"))
   try:
     train(FLAGS.config, FLAGS.workdir)
   except BepaError as e:
