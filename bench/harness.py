@@ -115,6 +115,17 @@ def build_jax_step(config, devices=None):
   return compiled, state, batch, mesh, compile_s, memory(compiled)
 
 
+def step_runner(compiled, state, batch, mesh):
+  """A fn that runs one step of `compiled` on the donated state it holds and waits for it."""
+  holder = {"state": state}
+
+  def run():
+    with jax.set_mesh(mesh):
+      holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(metrics)
+  return run
+
+
 def memory(compiled) -> dict:
   """XLA's compiled memory analysis: peak ~ arguments + outputs - aliased (donated) + temps."""
   ma = compiled.memory_analysis()
@@ -177,9 +188,9 @@ def _cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
-def save_json(name: str, payload: dict) -> str:
-  os.makedirs(RESULTS, exist_ok=True)
-  path = os.path.join(RESULTS, name)
+def save_json(name: str, payload: dict, results_dir: str = RESULTS) -> str:
+  os.makedirs(results_dir, exist_ok=True)
+  path = os.path.join(results_dir, name)
   with open(path, "w") as f:
     json.dump(payload, f, indent=2, default=float)
   return path

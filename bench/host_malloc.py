@@ -28,17 +28,10 @@ def _child(config_name: str, steps: int, malloc: str) -> dict:
 
   from bepa_jax import host_memory
   host_memory.configure(malloc)
-  import jax
-
   import harness
   config = harness.make_config(config_name)
   compiled, state, batch, mesh, _, mem = harness.build_jax_step(config)
-  holder = {"state": state}
-
-  def run():
-    with jax.set_mesh(mesh):
-      holder["state"], metrics = compiled(holder["state"], batch)
-    jax.block_until_ready(metrics)
+  run = harness.step_runner(compiled, state, batch, mesh)
 
   for _ in range(2):
     run()

@@ -18,8 +18,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-import jax  # noqa: E402
-
 from bepa_jax import host_memory  # noqa: E402
 
 OPTIONS = {
@@ -47,13 +45,7 @@ def main(argv=None):
   for name in names:
     cfg = harness.make_config(args.config, **OPTIONS[name])
     compiled, state, batch, mesh, compile_s, mem = harness.build_jax_step(cfg)
-    holder = {"state": state}
-
-    def run(c=compiled, h=holder, b=batch, m=mesh):
-      with jax.set_mesh(m):
-        h["state"], metrics = c(h["state"], b)
-      jax.block_until_ready(metrics)
-    fns[name] = run
+    fns[name] = harness.step_runner(compiled, state, batch, mesh)
     rows[name] = dict(overrides=OPTIONS[name], compile_s=compile_s, memory=mem)
     print(f"compiled {name}: {compile_s:.1f}s, peak {mem['peak_bytes'] / 2**20:.0f} MiB, "
           f"temps {mem['temp_size'] / 2**20:.0f} MiB", flush=True)

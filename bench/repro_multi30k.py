@@ -12,7 +12,6 @@ retrieval on the Multi30k 2016 test set (all 6 language pairs) and on Tatoeba de
 from __future__ import annotations
 
 import argparse
-import copy
 import gzip
 import json
 import logging

@@ -23,8 +23,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402  (sets up the repo path)
 
-import jax  # noqa: E402
-
 from bepa_jax import host_memory  # noqa: E402
 
 
@@ -41,14 +39,7 @@ def run_config(name: str, args, overrides: dict) -> dict:
   config = harness.make_config(name, **overrides)
   fl = harness.train_flops(config)
   compiled, state, batch, mesh, compile_s, mem = harness.build_jax_step(config)
-  holder = {"state": state}
-
-  def ours():
-    with jax.set_mesh(mesh):
-      holder["state"], metrics = compiled(holder["state"], batch)
-    jax.block_until_ready(metrics)
-
-  fns = {"ours": ours}
+  fns = {"ours": harness.step_runner(compiled, state, batch, mesh)}
   peak_fn, peak_flops = harness.jax_matmul(args.matmul_n)
   fns["xla_matmul"] = peak_fn
   workers = []
@@ -90,7 +81,6 @@ def run_config(name: str, args, overrides: dict) -> dict:
 
 
 def report(res: dict) -> None:
-  o = res["ours"]
   print(f"\n== {res['config']} {res['overrides'] or ''}: {res['flops_per_step'] / 1e9:.1f} GFLOP/step,"
         f" compile {res['compile_s']:.1f}s, peak memory {res['memory']['peak_bytes'] / 2**20:.0f} MiB"
         f" (temps {res['memory']['temp_size'] / 2**20:.0f} MiB)")
@@ -140,6 +130,7 @@ def main(argv=None):
   p.add_argument("--baseline", choices=("hf", "gathered", "both", "none"), default="both")
   p.add_argument("--matmul_n", type=int, default=2048)
   p.add_argument("--tag", default="", help="suffix of the JSON file name")
+  p.add_argument("--results_dir", default=harness.RESULTS, help="where the JSON and PNG go")
   p.add_argument("--host_malloc", choices=host_memory.MODES, default="auto",
                  help="ours: glibc settings of this process (bepa_jax/host_memory.py; auto = "
                       "what bepa-train does: retain on CPU)")
@@ -174,8 +165,8 @@ def main(argv=None):
     out["results"].append(res)
   out["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
   tag = args.tag or "_".join(names)
-  print("saved", harness.save_json(f"step_{tag}.json", out))
-  png = plot(out, os.path.join(harness.RESULTS, f"step_{tag}.png"))
+  print("saved", harness.save_json(f"step_{tag}.json", out, args.results_dir))
+  png = plot(out, os.path.join(args.results_dir, f"step_{tag}.png"))
   if png:
     print("saved", png)
 

@@ -182,6 +182,9 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   ckpt.install_preemption_handler()
   job = build(config, workdir, ckpt=ckpt)
   mesh, pipeline, state, step_fn = job.mesh, job.pipeline, job.state, job.step_fn
+  if host_memory.applied():  # set by main() before XLA started; logged once the job is valid
+    log.info("train.host_malloc=%s: glibc keeps freed host memory (no per-step page faults)",
+             config.train.get("host_malloc", "auto"))
   evaluator = periodic_eval.from_config(config, job.model, job.tokenizer, mesh)  # None: eval off
   steps = int(config.train.steps)
   writer = MetricWriter(workdir)
@@ -335,9 +338,6 @@ def main(argv=None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   if jax.process_index() != 0:
     log.setLevel(logging.WARNING)
-  if host_memory.applied():
-    log.info("train.host_malloc=%s: glibc keeps freed host memory (no per-step page faults)",
-             FLAGS.config.train.get("host_malloc", "auto"))
   try:
     train(FLAGS.config, FLAGS.workdir)
   except BepaError as e:

@@ -1,0 +1,36 @@
+"""bench/step.py end to end on the tiny config: our step and a PyTorch worker, interleaved."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None
+                    or importlib.util.find_spec("transformers") is None,
+                    reason="needs torch and transformers (the baseline)")
+def test_step_bench_runs_ours_and_a_torch_worker(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  r = subprocess.run([sys.executable, "bench/step.py", "--configs", "tiny", "--reps", "2",
+                      "--warmup", "1", "--baseline", "gathered", "--torch_malloc", "retain",
+                      "--matmul_n", "1024", "--results_dir", str(tmp_path), "--tag", "t"],
+                     capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.loads((tmp_path / "step_t.json").read_text())
+  assert (tmp_path / "step_t.png").stat().st_size > 0
+  res = out["results"][0]
+  assert out["host_malloc_applied"] is True  # auto on a CPU-only machine
+  assert set(res["times_s"]) == {"ours", "xla_matmul", "torch_gathered/retain", "torch_matmul"}
+  for k in ("ours", "torch_gathered/retain"):
+    assert len(res["times_s"][k]) == 2 and all(t > 0 for t in res["times_s"][k])
+    assert res[k]["tokens_per_s"] == pytest.approx(32 * 64 / res[k]["step_s"])
+    # MFU against the best matmul rate measured: a fraction, never above 1 by much
+    assert 0.0 < res[k]["mfu_vs_best_matmul"] <= res[k]["mfu"] < 1.5
+  assert res["ratio_vs_torch_gathered/retain"] == pytest.approx(
+      res["median_s"]["torch_gathered/retain"] / res["median_s"]["ours"])
+  assert "ours/this" in r.stdout
