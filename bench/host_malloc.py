@@ -17,7 +17,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SETTINGS = ("retain", "system")
 
 
 def _child(config_name: str, steps: int, malloc: str) -> dict:
@@ -60,7 +59,7 @@ def main(argv=None):
     return
   import harness
   rows = {}
-  for m in SETTINGS:
+  for m in ("retain", "system"):
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "--config", args.config,
                         "--steps", str(args.steps), "--child", m],
                        capture_output=True, text=True, check=True)

@@ -9,9 +9,10 @@ one step of ours, one of each PyTorch variant and one large matmul per framework
 is shared, so only ratios of interleaved medians are meaningful). Each PyTorch variant runs
 in a worker process of its own, once per host-allocator setting (--torch_malloc): glibc's
 defaults, as PyTorch users run it, and `retain`, the setting bepa-train applies on CPU
-(bepa_jax/host_memory.py), so that the ratio with the allocator held equal is printed too. MFU = analytic model FLOPs per
-step (bench/harness.train_flops) / step time / the XLA fp32 matmul FLOP/s measured here
-(and, stricter, / the best of the XLA and PyTorch matmul rates; peak = fastest repetition). Honours XLA_FLAGS.
+(bepa_jax/host_memory.py), so that the ratio with the allocator held equal is printed too.
+MFU = analytic model FLOPs per step (bench/harness.train_flops) / step time / the XLA fp32
+matmul FLOP/s measured here (and, stricter, / the best of the XLA and PyTorch matmul rates;
+peak = fastest repetition). Honours XLA_FLAGS.
 Results go to bench/results/step_<tag>.json.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402  (sets up the repo path)
+import torch_baseline  # noqa: E402  (torch itself is imported only in its worker processes)
 
 from bepa_jax import host_memory  # noqa: E402
 
@@ -44,7 +46,6 @@ def run_config(name: str, args, overrides: dict) -> dict:
   fns["xla_matmul"] = peak_fn
   workers = []
   if args.baseline != "none":
-    import torch_baseline
     variants = ["hf", "gathered"] if args.baseline == "both" else [args.baseline]
     for v in variants:
       for m in args.torch_malloc.split(","):
@@ -139,8 +140,8 @@ def main(argv=None):
                       "defaults, as PyTorch users run it) and/or retain (the same as ours)")
   args, rest = p.parse_known_args(argv)
   for m in args.torch_malloc.split(","):
-    if m not in ("system", "retain"):
-      p.error(f"--torch_malloc: {m!r} is not system or retain")
+    if m not in torch_baseline.MALLOC_SETTINGS:
+      p.error(f"--torch_malloc: {m!r} is not one of {', '.join(torch_baseline.MALLOC_SETTINGS)}")
   # Before anything starts XLA's threads: they keep the malloc arena they first use.
   host_memory.configure(args.host_malloc)
   overrides = {}

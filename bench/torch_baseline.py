@@ -97,6 +97,9 @@ def torch_matmul(n: int = 2048):
   return run, 2 * n ** 3
 
 
+MALLOC_SETTINGS = ("system", "retain")  # glibc defaults / bepa_jax.host_memory's "retain"
+
+
 class TorchWorker:
   """A PyTorch step in a child process: `worker()` runs one step there and returns its seconds."""
 
@@ -142,7 +145,7 @@ def _serve(argv=None):
   p.add_argument("--serve", action="store_true", required=True)
   p.add_argument("--config", required=True)
   p.add_argument("--variant", choices=("hf", "gathered"), required=True)
-  p.add_argument("--host_malloc", choices=("retain", "system"), required=True)
+  p.add_argument("--host_malloc", choices=MALLOC_SETTINGS, required=True)
   p.add_argument("--matmul_n", type=int, default=2048)
   p.add_argument("--overrides", default="{}")
   args = p.parse_args(argv)

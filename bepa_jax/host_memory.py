@@ -1,12 +1,12 @@
 """Host allocator settings for XLA:CPU: keep freed memory instead of handing it back to the OS.
 
-Why: XLA:CPU allocates each step's temporaries as one large buffer (825 MiB for the small
-bench config) with malloc and frees it at the end of the step. glibc serves allocations that
-large with a fresh mmap, so every step page-faults its whole working set back in: 210k minor
-faults and ~20% of the CPU time in the kernel per step on the small config. Telling glibc to
-serve big blocks from the heap, keep it (no trim) and use one arena makes every step after
-the first reuse the same pages: the small config's step goes from ~1050 ms to ~820 ms, with
-zero page faults (bench/step.py prints both). PyTorch in the same process gains the same way.
+Why: XLA:CPU allocates each step's temporaries (825 MiB for the small bench config) with
+malloc and frees them at the end of the step. glibc serves allocations that large with a fresh
+mmap, so every step page-faults its whole working set back in: 247k minor faults and 0.45 s of
+kernel CPU time per step on the small config. Telling glibc to serve big blocks from the heap,
+keep it (no trim) and use one arena makes every step after the first reuse the same pages:
+the small config's step goes from 1084 ms to 855 ms, with zero page faults
+(bench/host_malloc.py). PyTorch gains the same way (bench/step.py runs it both ways).
 
 It must run before XLA starts its thread pools (before the first JAX computation or
 `jax.devices()`): a thread keeps the malloc arena it first used. `bepa-train` calls
@@ -36,7 +36,7 @@ _M_ARENA_MAX = -8
 _ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
                         "jax_rocm7_plugin")
 
-_applied: str | None = None
+_applied = False
 
 
 def cpu_is_the_accelerator() -> bool:
@@ -63,7 +63,7 @@ def _glibc():
 
 def applied() -> bool:
   """Whether `configure` retuned glibc in this process."""
-  return _applied is not None
+  return _applied
 
 
 def configure(mode: str = "auto") -> bool:
@@ -86,5 +86,5 @@ def configure(mode: str = "auto") -> bool:
   ok = all(libc.mallopt(p, v) == 1 for p, v in ((_M_MMAP_MAX, 0),
                                                  (_M_TRIM_THRESHOLD, 2**31 - 1),
                                                  (_M_ARENA_MAX, 1)))
-  _applied = mode if ok else None
+  _applied = ok
   return ok

@@ -1,6 +1,6 @@
 """Tiny BEPA run on the bundled corpus, on CPU: the embedded default, unchanged.
 
-  bepa-train --config configs/quickstart.py --workdir /tmp/bepa-quickstart
+  bepa-train --config configs/quickstart.py --workdir workdirs/quickstart
 """
 from bepa_jax import default_config
 
