@@ -36,10 +36,10 @@ setup(
     entry_points={
         "console_scripts": [
             "bepa-train=bepa_jax.train:run",
-            "bepa-export=bepa_jax.export:run",
+            "bepa-export=bepa_jax.hf.export:run",
             "bepa-eval=bepa_jax.eval.cli:run",
-            "bepa-tokenizer=bepa_jax.tokenizer_cli:run",
-            "bepa-ckpt=bepa_jax.ckpt_cli:run",
+            "bepa-tokenizer=bepa_jax.data.tokenizer_cli:run",
+            "bepa-ckpt=bepa_jax.checkpoint.cli:run",
             "bepa-sweep=bepa_jax.sweep:run",
             "bepa-transfer=bepa_jax.finetune.cli:run",
         ],

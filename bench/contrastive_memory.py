@@ -23,7 +23,7 @@ import harness  # noqa: E402
 import jax  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from bepa_jax import chunked, objective  # noqa: E402
+from bepa_jax.objective import chunked, plain as objective  # noqa: E402
 
 
 def compiled_bytes(fn, B, D, mesh=None):

@@ -127,7 +127,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
 
 
 def _validate_loss_options(loss) -> None:
-  from bepa_jax import contrastive  # local: config.py stays importable without jax
+  from bepa_jax.objective import infonce as contrastive  # local: config.py stays importable without jax
   get = loss.get
   for key, choices in (("symmetric", contrastive.SYMMETRIC), ("negatives", contrastive.NEGATIVES)):
     if str(get(key, choices[0])) not in choices:

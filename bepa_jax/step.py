@@ -16,101 +16,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bepa_jax import chunked
-from bepa_jax import contrastive
-from bepa_jax import gradcache
-from bepa_jax import heads
+from bepa_jax.objective import gradcache
+from bepa_jax.objective import heads
 from bepa_jax import mesh as mesh_lib
-from bepa_jax import objective
+from bepa_jax.objective.loss import Objective, make_loss_fn  # noqa: F401
 
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "mlm_positions", "mlm_ids",
               "mlm_weights")
-
-
-class Objective:
-  """The BEPA loss in the pieces GradCache needs: encode -> [CLS] -> contrastive on [CLS].
-
-  With every loss option at its default this is exactly objective.sharded_infonce on the
-  encoder's [CLS]; options (contrastive.Options, heads.py) only add to that path.
-  """
-
-  def __init__(self, model, loss_cfg, mesh, head=None):
-    self.model, self.loss_cfg, self.mesh, self.head = model, loss_cfg, mesh, head
-    self.weight = float(loss_cfg.weight)
-    self.temperature = float(loss_cfg.temperature)
-    self.opts = contrastive.Options.from_config(loss_cfg)
-    self.plain = head is None and self.opts.is_default and not heads.uses_ema(loss_cfg)
-
-  def encode(self, params, batch, rng, with_mlm: bool = True):
-    """-> ([CLS] [B, 2, H], (MLM ce sum, correct, count) or None). Both sides as one [2B] batch."""
-    B = batch["input_ids"].shape[0]
-    flat = lambda a: a.reshape((2 * B,) + a.shape[2:])
-    out = self.model.apply({"params": heads.encoder_params(params)}, flat(batch["input_ids"]),
-                           flat(batch["token_type_ids"]), flat(batch["attention_mask"]),
-                           flat(batch["mlm_positions"]) if with_mlm else None,
-                           deterministic=False, rngs={"dropout": rng})
-    mlm = None
-    if with_mlm:
-      mlm = objective.mlm_loss(out["mlm_logits"], flat(batch["mlm_ids"]),
-                               flat(batch["mlm_weights"]))
-    return out["cls"].reshape(B, 2, -1), mlm
-
-  def target(self, ema_params, batch):
-    """Projected [CLS] [B, 2, D] of the EMA target encoder (no dropout, no gradient)."""
-    ema_params = jax.lax.stop_gradient(ema_params)
-    B = batch["input_ids"].shape[0]
-    flat = lambda a: a.reshape((2 * B,) + a.shape[2:])
-    out = self.model.apply({"params": heads.encoder_params(ema_params)}, flat(batch["input_ids"]),
-                           flat(batch["token_type_ids"]), flat(batch["attention_mask"]),
-                           deterministic=True)
-    z = out["cls"]
-    if self.head is not None and self.head.projector:
-      proj = heads.head_params(ema_params)["proj"]
-      z = heads.MLP(self.head.projector).apply({"params": proj}, z)
-    return jax.lax.stop_gradient(z.reshape(B, 2, -1))
-
-  def contrastive(self, params, cls, target, batch):
-    """Metrics dict (contrastive_loss, accuracies, cosines[, temperature]) from [CLS] [B, 2, H]."""
-    zx, zy = cls[:, 0], cls[:, 1]
-    if self.weight == 0.0:  # pure MLM; the contrastive numbers are still logged
-      zx, zy = jax.lax.stop_gradient(zx), jax.lax.stop_gradient(zy)
-    if self.plain:
-      chunk = int(self.loss_cfg.get("contrastive_chunk", 0))
-      if chunk:  # streaming log-sum-exp: b x chunk logits per device instead of b x B
-        return chunked.chunked_infonce(zx, zy, self.temperature, self.mesh, chunk)
-      return objective.sharded_infonce(zx, zy, self.temperature, self.mesh)
-    hp = heads.head_params(params)
-    tau = heads.temperature(self.head, hp, self.loss_cfg)
-    cx = cy = None
-    if self.head is not None:
-      apply = lambda method, z: self.head.apply({"params": hp}, z, method=method)
-      zx, zy = (apply(heads.ContrastiveHead.project, z) for z in (zx, zy))
-      if self.head.predictor:  # the predictor maps context to target: anchors only
-        cx, cy = zx, zy
-        zx, zy = (apply(heads.ContrastiveHead.predict, z) for z in (zx, zy))
-    if target is not None:
-      cx, cy = target[:, 0], target[:, 1]
-    con = contrastive.sharded_contrastive(zx, zy, tau, self.mesh, self.opts, cx, cy,
-                                          batch.get("text_hash"))
-    if not isinstance(tau, float):
-      con["temperature"] = tau
-    return con
-
-  def combine(self, ce, correct, count, con):
-    count = jnp.maximum(count, 1.0)
-    mlm = ce / count
-    loss = mlm + self.weight * con["contrastive_loss"] if self.weight else mlm
-    return loss, {"loss": loss, "mlm_loss": mlm, "mlm_accuracy": correct / count, **con}
-
-  def loss_fn(self, params, batch, rng, ema_params=None):
-    cls, (ce, correct, count) = self.encode(params, batch, rng)
-    target = None if ema_params is None else self.target(ema_params, batch)
-    return self.combine(ce, correct, count, self.contrastive(params, cls, target, batch))
-
-
-def make_loss_fn(model, loss_cfg, mesh, head=None):
-  """`loss_fn(params, batch, rng, ema_params=None) -> (loss, metrics)`."""
-  return Objective(model, loss_cfg, mesh, head).loss_fn
 
 
 def _microbatches(batch, k: int, mesh):

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bepa_jax import checkpoint as ckpt_lib
+from bepa_jax.checkpoint import manager as ckpt_lib
 from bepa_jax import config as config_lib
-from bepa_jax import heads as heads_lib
-from bepa_jax import hf_init
+from bepa_jax.objective import heads as heads_lib
+from bepa_jax.hf import init as hf_init
 from bepa_jax import distributed
 from bepa_jax import host_memory
 from bepa_jax import mesh as mesh_lib

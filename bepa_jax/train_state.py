@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bepa_jax import heads as heads_lib
+from bepa_jax.objective import heads as heads_lib
 from bepa_jax import mesh as mesh_lib
 
 

@@ -161,7 +161,8 @@ def test_restore_onto_another_mesh_continues_with_the_same_loss(ctx, tmp_path):
 
 def test_incomplete_and_truncated_checkpoints_are_skipped(ctx, tmp_path, caplog):
   """A crash mid-save (tmp dir) and a truncated copy of step 8: resume from 6, with warnings."""
-  from bepa_jax import checkpoint, train
+  from bepa_jax import train
+  from bepa_jax.checkpoint import manager as checkpoint
   wd = _copy(ctx, tmp_path)
   shutil.copytree(wd / "checkpoints" / "8", wd / "checkpoints" / "10.orbax-checkpoint-tmp-1")
   for root, _, files in os.walk(wd / "checkpoints" / "8" / "state"):
@@ -220,7 +221,7 @@ def test_config_conflict_is_refused(ctx, tmp_path):
 
 def test_bepa_ckpt_list_and_show(ctx):
   env = _env(ctx["cache"])
-  cli = [sys.executable, "-m", "bepa_jax.ckpt_cli"]
+  cli = [sys.executable, "-m", "bepa_jax.checkpoint.cli"]
   r = subprocess.run(cli + ["list", str(ctx["ref"])], capture_output=True, text=True, env=env)
   assert r.returncode == 0, r.stderr
   rows = [l.split() for l in r.stdout.splitlines()[1:]]
@@ -247,7 +248,8 @@ def test_every_minutes_and_keep_best(tmp_path):
   import time
   import jax.numpy as jnp
   import optax
-  from bepa_jax import checkpoint, train_state
+  from bepa_jax import train_state
+  from bepa_jax.checkpoint import manager as checkpoint
   cfg = tiny_config(**{"checkpoint.every_steps": 0, "checkpoint.every_minutes": 1 / 60,
                        "checkpoint.keep": 1, "checkpoint.keep_best_metric": "loss",
                        "checkpoint.async_save": False})

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from bepa_jax import chunked, objective
+from bepa_jax.objective import chunked, plain as objective
 from bepa_jax.errors import ConfigError
 
 

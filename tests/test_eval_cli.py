@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from bepa_jax import hf, train
+from bepa_jax import train
+from bepa_jax.hf import convert as hf
 from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data.tokenizer import SentencePieceTokenizer
 from bepa_jax.eval import cli, embed

@@ -10,7 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from bepa_jax import export, train  # noqa: E402
+from bepa_jax import train  # noqa: E402
+from bepa_jax.hf import export  # noqa: E402
 from bepa_jax.eval import loading  # noqa: E402
 from bepa_jax.model import BepaEncoder  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
@@ -71,11 +72,11 @@ def test_export_refuses_to_overwrite_and_names_missing_step(trained, tmp_path):
   out.mkdir()
   (out / "keep.txt").write_text("precious")
   env = dict(os.environ, PYTHONPATH=REPO)
-  r = subprocess.run([sys.executable, "-m", "bepa_jax.export", "--workdir", wd, "--out", str(out)],
+  r = subprocess.run([sys.executable, "-m", "bepa_jax.hf.export", "--workdir", wd, "--out", str(out)],
                      capture_output=True, text=True, env=env)
   assert r.returncode == 2 and "refusing to overwrite" in r.stderr
   assert (out / "keep.txt").read_text() == "precious"
-  r = subprocess.run([sys.executable, "-m", "bepa_jax.export", "--workdir", wd, "--step", "77",
+  r = subprocess.run([sys.executable, "-m", "bepa_jax.hf.export", "--workdir", wd, "--step", "77",
                       "--out", str(tmp_path / "new")], capture_output=True, text=True, env=env)
   assert r.returncode == 2 and "no checkpoint at step 77" in r.stderr, r.stderr
   assert not (tmp_path / "new").exists()

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from bepa_jax import contrastive, gradcache, heads
+from bepa_jax.objective import gradcache, heads, infonce as contrastive
 from bepa_jax import mesh as mesh_lib
 from bepa_jax import step as step_lib
 from bepa_jax import train

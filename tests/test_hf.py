@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import meta
 
-from bepa_jax import hf
+from bepa_jax.hf import convert as hf
 from bepa_jax.model import BepaEncoder, EncoderConfig
 
 # (family, hidden, layers, heads, intermediate, vocab, max_positions, type_vocab)

@@ -10,7 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from bepa_jax import export, hf, train  # noqa: E402
+from bepa_jax import train  # noqa: E402
+from bepa_jax.hf import convert as hf, export  # noqa: E402
 from bepa_jax.data import corpus as corpus_lib, tokenizer as tokenizer_lib  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402

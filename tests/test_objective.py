@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from bepa_jax import objective
+from bepa_jax.objective import plain as objective
 
 
 def _mesh(shape):

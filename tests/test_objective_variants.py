@@ -6,8 +6,9 @@ import pytest
 from jax.sharding import AxisType
 
 from bepa_jax import config as config_lib
-from bepa_jax import contrastive, heads, objective, step as step_lib, train
-from bepa_jax.contrastive import Options
+from bepa_jax import step as step_lib, train
+from bepa_jax.objective import heads, infonce as contrastive, plain as objective
+from bepa_jax.objective.infonce import Options
 from tests.helpers import devices, tiny_config
 
 

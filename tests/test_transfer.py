@@ -13,7 +13,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from bepa_jax import hf
+from bepa_jax.hf import convert as hf
 from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from bepa_jax.eval import loading

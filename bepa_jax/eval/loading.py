@@ -154,7 +154,7 @@ def load_workdir(workdir: str, tokenizer_path: str | None = None) -> Loaded:
   model_cfg = EncoderConfig.from_config(config.model, vocab_size=tokenizer.vocab_size)
   params = None
   try:
-    from bepa_jax import checkpoint as ckpt_lib  # written alongside; optional here
+    from bepa_jax.checkpoint import manager as ckpt_lib  # written alongside; optional here
     if hasattr(ckpt_lib, "load_params"):
       params = ckpt_lib.load_params(workdir)
   except ImportError:
@@ -166,7 +166,7 @@ def load_workdir(workdir: str, tokenizer_path: str | None = None) -> Loaded:
 
 
 def load_hf_dir(hf_dir: str, tokenizer_path: str | None = None) -> Loaded:
-  from bepa_jax import hf
+  from bepa_jax.hf import convert as hf
   try:
     model_cfg, params = hf.load_hf(hf_dir)
   except ValueError as e:  # HFFormatError: one line naming the file

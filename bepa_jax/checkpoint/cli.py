@@ -87,7 +87,7 @@ def cmd_show(ckpt, step: int | None, out) -> int:
   meta = _meta(ckpt, step)
   if "error" in meta:
     raise ValueError(f"checkpoint {step} metadata cannot be read: {meta['error']}")
-  from bepa_jax.checkpoint import config_value
+  from bepa_jax.checkpoint.manager import config_value
   n = _param_count(ckpt, step)
   n = meta.get("num_params") if n is None else n
   print(f"checkpoint  {ckpt.directory / str(step)}", file=out)
@@ -121,7 +121,7 @@ def main(argv=None, out=None) -> int:
   import logging
   logging.getLogger("absl").setLevel(logging.ERROR)
   from etils import epath
-  from bepa_jax import checkpoint
+  from bepa_jax.checkpoint import manager as checkpoint
   if not epath.Path(args.workdir).exists():
     parser.exit(2, f"{PROG}: error: {args.workdir} does not exist\n")
   try:

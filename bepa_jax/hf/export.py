@@ -65,7 +65,7 @@ def export_tokenizer(config, workdir: str, out_dir: str) -> None:
 
 def load_workdir_params(workdir: str, step: int | None = None):
   """(config, EncoderConfig, numpy params) of checkpoint `step` (default: the latest)."""
-  from bepa_jax import checkpoint as ckpt_lib
+  from bepa_jax.checkpoint import manager as ckpt_lib
   from bepa_jax.eval import loading
   from bepa_jax.model import EncoderConfig
   config = loading.read_workdir_config(workdir)
@@ -88,7 +88,7 @@ def _tokenizer_vocab(config, workdir):
 
 
 def export(workdir: str, out_dir: str, step: int | None = None) -> str:
-  from bepa_jax import hf
+  from bepa_jax.hf import convert as hf
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     raise InputError(f"{out_dir}: exists and is not empty; refusing to overwrite")
   config, model_cfg, params, step = load_workdir_params(workdir, step)

@@ -25,7 +25,7 @@ def _hf_error(e: Exception) -> InputError:
 
 def apply_to_config(config) -> None:
   """Overwrites the model-shape keys of `config.model` with those of init.hf_dir/config.json."""
-  from bepa_jax import hf
+  from bepa_jax.hf import convert as hf
   hf_dir = str(config.init.hf_dir)
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(path):
@@ -53,7 +53,7 @@ def load_tokenizer(hf_dir: str):
 
 def load_params(config, model_cfg):
   """HF weights as a plain numpy tree laid out for `model_cfg` (stacked when scan_layers)."""
-  from bepa_jax import hf
+  from bepa_jax.hf import convert as hf
   try:
     hf_cfg, params = hf.load_hf(str(config.init.hf_dir), allow_pickle=bool(config.init.allow_pickle))
   except (ValueError, KeyError) as e:

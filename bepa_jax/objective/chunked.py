@@ -18,7 +18,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bepa_jax.errors import ConfigError
-from bepa_jax.objective import BATCH_AXES, l2_normalize
+from bepa_jax.objective.plain import BATCH_AXES, l2_normalize
 
 METRICS = ("contrastive_loss", "acc_x2y", "acc_y2x", "pos_cos", "neg_cos")
 

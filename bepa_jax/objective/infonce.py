@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bepa_jax.objective import BATCH_AXES, l2_normalize
+from bepa_jax.objective.plain import BATCH_AXES, l2_normalize
 
 SYMMETRIC = ("mean", "sum", "x2y", "y2x")
 NEGATIVES = ("global", "local", "global_stopgrad")
