@@ -230,6 +230,16 @@ class MLMHead(nn.Module):
     return logits.astype(jnp.float32) + bias
 
 
+# The top-level keys of BepaEncoder's own parameter tree. A train state's params may hold more
+# (`bepa_head`, the contrastive head's parameters); HF export and evaluation read only these.
+ENCODER_KEYS = ("embeddings", "encoder", "mlm_head")
+
+
+def encoder_params(params) -> dict:
+  """The encoder's own subtree of `params` (what `BepaEncoder.apply` and HF export take)."""
+  return {k: params[k] for k in ENCODER_KEYS if k in params}
+
+
 class BepaEncoder(nn.Module):
   """Encoder + MLM head. Outputs hidden states, the last-layer [CLS] and masked-position logits."""
   cfg: EncoderConfig
