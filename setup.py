@@ -1,52 +1,60 @@
 """bepa-jax: BERT-JEPA (BEPA) pretraining of BERT / XLM-R encoders in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 setup(
-    name="bepa-jax",
-    version="0.1.0",
-    description="BEPA (BERT-JEPA): MLM + global-batch InfoNCE pretraining of multilingual "
-                "encoders in JAX/Flax, from a laptop CPU to TPU pods.",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    license="Apache-2.0",
-    python_requires=">=3.10",
-    packages=find_packages(include=["bepa_jax", "bepa_jax.*"]),
-    package_data={"bepa_jax": ["resources/*.tsv", "resources/*.md"]},
-    install_requires=[
-        "jax>=0.9",
-        "flax>=0.12",
-        "optax>=0.2.4",
-        "orbax-checkpoint>=0.11",
-        "ml_collections>=1.0",
-        "absl-py",
-        "sentencepiece>=0.2",
-        "numpy>=1.26",
-        "tensorboardX>=2.6",
-        "pyyaml",
+  name="bepa-jax",
+  version="0.1.0",
+  description="BEPA (BERT-JEPA): MLM + global-batch InfoNCE pretraining of multilingual "
+  "encoders in JAX/Flax, from a laptop CPU to TPU pods.",
+  long_description=open("README.md", encoding="utf-8").read(),
+  long_description_content_type="text/markdown",
+  license="Apache-2.0",
+  python_requires=">=3.10",
+  packages=find_packages(include=["bepa_jax", "bepa_jax.*"]),
+  package_data={"bepa_jax": ["resources/*.tsv", "resources/*.md"]},
+  install_requires=[
+    "jax>=0.9",
+    "flax>=0.12",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "ml_collections>=1.0",
+    "absl-py",
+    "sentencepiece>=0.2",
+    "numpy>=1.26",
+    "tensorboardX>=2.6",
+    "pyyaml",
+  ],
+  extras_require={
+    "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
+    "tfds": ["tensorflow-datasets", "array_record"],
+    "plots": ["matplotlib", "scikit-learn"],
+    "gcs": ["gcsfs"],  # gs:// workdirs: etils.epath's file operations (arrays use TensorStore)
+    "bench": ["torch==2.13.0", "transformers>=4.45", "matplotlib"],  # bench/step.py baseline
+    "test": [
+      "pytest",
+      "pytest-xdist",
+      "matplotlib",
+      "scikit-learn",
+      "pyyaml",
+      "tensorflow-datasets",
+      "array_record",
     ],
-    extras_require={
-        "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
-        "tfds": ["tensorflow-datasets", "array_record"],
-        "plots": ["matplotlib", "scikit-learn"],
-        "gcs": ["gcsfs"],  # gs:// workdirs: etils.epath's file operations (arrays use TensorStore)
-        "bench": ["torch==2.13.0", "transformers>=4.45", "matplotlib"],  # bench/step.py baseline
-        "test": ["pytest", "pytest-xdist", "matplotlib", "scikit-learn", "pyyaml",
-                 "tensorflow-datasets", "array_record"],
-    },
-    entry_points={
-        "console_scripts": [
-            "bepa-train=bepa_jax.train:run",
-            "bepa-export=bepa_jax.hf.export:run",
-            "bepa-eval=bepa_jax.eval.cli:run",
-            "bepa-tokenizer=bepa_jax.data.tokenizer_cli:run",
-            "bepa-ckpt=bepa_jax.checkpoint.cli:run",
-            "bepa-sweep=bepa_jax.sweep:run",
-            "bepa-transfer=bepa_jax.finetune.cli:run",
-        ],
-    },
-    classifiers=[
-        "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: Apache Software License",
-        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+  },
+  entry_points={
+    "console_scripts": [
+      "bepa-train=bepa_jax.train:run",
+      "bepa-export=bepa_jax.hf.export:run",
+      "bepa-eval=bepa_jax.eval.cli:run",
+      "bepa-tokenizer=bepa_jax.data.tokenizer_cli:run",
+      "bepa-ckpt=bepa_jax.checkpoint.cli:run",
+      "bepa-sweep=bepa_jax.sweep:run",
+      "bepa-transfer=bepa_jax.finetune.cli:run",
     ],
+  },
+  classifiers=[
+    "Programming Language :: Python :: 3",
+    "License :: OSI Approved :: Apache Software License",
+    "Topic :: Scientific/Engineering :: Artificial Intelligence",
+  ],
 )

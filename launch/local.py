@@ -38,267 +38,286 @@ _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+  """A TCP port that was free a moment ago on ``host``."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    sock.bind((host, 0))
+    return sock.getsockname()[1]
 
 
 def _xla_flags(existing: str | None, devices_per_process: int) -> str:
-    """Existing XLA_FLAGS with the host device count replaced by ours."""
-    kept = [f for f in shlex.split(existing or "") if not f.startswith(_DEVICE_COUNT_FLAG)]
-    kept.append(f"{_DEVICE_COUNT_FLAG}={devices_per_process}")
-    return " ".join(kept)
+  """Existing XLA_FLAGS with the host device count replaced by ours."""
+  kept = [f for f in shlex.split(existing or "") if not f.startswith(_DEVICE_COUNT_FLAG)]
+  kept.append(f"{_DEVICE_COUNT_FLAG}={devices_per_process}")
+  return " ".join(kept)
 
 
 def worker_env(
-    process_id: int,
-    num_processes: int,
-    devices_per_process: int,
-    port: int,
-    base: Mapping[str, str] | None = None,
-    extra: Mapping[str, str] | None = None,
+  process_id: int,
+  num_processes: int,
+  devices_per_process: int,
+  port: int,
+  base: Mapping[str, str] | None = None,
+  extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The environment of worker ``process_id``."""
-    env = dict(os.environ if base is None else base)
-    if extra:
-        env.update(extra)
-    env.update(
-        BEPA_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-        BEPA_NUM_PROCESSES=str(num_processes),
-        BEPA_PROCESS_ID=str(process_id),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=_xla_flags(env.get("XLA_FLAGS"), devices_per_process),
-        PYTHONUNBUFFERED="1",
-    )
-    # Let `python -m bepa_jax...` work from a checkout without installing it.
-    path = env.get("PYTHONPATH", "")
-    if REPO_ROOT not in path.split(os.pathsep):
-        env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + path if path else "")
-    return env
+  """The environment of worker ``process_id``."""
+  env = dict(os.environ if base is None else base)
+  if extra:
+    env.update(extra)
+  env.update(
+    BEPA_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+    BEPA_NUM_PROCESSES=str(num_processes),
+    BEPA_PROCESS_ID=str(process_id),
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=_xla_flags(env.get("XLA_FLAGS"), devices_per_process),
+    PYTHONUNBUFFERED="1",
+  )
+  # Let `python -m bepa_jax...` work from a checkout without installing it.
+  path = env.get("PYTHONPATH", "")
+  if REPO_ROOT not in path.split(os.pathsep):
+    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + path if path else "")
+  return env
 
 
 def _tail(path: str, n: int) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read()
-    except OSError:
-        return []
-    return data.decode("utf-8", "replace").splitlines()[-n:]
+  try:
+    with open(path, "rb") as f:
+      f.seek(0, os.SEEK_END)
+      size = f.tell()
+      f.seek(max(0, size - 64 * 1024))
+      data = f.read()
+  except OSError:
+    return []
+  return data.decode("utf-8", "replace").splitlines()[-n:]
 
 
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # each worker leads its own session / group
-    except (ProcessLookupError, PermissionError):
-        pass
+  try:
+    os.killpg(proc.pid, sig)  # each worker leads its own session / group
+  except (ProcessLookupError, PermissionError):
+    pass
 
 
 def _tee(pipe, log_file, stream: TextIO) -> None:
-    """Copy worker 0's output to its log file and to the console."""
-    for chunk in iter(lambda: pipe.read1(65536), b""):
-        try:
-            log_file.write(chunk)
-            log_file.flush()
-        except ValueError:  # log closed by the launcher while exiting
-            break
-        try:
-            stream.write(chunk.decode("utf-8", "replace"))
-            stream.flush()
-        except (ValueError, OSError):  # console closed: keep logging
-            pass
-    pipe.close()
+  """Copy worker 0's output to its log file and to the console."""
+  for chunk in iter(lambda: pipe.read1(65536), b""):
+    try:
+      log_file.write(chunk)
+      log_file.flush()
+    except ValueError:  # log closed by the launcher while exiting
+      break
+    try:
+      stream.write(chunk.decode("utf-8", "replace"))
+      stream.flush()
+    except (ValueError, OSError):  # console closed: keep logging
+      pass
+  pipe.close()
 
 
 def _exit_code(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode
+  return 128 - returncode if returncode < 0 else returncode
 
 
 def run_local(
-    command: Sequence[str],
-    num_processes: int = 2,
-    devices_per_process: int = 1,
-    port: int | None = None,
-    log_dir: str | None = None,
-    env: Mapping[str, str] | None = None,
-    grace_s: float = 3.0,
-    timeout_s: float | None = None,
-    tail_lines: int = 20,
-    stream: TextIO | None = None,
-    cwd: str | None = None,
+  command: Sequence[str],
+  num_processes: int = 2,
+  devices_per_process: int = 1,
+  port: int | None = None,
+  log_dir: str | None = None,
+  env: Mapping[str, str] | None = None,
+  grace_s: float = 3.0,
+  timeout_s: float | None = None,
+  tail_lines: int = 20,
+  stream: TextIO | None = None,
+  cwd: str | None = None,
 ) -> int:
-    """Run ``command`` as ``num_processes`` local workers; return the exit code.
+  """Run ``command`` as ``num_processes`` local workers; return the exit code.
 
-    0 when every worker exits 0; otherwise the first failing worker's exit code
-    (128+signal for a signal, 1 if that would be 0), 124 when ``timeout_s``
-    passes first, 130 on Ctrl-C.
-    ``env`` adds variables to every worker's environment.
-    """
-    if not command:
-        raise ValueError("no command to run")
-    if shutil.which(command[0]) is None and not os.path.isfile(command[0]):
-        raise FileNotFoundError(f"command not found: {command[0]} (is the project installed in "
-                                f"this environment? `pip install -e .`)")
-    if num_processes < 1:
-        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
-    if devices_per_process < 1:
-        raise ValueError(f"devices_per_process must be >= 1, got {devices_per_process}")
-    stream = sys.stdout if stream is None else stream
-    port = free_port() if port is None else port
-    log_dir = log_dir or tempfile.mkdtemp(prefix="bepa-local-")
-    os.makedirs(log_dir, exist_ok=True)
-
-    def say(msg: str) -> None:
-        stream.write(f"[local] {msg}\n")
-        stream.flush()
-
-    say(
-        f"{num_processes} worker(s) x {devices_per_process} CPU device(s), coordinator "
-        f"127.0.0.1:{port}, logs in {log_dir}: {shlex.join(command)}"
+  0 when every worker exits 0; otherwise the first failing worker's exit code
+  (128+signal for a signal, 1 if that would be 0), 124 when ``timeout_s``
+  passes first, 130 on Ctrl-C.
+  ``env`` adds variables to every worker's environment.
+  """
+  if not command:
+    raise ValueError("no command to run")
+  if shutil.which(command[0]) is None and not os.path.isfile(command[0]):
+    raise FileNotFoundError(
+      f"command not found: {command[0]} (is the project installed in "
+      f"this environment? `pip install -e .`)"
     )
-    procs: list[subprocess.Popen] = []
-    logs: list[str] = []
-    files = []
-    tee_thread = None
-    try:
-        for k in range(num_processes):
-            path = os.path.join(log_dir, f"worker_{k}.log")
-            log_file = open(path, "wb")
-            files.append(log_file)
-            logs.append(path)
-            proc = subprocess.Popen(
-                list(command),
-                env=worker_env(k, num_processes, devices_per_process, port, extra=env),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if k == 0 else log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=cwd,
-            )
-            procs.append(proc)
-            if k == 0:
-                tee_thread = threading.Thread(
-                    target=_tee, args=(proc.stdout, log_file, stream), daemon=True
-                )
-                tee_thread.start()
+  if num_processes < 1:
+    raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+  if devices_per_process < 1:
+    raise ValueError(f"devices_per_process must be >= 1, got {devices_per_process}")
+  stream = sys.stdout if stream is None else stream
+  port = free_port() if port is None else port
+  log_dir = log_dir or tempfile.mkdtemp(prefix="bepa-local-")
+  os.makedirs(log_dir, exist_ok=True)
 
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        failed: int | None = None
-        while True:
-            codes = [p.poll() for p in procs]
-            if failed is None:
-                failed = next((k for k, c in enumerate(codes) if c not in (None, 0)), None)
-                if failed is not None:
-                    kill_at = time.monotonic() + grace_s
-            if all(c is not None for c in codes):
-                break
-            if failed is not None and time.monotonic() >= kill_at:
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                say(f"timeout after {timeout_s:g}s, stopping all workers")
-                _stop(procs)
-                _join(tee_thread)
-                return 124
-            time.sleep(0.05)
+  def say(msg: str) -> None:
+    stream.write(f"[local] {msg}\n")
+    stream.flush()
 
-        if failed is None:
-            _join(tee_thread)
-            say("all workers finished successfully")
-            return 0
+  say(
+    f"{num_processes} worker(s) x {devices_per_process} CPU device(s), coordinator "
+    f"127.0.0.1:{port}, logs in {log_dir}: {shlex.join(command)}"
+  )
+  procs: list[subprocess.Popen] = []
+  logs: list[str] = []
+  files = []
+  tee_thread = None
+  try:
+    for k in range(num_processes):
+      path = os.path.join(log_dir, f"worker_{k}.log")
+      log_file = open(path, "wb")
+      files.append(log_file)
+      logs.append(path)
+      proc = subprocess.Popen(
+        list(command),
+        env=worker_env(k, num_processes, devices_per_process, port, extra=env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if k == 0 else log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=cwd,
+      )
+      procs.append(proc)
+      if k == 0:
+        tee_thread = threading.Thread(
+          target=_tee, args=(proc.stdout, log_file, stream), daemon=True
+        )
+        tee_thread.start()
 
-        still_running = [k for k, p in enumerate(procs) if p.poll() is None]
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    failed: int | None = None
+    while True:
+      codes = [p.poll() for p in procs]
+      if failed is None:
+        failed = next((k for k, c in enumerate(codes) if c not in (None, 0)), None)
+        if failed is not None:
+          kill_at = time.monotonic() + grace_s
+      if all(c is not None for c in codes):
+        break
+      if failed is not None and time.monotonic() >= kill_at:
+        break
+      if deadline is not None and time.monotonic() >= deadline:
+        say(f"timeout after {timeout_s:g}s, stopping all workers")
         _stop(procs)
         _join(tee_thread)
-        code = _exit_code(procs[failed].returncode)
-        lines = [
-            f"worker {failed} failed with exit code {procs[failed].returncode}"
-            + (f"; killed worker(s) {', '.join(map(str, still_running))}" if still_running else ""),
-            f"last {tail_lines} lines of {logs[failed]}:",
-        ]
-        lines += ["  | " + line for line in _tail(logs[failed], tail_lines)]
-        say("\n".join(lines))
-        return code or 1
-    except KeyboardInterrupt:
-        say("interrupted, stopping all workers")
-        _stop(procs)
-        return 130
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                _kill_group(p, signal.SIGKILL)
-        for f in files:
-            f.close()
+        return 124
+      time.sleep(0.05)
+
+    if failed is None:
+      _join(tee_thread)
+      say("all workers finished successfully")
+      return 0
+
+    still_running = [k for k, p in enumerate(procs) if p.poll() is None]
+    _stop(procs)
+    _join(tee_thread)
+    code = _exit_code(procs[failed].returncode)
+    lines = [
+      f"worker {failed} failed with exit code {procs[failed].returncode}"
+      + (f"; killed worker(s) {', '.join(map(str, still_running))}" if still_running else ""),
+      f"last {tail_lines} lines of {logs[failed]}:",
+    ]
+    lines += ["  | " + line for line in _tail(logs[failed], tail_lines)]
+    say("\n".join(lines))
+    return code or 1
+  except KeyboardInterrupt:
+    say("interrupted, stopping all workers")
+    _stop(procs)
+    return 130
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        _kill_group(p, signal.SIGKILL)
+    for f in files:
+      f.close()
 
 
 def _stop(procs: list[subprocess.Popen], wait_s: float = 5.0) -> None:
-    """SIGTERM every worker's process group, SIGKILL what is left after ``wait_s``."""
-    for p in procs:
-        _kill_group(p, signal.SIGTERM)
-    end = time.monotonic() + wait_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for p in procs:
-        _kill_group(p, signal.SIGKILL)  # stragglers, and children of exited workers
-        if p.poll() is None:
-            p.wait()
+  """SIGTERM every worker's process group, SIGKILL what is left after ``wait_s``."""
+  for p in procs:
+    _kill_group(p, signal.SIGTERM)
+  end = time.monotonic() + wait_s
+  for p in procs:
+    try:
+      p.wait(timeout=max(0.0, end - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      pass
+  for p in procs:
+    _kill_group(p, signal.SIGKILL)  # stragglers, and children of exited workers
+    if p.poll() is None:
+      p.wait()
 
 
 def _join(thread: threading.Thread | None) -> None:
-    if thread is not None:
-        thread.join(timeout=5)
+  if thread is not None:
+    thread.join(timeout=5)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" in argv:
-        split = argv.index("--")
-        argv, command = argv[:split], argv[split + 1:]
-    else:
-        command = []
-    parser = argparse.ArgumentParser(
-        prog="launch/local.py",
-        description="Run N local CPU processes of a JAX program: ... [options] -- COMMAND ...",
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--" in argv:
+    split = argv.index("--")
+    argv, command = argv[:split], argv[split + 1 :]
+  else:
+    command = []
+  parser = argparse.ArgumentParser(
+    prog="launch/local.py",
+    description="Run N local CPU processes of a JAX program: ... [options] -- COMMAND ...",
+  )
+  parser.add_argument("--num_processes", "--num-processes", type=int, default=2)
+  parser.add_argument("--devices_per_process", "--devices-per-process", type=int, default=1)
+  parser.add_argument(
+    "--port", type=int, default=None, help="coordinator port (default: a free one)"
+  )
+  parser.add_argument("--log_dir", "--log-dir", default=None, help="default: a new temp dir")
+  parser.add_argument(
+    "--grace_s",
+    "--grace-s",
+    type=float,
+    default=3.0,
+    help="seconds the other workers get after one fails",
+  )
+  parser.add_argument(
+    "--timeout_s",
+    "--timeout-s",
+    type=float,
+    default=None,
+    help="stop everything after this many seconds",
+  )
+  parser.add_argument(
+    "--env",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="extra environment variable for every worker (repeatable)",
+  )
+  args = parser.parse_args(argv)
+  if not command:
+    parser.error("give the command to run after '--'")
+  extra = {}
+  for item in args.env:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      parser.error(f"--env wants KEY=VALUE, got {item!r}")
+    extra[key] = value
+  try:
+    return run_local(
+      command,
+      num_processes=args.num_processes,
+      devices_per_process=args.devices_per_process,
+      port=args.port,
+      log_dir=args.log_dir,
+      env=extra,
+      grace_s=args.grace_s,
+      timeout_s=args.timeout_s,
     )
-    parser.add_argument("--num_processes", "--num-processes", type=int, default=2)
-    parser.add_argument("--devices_per_process", "--devices-per-process", type=int, default=1)
-    parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
-    parser.add_argument("--log_dir", "--log-dir", default=None, help="default: a new temp dir")
-    parser.add_argument("--grace_s", "--grace-s", type=float, default=3.0,
-                        help="seconds the other workers get after one fails")
-    parser.add_argument("--timeout_s", "--timeout-s", type=float, default=None,
-                        help="stop everything after this many seconds")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment variable for every worker (repeatable)")
-    args = parser.parse_args(argv)
-    if not command:
-        parser.error("give the command to run after '--'")
-    extra = {}
-    for item in args.env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--env wants KEY=VALUE, got {item!r}")
-        extra[key] = value
-    try:
-        return run_local(
-            command,
-            num_processes=args.num_processes,
-            devices_per_process=args.devices_per_process,
-            port=args.port,
-            log_dir=args.log_dir,
-            env=extra,
-            grace_s=args.grace_s,
-            timeout_s=args.timeout_s,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"launch/local.py: error: {e}", file=sys.stderr)
-        return 2
+  except (FileNotFoundError, ValueError) as e:
+    print(f"launch/local.py: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

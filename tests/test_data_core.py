@@ -68,7 +68,6 @@ def test_batch_layout_and_no_duplicate_sentences(pipe, tok):
     assert b["input_ids"].shape == (32, 2, 24) and b["mlm_positions"].shape == (32, 2, 6)
     assert np.all(b["input_ids"][:, :, 0] == tok.cls_id)
     lengths = b["attention_mask"].sum(-1)
-    rows = np.arange(32)[:, None]
     sep = np.take_along_axis(b["input_ids"], (lengths - 1)[..., None], axis=-1)[..., 0]
     assert np.all(sep == tok.sep_id)
     meanings, _ = pipe.plan(step)
