@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+from bepa_jax import cli
+
 PROG = "bepa-sweep"
 RESULT = "sweep_result.json"
 log = logging.getLogger("bepa.sweep")
@@ -309,10 +311,7 @@ def parse_args(argv):
 
 
 def _setup_logging():
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S", force=True)
-  for noisy in ("jax._src", "orbax"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  cli.setup_logging()
   logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's per-restore metadata warnings
 
 
@@ -342,8 +341,7 @@ def main(argv=None) -> int:
       raise SweepError(f"key '{dup[0]}' is given more than once (--grid / --set / --steps)")
     check_keys(args.config, keys + list(fixed))
   except (SweepError, BepaError) as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
+    return cli.fail(PROG, e)
   points = expand_grid(axes)
   names = [run_name(p) for p in points]
 
@@ -356,8 +354,7 @@ def main(argv=None) -> int:
   try:
     sets = eval_sets(args)
   except (SweepError, BepaError) as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
+    return cli.fail(PROG, e)
   os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
   n_eval = sum(len(s) for s in sets)
   described = ", ".join(f"{s.name} ({len(s)} x {len(s.languages)} langs)" for s in sets)
@@ -430,8 +427,7 @@ def main(argv=None) -> int:
   return 0
 
 
-def run():  # console-script entry point
-  sys.exit(main())
+run = cli.entry(main)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bepa_jax import cli
 from bepa_jax.checkpoint import manager as ckpt_lib
 from bepa_jax import config as config_lib
 from bepa_jax.objective import heads as heads_lib
@@ -184,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   mesh, pipeline, state, step_fn = job.mesh, job.pipeline, job.state, job.step_fn
   if host_memory.applied():  # set by main() before XLA started; logged once the job is valid
     log.info("train.host_malloc=%s: glibc keeps freed host memory (no per-step page faults)",
-             config.train.get("host_malloc", "auto"))
+             config.train.host_malloc)
   evaluator = periodic_eval.from_config(config, job.model, job.tokenizer, mesh)  # None: eval off
   steps = int(config.train.steps)
   writer = MetricWriter(workdir)
@@ -304,50 +305,29 @@ def main(argv=None) -> int:
     check_override_keys(argv[1:])
     FLAGS = _define_flags()
     FLAGS(argv)
-  except ConfigError as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    return 2
   except flags.UnrecognizedFlagError as e:
     name = getattr(e, "flagname", "") or str(e)
     if name.startswith("config."):
-      print(f"{prog}: error: unknown config key '{name[len('config.'):]}'", file=sys.stderr)
-    else:
-      print(f"{prog}: error: {e}", file=sys.stderr)
-    return 2
-  except (flags.Error, ValueError, OSError) as e:
-    print(f"{prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-          file=sys.stderr)
-    return 2
+      return cli.fail(prog, f"unknown config key '{name[len('config.'):]}'")
+    return cli.fail(prog, e)
+  except (flags.Error, ValueError, OSError) as e:  # ConfigError is a ValueError
+    return cli.fail(prog, e)
   if not FLAGS.workdir:
-    print(f"{prog}: error: --workdir is required", file=sys.stderr)
-    return 2
+    return cli.fail(prog, "--workdir is required")
   try:  # before XLA starts its threads (they keep the malloc arena they first use)
-    host_memory.configure(FLAGS.config.train.get("host_malloc", "auto"))
+    host_memory.configure(FLAGS.config.train.host_malloc)
   except ConfigError as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    return 2
+    return cli.fail(prog, e)
   try:  # first thing, before any JAX computation: join the other processes, if any
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            timeout_s=FLAGS.distributed_timeout)
   except (ValueError, distributed.DistributedInitError) as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    return 2
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S", force=True)
-  for noisy in ("absl", "jax._src", "orbax"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  if jax.process_index() != 0:
-    log.setLevel(logging.WARNING)
-  try:
-    train(FLAGS.config, FLAGS.workdir)
-  except BepaError as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+    return cli.fail(prog, e)
+  cli.setup_logging(verbose=jax.process_index() == 0)
+  return cli.guarded(prog, lambda: train(FLAGS.config, FLAGS.workdir), errors=(BepaError,))
 
 
-def run():  # console-script entry point
-  sys.exit(main())
+run = cli.entry(main)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import datetime
 import math
 import sys
 
+from bepa_jax import cli
+
 PROG = "bepa-ckpt"
 SUMMARY_KEYS = ("model.family", "model.hidden_size", "model.num_layers", "model.num_heads",
                 "model.intermediate_size", "model.vocab_size", "tokenizer.vocab_size",
@@ -123,18 +125,17 @@ def main(argv=None, out=None) -> int:
   from etils import epath
   from bepa_jax.checkpoint import manager as checkpoint
   if not epath.Path(args.workdir).exists():
-    parser.exit(2, f"{PROG}: error: {args.workdir} does not exist\n")
-  try:
+    return cli.fail(PROG, f"{args.workdir} does not exist")
+
+  def command():
     ckpt = checkpoint.Checkpointer(args.workdir, read_only=True)
     if args.command == "list":
       return cmd_list(ckpt, out)
     return cmd_show(ckpt, args.step, out)
-  except ValueError as e:
-    parser.exit(2, f"{PROG}: error: {e}\n")
+  return cli.guarded(PROG, command, errors=(ValueError,))
 
 
-def run():  # console-script entry point
-  sys.exit(main())
+run = cli.entry(main)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from bepa_jax import cli
+
 PROG = "bepa-eval"
 
 
@@ -83,27 +85,23 @@ def evaluate_model(path: str, sets, args, log):
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S", force=True)
-  for noisy in ("absl", "jax._src", "orbax"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  cli.setup_logging()
+  return cli.guarded(PROG, lambda: _evaluate(args))
+
+
+def _evaluate(args) -> int:
   log = logging.getLogger("bepa.eval")
-  from bepa_jax.errors import BepaError
   from bepa_jax.eval import diagnostics, suite
 
   paths = args.compare or [args.workdir or args.hf_dir]
-  try:
-    langs = [l.strip() for l in args.langs.split(",") if l.strip()]
-    sets = suite.load_sets(args.tatoeba, langs, args.parallel, args.max_sentences or None)
-    reports, plots = {}, {}
-    for path in paths:
-      name, report, plot = evaluate_model(path, sets, args, log)
-      while name in reports:  # two dirs with the same basename
-        name += "'"
-      reports[name], plots[name] = report, plot
-  except BepaError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
+  langs = [l.strip() for l in args.langs.split(",") if l.strip()]
+  sets = suite.load_sets(args.tatoeba, langs, args.parallel, args.max_sentences or None)
+  reports, plots = {}, {}
+  for path in paths:
+    name, report, plot = evaluate_model(path, sets, args, log)
+    while name in reports:  # two dirs with the same basename
+      name += "'"
+    reports[name], plots[name] = report, plot
   out = args.out or os.path.join(paths[0], "eval")
   os.makedirs(out, exist_ok=True)
   settings = {k: v for k, v in vars(args).items() if k not in ("poolings",)}
@@ -120,8 +118,7 @@ def main(argv=None) -> int:
   return 0
 
 
-def run():  # console-script entry point
-  sys.exit(main())
+run = cli.entry(main)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
+
+from bepa_jax import cli
 
 PROG = "bepa-transfer"
 
@@ -59,10 +60,11 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S", force=True)
-  for noisy in ("absl", "jax._src", "orbax"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  cli.setup_logging()
+  return cli.guarded(PROG, lambda: _transfer(args))
+
+
+def _transfer(args) -> int:
   import copy
 
   from bepa_jax import mesh as mesh_lib
@@ -71,25 +73,21 @@ def main(argv=None) -> int:
   from bepa_jax.finetune import tasks, trainer
 
   path = args.workdir or args.hf_dir
-  try:
-    langs = [l.strip() for l in args.langs.split(",") if l.strip()]
-    task = tasks.get_task(args.task, args.data_dir, langs, args.train_jsonl, args.evals,
-                          args.num_labels)
-    loaded = loading.load(path, args.tokenizer)
-    mesh_cfg = copy.deepcopy(loaded.mesh_cfg)
-    mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, mesh_cfg.dcn_data = (-1, args.fsdp,
-                                                                        args.tensor, 1)
-    mesh = mesh_lib.create_mesh(mesh_cfg)
-    limit = loaded.model_cfg.max_position_embeddings - (
-        loaded.model_cfg.pad_token_id + 1 if loaded.model_cfg.family == "xlmr" else 0)
-    if args.max_length > limit:
-      raise BepaError(f"--max-length {args.max_length} exceeds the model's {limit} positions")
-    report = trainer.run(task, loaded, mesh, mesh_cfg, steps=args.steps,
-                         batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-                         max_eval=args.max_eval, seed=args.seed, doc_stride=args.doc_stride)
-  except BepaError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
+  langs = [l.strip() for l in args.langs.split(",") if l.strip()]
+  task = tasks.get_task(args.task, args.data_dir, langs, args.train_jsonl, args.evals,
+                        args.num_labels)
+  loaded = loading.load(path, args.tokenizer)
+  mesh_cfg = copy.deepcopy(loaded.mesh_cfg)
+  mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, mesh_cfg.dcn_data = (-1, args.fsdp,
+                                                                      args.tensor, 1)
+  mesh = mesh_lib.create_mesh(mesh_cfg)
+  limit = loaded.model_cfg.max_position_embeddings - (
+      loaded.model_cfg.pad_token_id + 1 if loaded.model_cfg.family == "xlmr" else 0)
+  if args.max_length > limit:
+    raise BepaError(f"--max-length {args.max_length} exceeds the model's {limit} positions")
+  report = trainer.run(task, loaded, mesh, mesh_cfg, steps=args.steps,
+                       batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
+                       max_eval=args.max_eval, seed=args.seed, doc_stride=args.doc_stride)
   report["model"] = {"path": os.path.abspath(path), "family": loaded.model_cfg.family}
   report["settings"] = {k: v for k, v in vars(args).items() if k != "evals"}
   out = args.out or os.path.join(path, "transfer")
@@ -104,8 +102,7 @@ def main(argv=None) -> int:
   return 0
 
 
-def run():  # console-script entry point
-  sys.exit(main())
+run = cli.entry(main)
 
 
 if __name__ == "__main__":
