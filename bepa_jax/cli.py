@@ -38,9 +38,12 @@ def fail(prog: str, message) -> int:
   return EXIT_USAGE
 
 
-def guarded(prog: str, body: Callable[[], int | None],
+def guarded(prog: str, body: Callable[[], object],
             errors: tuple = (BepaError, ValueError, OSError)) -> int:
-  """Runs `body`; a user-fixable error becomes one line and exit 2, Ctrl-C exit 130."""
+  """Runs `body`; a user-fixable error becomes one line and exit 2, Ctrl-C exit 130.
+
+  An int returned by `body` is the exit code; any other result (None, a train state) is 0.
+  """
   try:
     code = body()
   except errors as e:
@@ -48,7 +51,7 @@ def guarded(prog: str, body: Callable[[], int | None],
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
     return EXIT_INTERRUPTED
-  return EXIT_OK if code is None else int(code)
+  return code if isinstance(code, int) and not isinstance(code, bool) else EXIT_OK
 
 
 def entry(main: Callable[..., int]) -> Callable[[], None]:
