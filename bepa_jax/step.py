@@ -39,15 +39,20 @@ def accumulate(grad_fn, params, batch, rng, k: int, mesh, ema_params=None):
 
   This bounds memory, not the pool: the contrastive term is the mean of k InfoNCE losses
   over B/k rows each. For a pool of the full B, use GradCache (train.gradcache_chunks).
+  The MLM term is the plain step's: CE sum over the whole batch's masked positions / their
+  global count (micro-batches' counts differ). So each micro-batch divides its CE sum by
+  count / k, and the mean over the k micro-batches is sum(ce_i) / count.
+  `grad_fn(params, batch, rng, ema_params, mlm_norm)`, e.g. value_and_grad(Objective.loss_fn).
   """
   micro = _microbatches(batch, k, mesh)
+  norm = jnp.maximum(jnp.sum(batch["mlm_weights"]), 1.0) / k
   def body(acc, xs):
     i, mb = xs
-    (_, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i), ema_params)
+    (_, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i), ema_params, norm)
     return jax.tree.map(jnp.add, acc, (g, m)), None
   zeros = jax.tree.map(jnp.zeros_like, params)
   m0 = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda a: a[0], micro), rng,
-                                      ema_params)[0][1])
+                                      ema_params, norm)[0][1])
   m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
   (grads, metrics), _ = jax.lax.scan(body, (zeros, m0), (jnp.arange(k), micro))
   grads = jax.tree.map(lambda g: g / k, grads)
@@ -61,8 +66,8 @@ def make_train_step(model, config, mesh, state_shardings, schedule=None):
   obj = Objective(model, config.loss, mesh, head)
   grad_fn = jax.value_and_grad(obj.loss_fn, has_aux=True)
   k = int(config.train.grad_accum_steps)
-  chunks = int(config.train.get("gradcache_chunks", 0))
-  ema_decay = float(config.loss.get("ema_decay", 0.0))
+  chunks = int(config.train.gradcache_chunks)
+  ema_decay = float(config.loss.ema_decay)
   seed = int(config.train.seed)
   rules = mesh_lib.rules(config.mesh)
 

@@ -113,16 +113,47 @@ def test_gradient_accumulation_does_not_enlarge_the_pool(workdir):
   # At init the loss is near log(pool size): the pools differ by ~log k.
   assert m_full["contrastive_loss"] - m_acc["contrastive_loss"] > 0.5 * np.log(k)
 
-  # Gradient: the mean of the micro-batches' own gradients, and not the full-batch one.
+  # Gradient: the mean of the micro-batches' own gradients, and not the full-batch one. Each
+  # micro-batch's MLM CE sum is divided by the whole batch's masked count / k (one MLM loss).
   host = jax.device_get(batch)
+  norm = float(host["mlm_weights"].sum()) / k
   per_micro = []
   for i in range(k):
     mb = train.global_batch({key: v[i::k] for key, v in host.items()}, job.mesh)
-    per_micro.append(_run(job, cfg, lambda p, b, i=i: grad_fn(p, b, jax.random.fold_in(rng, i)),
-                          params, mb)[1])
+    per_micro.append(_run(job, cfg, lambda p, b, i=i: grad_fn(p, b, jax.random.fold_in(rng, i),
+                                                              None, norm), params, mb)[1])
   mean_g = jax.tree.map(lambda *g: sum(g) / k, *per_micro)
   _assert_trees_close(g_acc, mean_g, rtol=1e-5)
   max_diff = lambda a, b: max(float(np.abs(x - y).max())
                               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   noise = max_diff(g_acc, mean_g)  # rounding level of the comparison just made
   assert max_diff(g_acc, g_full) > 100 * max(noise, 1e-9)
+
+
+def test_mlm_loss_has_one_definition_plain_accumulated_and_gradcache(workdir):
+  """Pure MLM (loss.weight=0): the plain step, k=2 accumulation and GradCache k=2 give the same
+  loss and gradient: CE summed over the step's masked positions / their global count, even
+  when the micro-batches hold different numbers of masked positions."""
+  cfg, job, obj, batch = _setup(workdir, **{"loss.weight": 0.0})
+  k, rng, params = 2, jax.random.key(0), job.state.params
+  host = {key: np.array(v) for key, v in jax.device_get(batch).items()}
+  host["mlm_weights"][0:4:k] = 0.0  # micro-batch 0 (rows 0, k, ...) loses two rows' targets
+  batch = train.global_batch(host, job.mesh)
+  counts = [float(host["mlm_weights"][i::k].sum()) for i in range(k)]
+  assert counts[0] < counts[1], counts  # else averaging micro-batch means would agree too
+  grad_fn = jax.value_and_grad(obj.loss_fn, has_aux=True)
+  (_, m_plain), g_plain = _run(job, cfg, lambda p, b: grad_fn(p, b, rng), params, batch)
+  (_, m_acc), g_acc = _run(job, cfg, lambda p, b: step_lib.accumulate(grad_fn, p, b, rng, k,
+                                                                      job.mesh), params, batch)
+  (_, m_gc), g_gc = _run(job, cfg, lambda p, b: gradcache.value_and_grad(obj, p, b, rng, k,
+                                                                         job.mesh), params, batch)
+  for m in (m_acc, m_gc):
+    for key in ("loss", "mlm_loss", "mlm_accuracy"):
+      np.testing.assert_allclose(m[key], m_plain[key], rtol=1e-5, err_msg=key)
+  _assert_trees_close(g_acc, g_plain, rtol=1e-5)
+  _assert_trees_close(g_gc, g_plain, rtol=1e-5)
+  # The old accumulation (mean of the micro-batches' own MLM means) is a different number.
+  means = [float(_run(job, cfg, lambda p, b: grad_fn(p, b, rng)[0][1]["mlm_loss"], params,
+                      train.global_batch({key: v[i::k] for key, v in host.items()}, job.mesh)))
+           for i in range(k)]
+  assert abs(np.mean(means) - float(m_plain["mlm_loss"])) > 1e-4

@@ -58,7 +58,7 @@ class Objective:
     if self.weight == 0.0:  # pure MLM; the contrastive numbers are still logged
       zx, zy = jax.lax.stop_gradient(zx), jax.lax.stop_gradient(zy)
     if self.plain:
-      chunk = int(self.loss_cfg.get("contrastive_chunk", 0))
+      chunk = int(self.loss_cfg.contrastive_chunk)
       if chunk:  # streaming log-sum-exp: b x chunk logits per device instead of b x B
         return chunked.chunked_infonce(zx, zy, self.temperature, self.mesh, chunk)
       return objective.sharded_infonce(zx, zy, self.temperature, self.mesh)
@@ -79,16 +79,23 @@ class Objective:
       con["temperature"] = tau
     return con
 
-  def combine(self, ce, correct, count, con):
-    count = jnp.maximum(count, 1.0)
-    mlm = ce / count
-    loss = mlm + self.weight * con["contrastive_loss"] if self.weight else mlm
-    return loss, {"loss": loss, "mlm_loss": mlm, "mlm_accuracy": correct / count, **con}
+  def combine(self, ce, correct, count, con, mlm_norm=None):
+    """MLM = ce / mlm_norm; mlm_norm defaults to this batch's count of masked positions.
 
-  def loss_fn(self, params, batch, rng, ema_params=None):
+    A part of a larger batch passes its share of the whole batch's count instead, so that
+    the MLM loss has one definition: CE sum over the step's masked positions / their count.
+    """
+    norm = jnp.maximum(count, 1.0) if mlm_norm is None else mlm_norm
+    mlm = ce / norm
+    loss = mlm + self.weight * con["contrastive_loss"] if self.weight else mlm
+    return loss, {"loss": loss, "mlm_loss": mlm, "mlm_accuracy": correct / norm, **con}
+
+  def loss_fn(self, params, batch, rng, ema_params=None, mlm_norm=None):
+    """`mlm_norm`: the MLM divisor (see `combine`); None = this batch's own count."""
     cls, (ce, correct, count) = self.encode(params, batch, rng)
     target = None if ema_params is None else self.target(ema_params, batch)
-    return self.combine(ce, correct, count, self.contrastive(params, cls, target, batch))
+    return self.combine(ce, correct, count, self.contrastive(params, cls, target, batch),
+                        mlm_norm)
 
 
 def make_loss_fn(model, loss_cfg, mesh, head=None):
