@@ -12,14 +12,12 @@ retrieval on the Multi30k 2016 test set (all 6 language pairs) and on Tatoeba de
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import os
 import sys
 import tempfile
 import time
-from unittest import mock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -27,23 +25,17 @@ SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 LANGS = ("en", "de", "fr", "cs")
 
 
-def read_multiway(data_dir: str, split: str):
-  """Multi30k <split>.{en,de,fr,cs}.gz (line-aligned) -> MultiwayCorpus."""
-  from bepa_jax.data.corpus import MultiwayCorpus
-  cols = []
-  for lang in LANGS:
-    with gzip.open(os.path.join(data_dir, f"{split}.{lang}.gz"), "rt", encoding="utf-8") as f:
-      cols.append([line.rstrip("\n") for line in f])
-  rows = tuple(r for r in zip(*cols) if all(s.strip() for s in r))
-  return MultiwayCorpus(LANGS, rows)
+def train_source(data_dir: str) -> str:
+  """Multi30k train as a `data.source` (4-way line-aligned .gz files), as a user would give it."""
+  return f"aligned:{data_dir}/train.{{{','.join(LANGS)}}}"
 
 
-def make_config(args, tokenizer_path: str, test_files, weight: float):
+def make_config(args, source: str, tokenizer_path: str, test_files, weight: float):
   from bepa_jax import default_config
   c = default_config.get_config()  # the tiny default model: hidden 128, 2 layers, 4 heads
   c.loss.weight = weight
   c.tokenizer.path = tokenizer_path
-  c.data.languages = ",".join(LANGS)
+  c.data.source = source
   c.data.max_length = args.max_length
   c.train.steps = args.steps
   c.train.global_batch = args.global_batch
@@ -57,20 +49,10 @@ def make_config(args, tokenizer_path: str, test_files, weight: float):
   return c
 
 
-def train_one(config, corpus, workdir):
-  """bepa-train's own loop on the Multi30k corpus (its pipeline stands in for data.source)."""
+def train_one(config, workdir):
+  """bepa-train's own entry point (`train.train`), on the config's data.source."""
   from bepa_jax import train
-  from bepa_jax.data.pipeline import MultiwayPairPipeline
-
-  def pipeline(config, tokenizer, *unused, **unused_kw):
-    return MultiwayPairPipeline(
-        corpus, tokenizer, global_batch=int(config.train.global_batch),
-        max_length=int(config.data.max_length), mask_prob=float(config.data.mask_prob),
-        max_predictions=int(config.data.max_predictions_per_seq), seed=int(config.data.seed))
-
-  with mock.patch.object(train, "build_pipeline", pipeline):
-    state, metrics = train.train(config, workdir)
-  return state, metrics
+  return train.train(config, workdir)
 
 
 def combine_pngs(paths, out_path):
@@ -152,10 +134,12 @@ def main(argv=None):
 
   t0 = time.time()
   root = args.workdir or tempfile.mkdtemp(prefix="repro_multi30k_")
-  corpus = read_multiway(m30k, "train")
-  logging.info("Multi30k train: %d 4-way rows (%s)", len(corpus), ",".join(LANGS))
-  spm = tokenizer_lib.train_sentencepiece(corpus.texts(), os.path.join(root, "tokenizer"),
-                                          args.vocab_size)
+  source = train_source(m30k)
+  from bepa_jax.data import tokenizer_cli  # `bepa-tokenizer train`, as a user runs it
+  if tokenizer_cli.main(["train", "--input", source, "--vocab-size", str(args.vocab_size),
+                         "--out", os.path.join(root, "tokenizer")]):
+    return 2
+  spm = os.path.join(root, "tokenizer", "spm.model")
   test_files = [os.path.join(m30k, f"test_2016_flickr.{l}.gz") for l in LANGS]
   sets = [retrieval.read_tatoeba(tatoeba, l) for l in ("deu", "fra", "ces")]
   sets.append(retrieval.read_parallel(test_files, name="multi30k"))
@@ -163,10 +147,10 @@ def main(argv=None):
   runs = {"MLM (lambda=0)": 0.0, "BEPA (lambda=1)": 1.0}
   reports, plots = {}, {}
   for name, weight in runs.items():
-    config = make_config(args, spm, test_files, weight)
+    config = make_config(args, source, spm, test_files, weight)
     workdir = os.path.join(root, "mlm" if weight == 0 else "bepa")
     t = time.time()
-    state, metrics = train_one(config, corpus, workdir)
+    state, metrics = train_one(config, workdir)
     train_s = time.time() - t
     from bepa_jax.model import BepaEncoder, EncoderConfig
     tok = tokenizer_lib.SentencePieceTokenizer(spm)

@@ -153,14 +153,10 @@ def _mean_retrieval(ret: dict) -> tuple[float, dict]:
 
 def evaluate(workdir: str, sets, batch_size: int) -> dict:
   """Held-out metrics of a finished run's final params (bepa_jax.eval)."""
-  import copy
-
   from bepa_jax import mesh as mesh_lib
   from bepa_jax.eval import embed, loading, suite
   loaded = loading.load_workdir(workdir)
-  mesh_cfg = copy.deepcopy(loaded.mesh_cfg)
-  mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, mesh_cfg.dcn_data = -1, 1, 1, 1
-  mesh = mesh_lib.create_mesh(mesh_cfg)
+  mesh, mesh_cfg = embed.inference_mesh(loaded.mesh_cfg)
   params = embed.shard_params(loaded.model, loaded.params, mesh, mesh_cfg, loaded.max_length)
   embedder = embed.Embedder(loaded.model, params, loaded.tokenizer, mesh,
                             max_length=loaded.max_length, batch_size=batch_size,

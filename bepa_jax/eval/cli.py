@@ -59,15 +59,11 @@ def parse_args(argv):
 
 def evaluate_model(path: str, sets, args, log):
   """Loads one model, returns (name, report, plot data)."""
-  import copy
-
   from bepa_jax import mesh as mesh_lib
   from bepa_jax.eval import embed, loading, suite
 
   loaded = loading.load(path, args.tokenizer)
-  mesh_cfg = copy.deepcopy(loaded.mesh_cfg)
-  mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, mesh_cfg.dcn_data = -1, 1, 1, 1
-  mesh = mesh_lib.create_mesh(mesh_cfg)
+  mesh, mesh_cfg = embed.inference_mesh(loaded.mesh_cfg)
   max_length = args.max_length or loaded.max_length
   model = loaded.model
   params = embed.shard_params(model, loaded.params, mesh, mesh_cfg, max_length)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bepa_jax import mesh as mesh_lib
+from bepa_jax.model import encoder_params
 
 POOLINGS = ("cls", "mean")
 
@@ -31,12 +32,13 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.n
   return ids, mask
 
 
-ENCODER_KEYS = ("embeddings", "encoder", "mlm_head")
-
-
-def encoder_params(params):
-  """The encoder's own subtrees of a train state's params (drops contrastive heads etc.)."""
-  return {k: params[k] for k in ENCODER_KEYS if k in params}
+def inference_mesh(mesh_cfg, fsdp: int = 1, tensor: int = 1):
+  """(mesh, mesh config) for evaluation and fine-tuning: every device on the batch, with the
+  saved logical-axis rules; fsdp/tensor > 1 shard the weights as in training."""
+  import copy
+  mesh_cfg = copy.deepcopy(mesh_cfg)
+  mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, mesh_cfg.dcn_data = -1, fsdp, tensor, 1
+  return mesh_lib.create_mesh(mesh_cfg), mesh_cfg
 
 
 def shard_params(model, params, mesh, mesh_cfg, max_length: int):

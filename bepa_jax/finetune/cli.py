@@ -65,11 +65,9 @@ def main(argv=None) -> int:
 
 
 def _transfer(args) -> int:
-  import copy
 
-  from bepa_jax import mesh as mesh_lib
   from bepa_jax.errors import BepaError
-  from bepa_jax.eval import loading
+  from bepa_jax.eval import embed, loading
   from bepa_jax.finetune import tasks, trainer
 
   path = args.workdir or args.hf_dir
@@ -77,10 +75,7 @@ def _transfer(args) -> int:
   task = tasks.get_task(args.task, args.data_dir, langs, args.train_jsonl, args.evals,
                         args.num_labels)
   loaded = loading.load(path, args.tokenizer)
-  mesh_cfg = copy.deepcopy(loaded.mesh_cfg)
-  mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, mesh_cfg.dcn_data = (-1, args.fsdp,
-                                                                      args.tensor, 1)
-  mesh = mesh_lib.create_mesh(mesh_cfg)
+  mesh, mesh_cfg = embed.inference_mesh(loaded.mesh_cfg, args.fsdp, args.tensor)
   limit = loaded.model_cfg.max_position_embeddings - (
       loaded.model_cfg.pad_token_id + 1 if loaded.model_cfg.family == "xlmr" else 0)
   if args.max_length > limit:

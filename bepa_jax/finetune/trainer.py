@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bepa_jax import model as model_lib
 from bepa_jax import mesh as mesh_lib
 from bepa_jax import train_state
 from bepa_jax.errors import InputError
@@ -22,7 +23,8 @@ from bepa_jax.finetune import features, metrics
 from bepa_jax.model import BepaEncoder, EncoderConfig, _init, _zeros
 
 log = logging.getLogger("bepa.transfer")
-ENCODER_KEYS = ("embeddings", "encoder")  # the MLM head is not used by any task
+# The pretrained encoder minus its MLM head, which no task uses.
+ENCODER_KEYS = tuple(k for k in model_lib.ENCODER_KEYS if k != "mlm_head")
 
 
 class TaskHead(nn.Module):

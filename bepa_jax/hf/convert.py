@@ -48,7 +48,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from bepa_jax.model import EncoderConfig
+from bepa_jax.model import EncoderConfig, encoder_params
 
 
 class HFFormatError(ValueError):
@@ -399,9 +399,6 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
   return out
 
 
-_OUR_MODULES = ("embeddings", "encoder", "mlm_head")
-
-
 # --------------------------------------------------------------------------------------------
 # conversion
 
@@ -414,7 +411,7 @@ def params_to_hf_state_dict(params, cfg: EncoderConfig, *,
   are skipped; an unknown leaf inside those three is an error. `dtype` casts every tensor.
   """
   p = unstack_layers(_to_plain(params))
-  flat = _flatten({k: v for k, v in p.items() if k in _OUR_MODULES})
+  flat = _flatten(encoder_params(p))
   rows = key_map(cfg)
   known = {o for o, _, _, _ in rows}
   n_layers = len([k for k in p.get("encoder", {}) if _LAYER_RE.match(k)])
