@@ -5,9 +5,9 @@
 
 Nothing runs: every form is lowered and compiled on 8 simulated CPU devices and XLA's own
 memory analysis (temporaries + arguments + outputs, per device) is read back. Forms:
-  global  : objective.infonce_reference on one device (B x B logits): what must never happen
-  sharded : objective.sharded_infonce (b x B logits per device, b = B / 8)
-  chunked : chunked.chunked_infonce (b x chunk logits per device, streaming log-sum-exp)
+  global  : infonce.infonce_reference on one device (B x B logits): what must never happen
+  sharded : infonce.sharded_infonce (b x B logits per device, b = B / 8)
+  chunked : the same with Options(chunk=...) (b x chunk logits per device, streaming LSE)
 Writes bench/results/contrastive_memory.json and .png.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import harness  # noqa: E402
 import jax  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from bepa_jax.objective import chunked, plain as objective  # noqa: E402
+from bepa_jax.objective import infonce  # noqa: E402
 
 
 def compiled_bytes(fn, B, D, mesh=None):
@@ -59,11 +59,11 @@ def main(argv=None):
     b = B // n
     row = dict(B=B, b=b, D=D, chunk=min(args.chunk, B))
     if B <= args.global_max:
-      row["global"] = compiled_bytes(lambda x, y: objective.infonce_reference(x, y, tau), B, D)
-    row["sharded"] = compiled_bytes(lambda x, y: objective.sharded_infonce(x, y, tau, mesh),
+      row["global"] = compiled_bytes(lambda x, y: infonce.infonce_reference(x, y, tau), B, D)
+    row["sharded"] = compiled_bytes(lambda x, y: infonce.sharded_infonce(x, y, tau, mesh),
                                     B, D, mesh)
     row["chunked"] = compiled_bytes(
-        lambda x, y: chunked.chunked_infonce(x, y, tau, mesh, row["chunk"]), B, D, mesh)
+        lambda x, y: infonce.sharded_infonce(x, y, tau, mesh, infonce.Options(chunk=row["chunk"])), B, D, mesh)
     mib = lambda k: row[k]["peak_bytes"] / 2**20 if k in row else float("nan")
     row["sharded_bytes_per_bB_float"] = row["sharded"]["peak_bytes"] / (b * B * 4)
     print(f"{B:6d} {b:5d} | {mib('global'):12.0f} | {mib('sharded'):10.0f} "

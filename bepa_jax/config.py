@@ -121,23 +121,31 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     if int(t.global_batch) % (chunks * shards):
       raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by "
                         f"train.gradcache_chunks={chunks} x {shards} batch shards")
+  chunk = int(config.loss.contrastive_chunk)
+  if chunk:  # the pool each device scores: the contrastive (micro-)batch, or its shard if local
+    pool = int(t.global_batch) if chunks > 1 else micro
+    if str(config.loss.negatives) == "local":
+      pool //= shards
+    if pool % chunk:
+      raise ConfigError(f"loss.contrastive_chunk={chunk} must divide the {pool} candidates each "
+                        f"device scores (train.global_batch={t.global_batch}, grad_accum_steps="
+                        f"{t.grad_accum_steps}, loss.negatives={config.loss.negatives})")
   if m.num_heads % tensor:
     raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={tensor}")
   return data, fsdp, tensor
 
 
 def _validate_loss_options(loss) -> None:
-  from bepa_jax.objective import infonce as contrastive  # local: config.py stays importable without jax
+  from bepa_jax.objective import infonce  # local: config.py stays importable without jax
+  opts = infonce.Options.from_config(loss)  # choices, margin, chunk combinations
   get = loss.get
-  for key, choices in (("symmetric", contrastive.SYMMETRIC), ("negatives", contrastive.NEGATIVES)):
-    if str(get(key, choices[0])) not in choices:
-      raise ConfigError(f"loss.{key}={get(key)!r} is not one of {', '.join(choices)}")
+  if opts.chunk and bool(loss.learn_temperature):
+    raise ConfigError(f"loss.contrastive_chunk={opts.chunk} cannot be combined with "
+                      f"loss.learn_temperature: set loss.contrastive_chunk=0")
   lo, hi = float(get("temperature_min", 0.01)), float(get("temperature_max", 1.0))
   if get("learn_temperature", False) and not 0.0 < lo <= float(loss.temperature) <= hi:
     raise ConfigError(f"loss.temperature={loss.temperature} must lie in [temperature_min="
                       f"{lo}, temperature_max={hi}] (and min > 0) when learned")
-  if float(get("margin", 0.0)) < 0.0:
-    raise ConfigError(f"loss.margin must be >= 0, got {get('margin')}")
   for key in ("projector_layers", "projector_dim", "predictor_layers", "predictor_dim"):
     if int(get(key, 0)) < 0:
       raise ConfigError(f"loss.{key} must be >= 0, got {get(key)}")

@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
       ema_decay=0.0,                 # > 0: candidates come from an EMA target encoder (+ projector),
                                      # stop-gradient; ema <- d * ema + (1 - d) * online, per step
       contrastive_chunk=0,           # > 0: streaming log-sum-exp over this many candidate columns
-                                     # (b x chunk logits per device, not b x B; bepa_jax/chunked.py)
+                                     # (b x chunk logits per device, not b x B; bepa_jax/objective/infonce.py)
   ))
 
   # --- Start from a pretrained HF checkpoint (continued pretraining, as in the paper).

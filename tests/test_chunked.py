@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from bepa_jax.objective import chunked, plain as objective
+from bepa_jax.objective import infonce as objective
+from bepa_jax.objective.infonce import Options
 from bepa_jax.errors import ConfigError
 
 
@@ -36,7 +37,8 @@ def test_chunked_matches_plain(shape, chunk):
   tau = 0.07
   (v1, m1), g1 = _value_and_grad(lambda a, b: objective.sharded_infonce(a, b, tau, mesh), mesh,
                                  zx, zy)
-  (v2, m2), g2 = _value_and_grad(lambda a, b: chunked.chunked_infonce(a, b, tau, mesh, chunk),
+  (v2, m2), g2 = _value_and_grad(lambda a, b: objective.sharded_infonce(a, b, tau, mesh,
+                                                                          Options(chunk=chunk)),
                                  mesh, zx, zy)
   assert float(v1) > 0.1
   np.testing.assert_allclose(v2, v1, rtol=1e-5)
@@ -50,11 +52,11 @@ def test_streaming_lse_is_logsumexp_with_large_logits():
   """The online max keeps it finite where exp overflows (logits ~ 1/tau = 1000)."""
   a, c = _embeddings(32, D=8, seed=3)
   a, c = objective.l2_normalize(a), objective.l2_normalize(c)
-  lse, mx = chunked.streaming_lse(a, c, 1000.0, 8)
+  lse, mx = objective.streaming_lse(a, c, 1000.0, 8)
   ref = jax.nn.logsumexp((a @ c.T) * 1000.0, axis=1)
   np.testing.assert_allclose(lse, ref, rtol=1e-6)
   np.testing.assert_allclose(mx, jnp.max((a @ c.T) * 1000.0, axis=1), rtol=1e-6)
-  g = jax.grad(lambda a: chunked.streaming_lse(a, c, 1000.0, 8)[0].sum())(a)
+  g = jax.grad(lambda a: objective.streaming_lse(a, c, 1000.0, 8)[0].sum())(a)
   g_ref = jax.grad(lambda a: jax.nn.logsumexp((a @ c.T) * 1000.0, axis=1).sum())(a)
   np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
 
@@ -63,7 +65,7 @@ def test_chunked_holds_b_by_chunk_logits_only():
   mesh = _mesh((8, 1, 1))
   B, D, chunk = 512, 16, 32
   zx, zy = _embeddings(B, D)
-  f = jax.jit(jax.grad(lambda a, b: chunked.chunked_infonce(a, b, 0.07, mesh, chunk)[
+  f = jax.jit(jax.grad(lambda a, b: objective.sharded_infonce(a, b, 0.07, mesh, Options(chunk=chunk))[
       "contrastive_loss"], argnums=(0, 1)))
   with jax.set_mesh(mesh):
     hlo = f.lower(zx, zy).compile().as_text()
@@ -76,4 +78,4 @@ def test_chunk_must_divide_batch():
   zx, zy = _embeddings(64)
   with pytest.raises(ConfigError, match="loss.contrastive_chunk=24"):
     with jax.set_mesh(mesh):
-      chunked.chunked_infonce(zx, zy, 0.07, mesh, 24)
+      objective.sharded_infonce(zx, zy, 0.07, mesh, Options(chunk=24))

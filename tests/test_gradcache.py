@@ -103,10 +103,10 @@ def test_gradient_accumulation_does_not_enlarge_the_pool(workdir):
   # The pools by hand: micro-batch i holds rows i, i+k, ... (spread over every device).
   # Dropout is off, so [CLS] does not depend on which pass computed it.
   cls, _ = _run(job, cfg, lambda p, b: obj.encode(p, b, rng), params, batch)
-  pool_losses = [float(contrastive.contrastive_reference(
+  pool_losses = [float(contrastive.infonce_reference(
       cls[i::k, 0], cls[i::k, 1], 0.07, contrastive.Options())["contrastive_loss"])
       for i in range(k)]
-  full_pool = float(contrastive.contrastive_reference(
+  full_pool = float(contrastive.infonce_reference(
       cls[:, 0], cls[:, 1], 0.07, contrastive.Options())["contrastive_loss"])
   np.testing.assert_allclose(m_acc["contrastive_loss"], np.mean(pool_losses), rtol=1e-5)
   np.testing.assert_allclose(m_full["contrastive_loss"], full_pool, rtol=1e-5)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from bepa_jax.objective import plain as objective
+from bepa_jax.objective import infonce as objective, mlm
 
 
 def _mesh(shape):
@@ -81,6 +81,6 @@ def test_mlm_loss_counts_only_weighted_positions():
   logits = jnp.log(jnp.array([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]))
   labels = jnp.array([[0, 1]])
   weights = jnp.array([[1.0, 0.0]])
-  ce, correct, n = objective.mlm_loss(logits, labels, weights)
+  ce, correct, n = mlm.mlm_loss(logits, labels, weights)
   np.testing.assert_allclose(ce, -np.log(0.7), rtol=1e-6)
   assert float(correct) == 1.0 and float(n) == 1.0

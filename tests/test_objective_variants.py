@@ -7,7 +7,7 @@ from jax.sharding import AxisType
 
 from bepa_jax import config as config_lib
 from bepa_jax import step as step_lib, train
-from bepa_jax.objective import heads, infonce as contrastive, plain as objective
+from bepa_jax.objective import heads, infonce as contrastive
 from bepa_jax.objective.infonce import Options
 from tests.helpers import devices, tiny_config
 
@@ -109,7 +109,7 @@ def test_sharded_variant_matches_hand_written_reference(opts, distinct_targets):
     cx = cy = None
 
   def sharded(*z):
-    return contrastive.sharded_contrastive(*z[:2], tau, mesh, opts, *z[2:], text_hash=th)[
+    return contrastive.sharded_infonce(*z[:2], tau, mesh, opts, *z[2:], text_hash=th)[
         "contrastive_loss"]
 
   def ref(*z):
@@ -126,24 +126,47 @@ def test_sharded_variant_matches_hand_written_reference(opts, distinct_targets):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_default_options_equal_core_sharded_infonce():
-  """The variant code with every option off is the core objective (value, grads, metrics)."""
-  B, tau = 32, 0.07
-  mesh = _mesh((8, 1, 1))
-  zx, zy, _, _ = _embeddings(B)
-  f_new = lambda a, b: contrastive.sharded_contrastive(a, b, tau, mesh, Options())
-  f_old = lambda a, b: objective.sharded_infonce(a, b, tau, mesh)
+CHUNKED = [Options(chunk=4), Options(chunk=8, symmetric="sum"), Options(chunk=4, symmetric="y2x"),
+           Options(chunk=2, negatives="local"), Options(chunk=8, negatives="global_stopgrad")]
+
+
+@pytest.mark.parametrize("opts", CHUNKED, ids=lambda o: ",".join(
+    f"{k}={v}" for k, v in vars(o).items() if v != getattr(Options(), k)))
+@pytest.mark.parametrize("distinct_targets", [False, True], ids=["self", "targets"])
+def test_chunked_form_matches_the_hand_written_reference(opts, distinct_targets):
+  """The streaming log-sum-exp is the same loss for every option it accepts, with distinct
+  candidates (predictor / EMA target) too; value and gradient against reference_loss."""
+  B, tau = 16, 0.1
+  mesh = _mesh((4, 2, 1))
+  zx, zy, cx, cy = _embeddings(B, seed=11)
+  args = (zx, zy, cx, cy) if distinct_targets else (zx, zy)
+  argnums = tuple(range(len(args)))
+  sharded = lambda *z: contrastive.sharded_infonce(*z[:2], tau, mesh, opts, *z[2:])[
+      "contrastive_loss"]
   with jax.set_mesh(mesh):
-    outs = [jax.jit(jax.value_and_grad(lambda a, b, f=f: (f(a, b)["contrastive_loss"], f(a, b)),
-                                       argnums=(0, 1), has_aux=True))(zx, zy)
-            for f in (f_new, f_old)]
-  (v1, m1), g1 = outs[0]
-  (v2, m2), g2 = outs[1]
-  np.testing.assert_allclose(v1, v2, rtol=1e-6)
-  for k in m2:
-    np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    v1, g1 = jax.jit(jax.value_and_grad(sharded, argnums=argnums))(*args)
+  v2, g2 = jax.value_and_grad(lambda *z: reference_loss(*z[:2], tau, opts, *z[2:], shards=8),
+                              argnums=argnums)(*args)
+  assert float(v2) > 0.01
+  np.testing.assert_allclose(v1, v2, rtol=1e-5)
   for a, b in zip(g1, g2):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"loss.margin": 0.2}, "loss.margin"),
+    ({"loss.same_language_negatives": True}, "loss.same_language_negatives"),
+    ({"loss.mask_duplicates": True}, "loss.mask_duplicates"),
+    ({"loss.learn_temperature": True}, "loss.learn_temperature"),
+    ({"train.global_batch": 24}, "must divide the 24 candidates"),
+    ({"loss.negatives": "local"}, "must divide the 2 candidates"),
+])
+def test_chunked_combinations_it_cannot_compute_are_refused_in_one_line(overrides, fragment):
+  """Refused by config.validate, before anything is built, not silently ignored."""
+  cfg = tiny_config(**{"loss.contrastive_chunk": 16, **overrides})
+  with pytest.raises(config_lib.ConfigError, match=fragment.replace(".", r"\.")) as e:
+    config_lib.validate(cfg, 8)
+  assert "\n" not in str(e.value) and "loss.contrastive_chunk=16" in str(e.value)
 
 
 def test_stopgrad_negatives_same_value_smaller_gradient():
@@ -152,7 +175,7 @@ def test_stopgrad_negatives_same_value_smaller_gradient():
   mesh = _mesh((8, 1, 1))
   zx, zy, _, _ = _embeddings(B, seed=5)
   run = lambda opts: jax.jit(jax.value_and_grad(
-      lambda a, b: contrastive.sharded_contrastive(a, b, tau, mesh, opts)["contrastive_loss"],
+      lambda a, b: contrastive.sharded_infonce(a, b, tau, mesh, opts)["contrastive_loss"],
       argnums=(0, 1)))(zx, zy)
   with jax.set_mesh(mesh):
     (v_g, g_g), (v_s, g_s), (v_l, _) = (run(Options(negatives=n))
@@ -172,10 +195,10 @@ def test_unmasked_self_adds_the_constant_self_term():
   def direction(cross, same):  # rows: anchors; cross: vs the other language; same: own language
     return np.mean(np.log(np.exp(cross).sum(1) + np.exp(same).sum(1)) - np.diag(cross))
   expected = 0.5 * (direction(sxy, sxx) + direction(sxy.T, syy))
-  out = contrastive.contrastive_reference(zx, zy, tau, Options(same_language=True, mask_self=False))
+  out = contrastive.infonce_reference(zx, zy, tau, Options(same_language=True, mask_self=False))
   np.testing.assert_allclose(out["contrastive_loss"], expected, rtol=1e-6)
   assert np.allclose(np.diag(sxx), 1 / tau)  # the self term is the constant e^{1/tau}
-  masked = contrastive.contrastive_reference(zx, zy, tau, Options(same_language=True))
+  masked = contrastive.infonce_reference(zx, zy, tau, Options(same_language=True))
   def direction_masked(cross, same):
     same = np.where(np.eye(3, dtype=bool), -np.inf, same)
     return np.mean(np.log(np.exp(cross).sum(1) + np.exp(same).sum(1)) - np.diag(cross))
@@ -191,9 +214,9 @@ def test_duplicate_text_is_masked_and_absent_hash_is_a_no_op():
   th = np.arange(2 * B, dtype=np.int32).reshape(B, 2)
   th[5, 1] = th[3, 1]
   opts = Options(mask_duplicates=True)
-  masked = contrastive.contrastive_reference(zx, zy, tau, opts, text_hash=jnp.asarray(th))
-  plain = contrastive.contrastive_reference(zx, zy, tau, Options())
-  no_hash = contrastive.contrastive_reference(zx, zy, tau, opts)
+  masked = contrastive.infonce_reference(zx, zy, tau, opts, text_hash=jnp.asarray(th))
+  plain = contrastive.infonce_reference(zx, zy, tau, Options())
+  no_hash = contrastive.infonce_reference(zx, zy, tau, opts)
   np.testing.assert_allclose(no_hash["contrastive_loss"], plain["contrastive_loss"], rtol=1e-7)
   # by hand: x->y anchors 3 and 5 lose each other's y (same text as their positive); y->x
   # is unchanged (its positives are the x texts, all distinct)
@@ -212,7 +235,7 @@ def test_learned_temperature_gradient_matches_reference():
   mesh = _mesh((2, 4, 1))
   zx, zy, _, _ = _embeddings(B, seed=7)
   opts = Options(margin=0.2, same_language=True)
-  f = lambda t: contrastive.sharded_contrastive(zx, zy, t, mesh, opts)["contrastive_loss"]
+  f = lambda t: contrastive.sharded_infonce(zx, zy, t, mesh, opts)["contrastive_loss"]
   with jax.set_mesh(mesh):
     v1, g1 = jax.jit(jax.value_and_grad(f))(jnp.float32(0.05))
   v2, g2 = jax.value_and_grad(lambda t: reference_loss(zx, zy, t, opts))(jnp.float32(0.05))

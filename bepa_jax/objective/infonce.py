@@ -1,17 +1,29 @@
-"""InfoNCE variants for negative-pool studies, sharded like objective.sharded_infonce.
+"""Symmetric InfoNCE over the global batch: the one implementation, with its options.
 
-Anchors a (context side, after the optional projector and predictor) score candidates c
-(the target side: the same embeddings, or those of an EMA target encoder). Per anchor
-x_i, with s = cosine similarity:
+Anchors a (side x and y, after the optional projector and predictor) score candidates c (the
+target side: the same embeddings, or those of an EMA target encoder). Per anchor x_i, with
+s = cosine similarity:
   pool      = {c(y_j)}                 + {c(x_j), if same_language}
   logit     = (s - m * [candidate is the positive y_i]) / tau          (additive margin m)
   excluded  : c(x_i) itself if mask_self; any candidate whose text equals y_i's
               (mask_duplicates, needs batch["text_hash"]), except the positive
   L_x->y    = mean_i [ logsumexp(logits over the pool) - logit(positive) ]
-L_y->x swaps the sides; symmetric picks mean = (L_x->y + L_y->x)/2, sum, x2y or y2x.
-The pool of each device is: global (all B rows, gradient through all_gather), local
-(its own b rows only) or global_stopgrad (all B rows, gradient only through its own b).
-Every device holds b x B (b x 2B with same-language) logits, never B x B.
+L_y->x swaps the sides; `symmetric` picks mean = (L_x->y + L_y->x)/2, sum, x2y or y2x.
+
+Sharding: the loss runs under `jax.shard_map` over the batch mesh axes. Each device
+all-gathers the candidates (`lax.all_gather(tiled=True)`, whose transpose is a
+reduce-scatter, so the gradient reaches every negative) and scores its b local anchors
+against them: b x B logits per device (b x 2B with same_language), never B x B. The label of
+local row r on shard k is k*b + r. `negatives` picks the pool: global (all B rows, gradient
+through the gather), local (the device's own b rows) or global_stopgrad (all B rows,
+gradient only through the device's own b).
+
+Chunked form (`chunk` > 0, loss.contrastive_chunk): the same gather, but the candidates are
+scored `chunk` columns at a time with an online log-sum-exp (running max and sum), and a
+custom VJP recomputes each chunk's softmax in the backward instead of storing it: b x chunk
+logits per device, O(b * chunk + B * D) memory. It covers the plain loss, every
+`negatives`/`symmetric` choice, heads and EMA targets; margin, same-language negatives and
+duplicate masking change the pool entry by entry and are refused with it (Options.check).
 """
 from __future__ import annotations
 
@@ -23,7 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bepa_jax.objective.plain import BATCH_AXES, l2_normalize
+from bepa_jax.errors import ConfigError
+from bepa_jax.mesh import BATCH_AXES
 
 SYMMETRIC = ("mean", "sum", "x2y", "y2x")
 NEGATIVES = ("global", "local", "global_stopgrad")
@@ -38,32 +51,89 @@ class Options:
   same_language: bool = False
   mask_self: bool = True
   mask_duplicates: bool = False
+  chunk: int = 0                     # 0: b x B logits; > 0: streaming, b x chunk logits
 
   @classmethod
   def from_config(cls, loss_cfg) -> "Options":
-    get = loss_cfg.get
-    return cls(margin=float(get("margin", 0.0)), symmetric=str(get("symmetric", "mean")),
-               negatives=str(get("negatives", "global")),
-               same_language=bool(get("same_language_negatives", False)),
-               mask_self=bool(get("mask_self", True)),
-               mask_duplicates=bool(get("mask_duplicates", False)))
+    return cls(margin=float(loss_cfg.margin), symmetric=str(loss_cfg.symmetric),
+               negatives=str(loss_cfg.negatives),
+               same_language=bool(loss_cfg.same_language_negatives),
+               mask_self=bool(loss_cfg.mask_self), mask_duplicates=bool(loss_cfg.mask_duplicates),
+               chunk=int(loss_cfg.contrastive_chunk)).check()
+
+  def check(self) -> "Options":
+    """Raises ConfigError (naming the config keys) for a choice or combination not supported."""
+    for key, value, choices in (("symmetric", self.symmetric, SYMMETRIC),
+                                ("negatives", self.negatives, NEGATIVES)):
+      if value not in choices:
+        raise ConfigError(f"loss.{key}={value!r} is not one of {', '.join(choices)}")
+    if self.margin < 0.0:
+      raise ConfigError(f"loss.margin must be >= 0, got {self.margin}")
+    if self.chunk < 0:
+      raise ConfigError(f"loss.contrastive_chunk must be >= 0, got {self.chunk}")
+    if self.chunk:
+      clash = [k for k, on in (("loss.margin", self.margin != 0.0),
+                               ("loss.same_language_negatives", self.same_language),
+                               ("loss.mask_duplicates", self.mask_duplicates)) if on]
+      if clash:
+        raise ConfigError(f"loss.contrastive_chunk={self.chunk} cannot be combined with "
+                          f"{', '.join(clash)}: set loss.contrastive_chunk=0")
+    return self
 
   @property
   def is_default(self) -> bool:
     return self == Options()
 
 
-def _gather(c, axis, offset, negatives):
-  if axis is None or negatives == "local":
-    return c
-  if negatives == "global_stopgrad":  # other shards' columns are constants; ours keep their grad
-    full = lax.all_gather(lax.stop_gradient(c), axis, tiled=True)
-    return lax.dynamic_update_slice_in_dim(full, c, offset, axis=0)
-  return lax.all_gather(c, axis, tiled=True)
+def l2_normalize(x, eps: float = 1e-12):
+  x = x.astype(jnp.float32)
+  return x * lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
+
+# --- the streaming log-sum-exp of the chunked form -------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def streaming_lse(a, c, inv_tau: float, chunk: int):
+  """(logsumexp_j a_i.c_j * inv_tau, max_j of the same) over the rows of c, chunk at a time."""
+  return _lse_fwd(a, c, inv_tau, chunk)[0]
+
+
+def _chunks(c, chunk):
+  return c.reshape(c.shape[0] // chunk, chunk, c.shape[1])
+
+
+def _lse_fwd(a, c, inv_tau, chunk):
+  def body(carry, cj):
+    m, s = carry
+    logits = (a @ cj.T) * inv_tau                       # [b, chunk]: the only logits alive
+    m_new = jnp.maximum(m, logits.max(axis=1))
+    s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[:, None]).sum(axis=1)
+    return (m_new, s), None
+  zero = a[:, 0] * 0  # carries a's type, including shard_map's varying-over-axes
+  (m, s), _ = lax.scan(body, (zero - jnp.inf, zero), _chunks(c, chunk))
+  lse = m + jnp.log(s)
+  return (lse, m), (a, c, lse)
+
+
+def _lse_bwd(inv_tau, chunk, res, cotangents):
+  a, c, lse = res
+  g = cotangents[0]                                      # the max is a metric: no gradient
+  def body(da, cj):
+    p = jnp.exp((a @ cj.T) * inv_tau - lse[:, None]) * g[:, None]   # softmax chunk, recomputed
+    return da + (p @ cj) * inv_tau, (p.T @ a) * inv_tau
+  da, dc = lax.scan(body, a * 0, _chunks(c, chunk))
+  return da, dc.reshape(c.shape)
+
+
+streaming_lse.defvjp(_lse_fwd, _lse_bwd)
+
+
+# --- one direction (x -> y or y -> x) --------------------------------------------------------
 
 def _direction(anchors, pos_pool, same_pool, labels, tau, opts, pos_hash, pool_hash, same_hash):
   """Sums over local anchors: (cross-entropy, top-1 hits, positive cos, negative cos, #neg)."""
+  if opts.chunk:
+    return _streaming_direction(anchors, pos_pool, labels, tau, opts.chunk)
   n = pos_pool.shape[0]
   sims = anchors @ pos_pool.T                                   # [b, n]
   is_pos = jnp.arange(n)[None, :] == labels[:, None]
@@ -89,6 +159,36 @@ def _direction(anchors, pos_pool, same_pool, labels, tau, opts, pos_hash, pool_h
   ce = jax.nn.logsumexp(logits, axis=1) - pos_logit
   hits = jnp.argmax(jnp.where(invalid, -jnp.inf, sims), axis=1) == labels
   return ce.sum(), hits.astype(jnp.float32).sum(), pos_sim.sum(), neg_sum, neg_count
+
+
+def _streaming_direction(anchors, pool, labels, tau, chunk):
+  """`_direction` without the [b, n] logits (no margin, same-language pool or hashes)."""
+  b, n = anchors.shape[0], pool.shape[0]
+  if n % chunk:
+    raise ConfigError(f"loss.contrastive_chunk={chunk} must be a positive divisor of the "
+                      f"{n} candidates each device scores (the (micro-)batch, or its shard "
+                      f"with loss.negatives=local)")
+  lse, row_max = streaming_lse(anchors, pool, 1.0 / tau, chunk)
+  pos_sim = jnp.sum(anchors * pool[labels], axis=-1)
+  pos_logit = pos_sim / tau
+  # top-1 = the positive is the row max (argmax would need the b x n row). The two are summed
+  # in different orders (dot here, matmul there), so compare to rounding, not bitwise.
+  pos = lax.stop_gradient(pos_logit)
+  hits = (pos >= row_max - 1e-5 * (1.0 + jnp.abs(row_max))).astype(jnp.float32)
+  all_sims = jnp.sum(anchors, axis=0) @ jnp.sum(pool, axis=0)  # sum of a_i . c_j, all i, j
+  return ((lse - pos_logit).sum(), hits.sum(), pos_sim.sum(), all_sims - pos_sim.sum(),
+          jnp.float32(b * (n - 1)))
+
+
+# --- both directions, the metrics ------------------------------------------------------------
+
+def _gather(c, axis, offset, negatives):
+  if axis is None or negatives == "local":
+    return c
+  if negatives == "global_stopgrad":  # other shards' columns are constants; ours keep their grad
+    full = lax.all_gather(lax.stop_gradient(c), axis, tiled=True)
+    return lax.dynamic_update_slice_in_dim(full, c, offset, axis=0)
+  return lax.all_gather(c, axis, tiled=True)
 
 
 def _stats(ax, ay, cx, cy, hx, hy, tau, *, opts, axis, global_batch):
@@ -122,25 +222,35 @@ def _prepare(ax, ay, cx, cy):
   return ax, ay, cx, cy
 
 
-def contrastive_reference(ax, ay, temperature, opts: Options, cx=None, cy=None, text_hash=None):
-  """Unsharded form (one pool of B rows). For tests and tiny batches."""
+def _static_tau(temperature, opts):
+  if opts.chunk and not isinstance(temperature, (int, float)):
+    raise ConfigError(f"loss.contrastive_chunk={opts.chunk} cannot be combined with "
+                      f"loss.learn_temperature: set loss.contrastive_chunk=0")
+
+
+def infonce_reference(ax, ay, temperature, opts: Options = Options(), cx=None, cy=None,
+                      text_hash=None):
+  """Unsharded form (one pool of B rows, B x B logits unless chunked). For tests and tiny B."""
+  _static_tau(temperature, opts)
   ax, ay, cx, cy = _prepare(ax, ay, cx, cy)
   hx, hy = (None, None) if text_hash is None else (text_hash[:, 0], text_hash[:, 1])
   return _stats(ax, ay, cx, cy, hx, hy, temperature, opts=opts, axis=None,
                 global_batch=ax.shape[0])
 
 
-def sharded_contrastive(ax, ay, temperature, mesh, opts: Options, cx=None, cy=None,
-                        text_hash=None, batch_axes=BATCH_AXES):
-  """The loss and metrics above; b x B logits per device.
+def sharded_infonce(ax, ay, temperature, mesh, opts: Options = Options(), cx=None, cy=None,
+                    text_hash=None, batch_axes=BATCH_AXES):
+  """The loss and metrics (METRICS, scalars) over the global batch; b x B logits per device.
 
-  ax, ay: [B, D] anchors of side x and y; cx, cy: [B, D] candidates (default: the anchors);
-  text_hash: optional [B, 2] int ids of each side's text (only read if opts.mask_duplicates);
-  temperature: a float or a traced scalar (learned). None of the inputs need be normalised.
+  ax, ay: [B, D] anchors of side x and y, sharded along `batch_axes` on dim 0; cx, cy: [B, D]
+  candidates (default: the anchors); text_hash: optional [B, 2] int ids of each side's text
+  (read only if opts.mask_duplicates); temperature: a float, or a traced scalar (learned; not
+  with opts.chunk). None of the inputs need be normalised.
   """
+  _static_tau(temperature, opts)
   axes = tuple(a for a in batch_axes if mesh.shape[a] > 1) or batch_axes[:1]
   spec = P(axes, None)
-  sharding = NamedSharding(mesh, spec)
+  sharding = NamedSharding(mesh, spec)  # shard_map inputs must already carry it
   ax, ay, cx, cy = (lax.with_sharding_constraint(z, sharding) for z in _prepare(ax, ay, cx, cy))
   args, specs = [ax, ay, cx, cy], [spec] * 4
   use_hash = opts.mask_duplicates and text_hash is not None
@@ -148,11 +258,15 @@ def sharded_contrastive(ax, ay, temperature, mesh, opts: Options, cx=None, cy=No
     th = lax.with_sharding_constraint(text_hash.astype(jnp.int32), sharding)
     args += [th[:, 0], th[:, 1]]
     specs += [P(axes), P(axes)]
-  tau = jnp.asarray(temperature, jnp.float32)
+  static = opts.chunk > 0  # the streaming VJP takes 1/tau as a Python float
+  tau = float(temperature) if static else jnp.asarray(temperature, jnp.float32)
 
   def body(*a):
     hx, hy = (a[4], a[5]) if use_hash else (None, None)
-    return _stats(*a[:4], hx, hy, a[-1], opts=opts, axis=axes, global_batch=ax.shape[0])
+    t = tau if static else a[-1]
+    return _stats(*a[:4], hx, hy, t, opts=opts, axis=axes, global_batch=ax.shape[0])
 
-  return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs) + (P(),),
-                       out_specs={k: P() for k in METRICS})(*args, tau)
+  in_specs = tuple(specs) + (() if static else (P(),))
+  args = args + ([] if static else [tau])
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs,
+                       out_specs={k: P() for k in METRICS})(*args)

@@ -4,25 +4,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bepa_jax.objective import chunked
 from bepa_jax.objective import heads
-from bepa_jax.objective import infonce as contrastive
-from bepa_jax.objective import plain as objective
+from bepa_jax.objective import infonce
+from bepa_jax.objective.mlm import mlm_loss
 
 
 class Objective:
   """The BEPA loss in the pieces GradCache needs: encode -> [CLS] -> contrastive on [CLS].
 
-  With every loss option at its default this is exactly objective.sharded_infonce on the
-  encoder's [CLS]; options (contrastive.Options, heads.py) only add to that path.
+  The contrastive term is infonce.sharded_infonce on the encoder's [CLS]; the options
+  (infonce.Options, heads.py: projector, predictor, learned tau, EMA target) only add to it.
   """
 
   def __init__(self, model, loss_cfg, mesh, head=None):
     self.model, self.loss_cfg, self.mesh, self.head = model, loss_cfg, mesh, head
     self.weight = float(loss_cfg.weight)
     self.temperature = float(loss_cfg.temperature)
-    self.opts = contrastive.Options.from_config(loss_cfg)
-    self.plain = head is None and self.opts.is_default and not heads.uses_ema(loss_cfg)
+    self.opts = infonce.Options.from_config(loss_cfg)
 
   def encode(self, params, batch, rng, with_mlm: bool = True):
     """-> ([CLS] [B, 2, H], (MLM ce sum, correct, count) or None). Both sides as one [2B] batch."""
@@ -34,7 +32,7 @@ class Objective:
                            deterministic=False, rngs={"dropout": rng})
     mlm = None
     if with_mlm:
-      mlm = objective.mlm_loss(out["mlm_logits"], flat(batch["mlm_ids"]),
+      mlm = mlm_loss(out["mlm_logits"], flat(batch["mlm_ids"]),
                                flat(batch["mlm_weights"]))
     return out["cls"].reshape(B, 2, -1), mlm
 
@@ -57,15 +55,10 @@ class Objective:
     zx, zy = cls[:, 0], cls[:, 1]
     if self.weight == 0.0:  # pure MLM; the contrastive numbers are still logged
       zx, zy = jax.lax.stop_gradient(zx), jax.lax.stop_gradient(zy)
-    if self.plain:
-      chunk = int(self.loss_cfg.contrastive_chunk)
-      if chunk:  # streaming log-sum-exp: b x chunk logits per device instead of b x B
-        return chunked.chunked_infonce(zx, zy, self.temperature, self.mesh, chunk)
-      return objective.sharded_infonce(zx, zy, self.temperature, self.mesh)
-    hp = heads.head_params(params)
-    tau = heads.temperature(self.head, hp, self.loss_cfg)
-    cx = cy = None
+    tau, cx, cy = self.temperature, None, None
     if self.head is not None:
+      hp = heads.head_params(params)
+      tau = heads.temperature(self.head, hp, self.loss_cfg)
       apply = lambda method, z: self.head.apply({"params": hp}, z, method=method)
       zx, zy = (apply(heads.ContrastiveHead.project, z) for z in (zx, zy))
       if self.head.predictor:  # the predictor maps context to target: anchors only
@@ -73,8 +66,8 @@ class Objective:
         zx, zy = (apply(heads.ContrastiveHead.predict, z) for z in (zx, zy))
     if target is not None:
       cx, cy = target[:, 0], target[:, 1]
-    con = contrastive.sharded_contrastive(zx, zy, tau, self.mesh, self.opts, cx, cy,
-                                          batch.get("text_hash"))
+    con = infonce.sharded_infonce(zx, zy, tau, self.mesh, self.opts, cx, cy,
+                                  batch.get("text_hash"))
     if not isinstance(tau, float):
       con["temperature"] = tau
     return con
