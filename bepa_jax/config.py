@@ -30,7 +30,7 @@ def _get(config, dotted):
 
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   """(data, fsdp, tensor) with -1 resolved; data includes dcn_data slices."""
-  dcn = int(mesh_cfg.get("dcn_data", 1))
+  dcn = int(mesh_cfg.dcn_data)
   sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
   names = ["mesh.data", "mesh.fsdp", "mesh.tensor"]
   if dcn < 1:
@@ -76,6 +76,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
   if float(config.loss.weight) < 0.0:
     raise ConfigError(f"loss.weight (lambda) must be >= 0, got {config.loss.weight}")
   _validate_loss_options(config.loss)
+  _validate_model_keys(config.model)
+  validate_checkpoint(config.checkpoint)
+  _validate_eval(config)
+  _validate_rules(config.mesh.rules)
+  from bepa_jax import host_memory  # local: no jax needed, but keep this module's imports light
+  if str(config.train.host_malloc) not in host_memory.MODES:
+    raise ConfigError(f"train.host_malloc={config.train.host_malloc!r} must be one of "
+                      f"{', '.join(host_memory.MODES)}")
+  if int(config.train.profile_steps) < 0 or int(config.train.profile_start) < 0:
+    raise ConfigError(f"train.profile_start={config.train.profile_start} / train.profile_steps="
+                      f"{config.train.profile_steps} must be >= 0")
   d = config.data
   if int(d.max_length) < 3:
     raise ConfigError(f"data.max_length must be >= 3 ([CLS] s [SEP]), got {d.max_length}")
@@ -111,7 +122,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     raise ConfigError(
         f"train.global_batch={t.global_batch} (micro-batch {micro}) is not divisible by "
         f"the {shards} batch shards (mesh data={data} x fsdp={fsdp})")
-  chunks = int(t.get("gradcache_chunks", 0))
+  chunks = int(t.gradcache_chunks)
   if chunks < 0:
     raise ConfigError(f"train.gradcache_chunks must be >= 0, got {chunks}")
   if chunks > 1:
@@ -138,16 +149,88 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
 def _validate_loss_options(loss) -> None:
   from bepa_jax.objective import infonce  # local: config.py stays importable without jax
   opts = infonce.Options.from_config(loss)  # choices, margin, chunk combinations
-  get = loss.get
   if opts.chunk and bool(loss.learn_temperature):
     raise ConfigError(f"loss.contrastive_chunk={opts.chunk} cannot be combined with "
                       f"loss.learn_temperature: set loss.contrastive_chunk=0")
-  lo, hi = float(get("temperature_min", 0.01)), float(get("temperature_max", 1.0))
-  if get("learn_temperature", False) and not 0.0 < lo <= float(loss.temperature) <= hi:
+  lo, hi = float(loss.temperature_min), float(loss.temperature_max)
+  if bool(loss.learn_temperature) and not 0.0 < lo <= float(loss.temperature) <= hi:
     raise ConfigError(f"loss.temperature={loss.temperature} must lie in [temperature_min="
                       f"{lo}, temperature_max={hi}] (and min > 0) when learned")
   for key in ("projector_layers", "projector_dim", "predictor_layers", "predictor_dim"):
-    if int(get(key, 0)) < 0:
-      raise ConfigError(f"loss.{key} must be >= 0, got {get(key)}")
-  if not 0.0 <= float(get("ema_decay", 0.0)) < 1.0:
-    raise ConfigError(f"loss.ema_decay must be in [0, 1), got {get('ema_decay')}")
+    if int(loss[key]) < 0:
+      raise ConfigError(f"loss.{key} must be >= 0, got {loss[key]}")
+  if not 0.0 <= float(loss.ema_decay) < 1.0:
+    raise ConfigError(f"loss.ema_decay must be in [0, 1), got {loss.ema_decay}")
+
+
+def _validate_model_keys(model) -> None:
+  import dataclasses
+
+  from bepa_jax.model import EncoderConfig  # local: config.py stays importable without jax
+  known = {f.name for f in dataclasses.fields(EncoderConfig)}
+  unknown = sorted(set(model.keys()) - known)
+  if unknown:
+    raise ConfigError(f"model.{unknown[0]} is not an encoder setting (known: "
+                      f"{', '.join(sorted(known))})")
+
+
+def validate_checkpoint(ckpt_cfg) -> None:
+  for key in ("every_steps", "every_minutes"):
+    if float(ckpt_cfg[key]) < 0:
+      raise ConfigError(f"checkpoint.{key} must be >= 0 (0 disables it), got {ckpt_cfg[key]}")
+  if int(ckpt_cfg.keep) < 1:
+    raise ConfigError(f"checkpoint.keep must be >= 1, got {ckpt_cfg.keep}")
+  if ckpt_cfg.keep_best_mode not in ("min", "max"):
+    raise ConfigError(f"checkpoint.keep_best_mode={ckpt_cfg.keep_best_mode!r} is not one of "
+                      f"min, max")
+
+
+def split_list(s) -> list[str]:
+  """'a, b,,c' -> ['a', 'b', 'c'] (comma-separated config values)."""
+  return [x.strip() for x in str(s).split(",") if x.strip()]
+
+
+def _validate_eval(config) -> None:
+  """eval.* (only when eval.every_steps > 0): settings and the files they name."""
+  import os
+
+  from bepa_jax.eval.embed import POOLINGS  # local: config.py stays importable without jax
+  e = config.eval
+  if int(e.every_steps) <= 0:
+    return
+  if not e.tatoeba_dir and not e.parallel:
+    raise ConfigError("eval.every_steps > 0 needs eval.tatoeba_dir and/or eval.parallel")
+  if e.tatoeba_dir and not os.path.isdir(e.tatoeba_dir):
+    raise ConfigError(f"eval.tatoeba_dir={e.tatoeba_dir!r} is not a directory")
+  if e.parallel:
+    files = split_list(e.parallel)
+    if len(files) < 2:
+      raise ConfigError(f"eval.parallel={e.parallel!r} must list at least 2 comma-separated files")
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+      raise ConfigError(f"eval.parallel: {missing[0]}: no such file")
+  pools = split_list(e.pooling)
+  if not pools or any(p not in POOLINGS for p in pools):
+    raise ConfigError(f"eval.pooling={e.pooling!r} must name cls and/or mean")
+  if e.margin not in ("", "ratio", "distance"):
+    raise ConfigError(f"eval.margin={e.margin!r} is not one of '', ratio, distance")
+  if int(e.max_sentences) < 0 or int(e.batch_size) < 1:
+    raise ConfigError("eval.max_sentences must be >= 0 and eval.batch_size >= 1")
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def _validate_rules(rules) -> None:
+  """mesh.rules: (logical axis name, mesh axis | tuple of mesh axes | None) pairs."""
+  if isinstance(rules, str) or not isinstance(rules, (tuple, list)):
+    raise ConfigError(f"mesh.rules={rules!r} must be a tuple of (logical axis, mesh axes) pairs")
+  for rule in rules:
+    if (isinstance(rule, str) or not isinstance(rule, (tuple, list)) or len(rule) != 2
+        or not isinstance(rule[0], str)):
+      raise ConfigError(f"mesh.rules entry {rule!r} is not a (logical axis, mesh axes) pair")
+    target = rule[1]
+    axes = [] if target is None else [target] if isinstance(target, str) else target
+    if not isinstance(axes, (tuple, list)) or any(a not in MESH_AXES for a in axes):
+      raise ConfigError(f"mesh.rules entry {tuple(rule)!r}: mesh axes must be None or among "
+                        f"{', '.join(MESH_AXES)}")

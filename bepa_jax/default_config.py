@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
       dtype="float32",               # compute dtype: float32 | bfloat16 (params stay float32)
       remat="none",                  # none | full | dots_saveable
       scan_layers=False,             # nn.scan over layers: O(1) compile time in depth
+      fused_qkv=False,               # one [H, 3H] Q/K/V matmul; same parameters and names
   ))
 
   # --- Objective: L = L_mlm + weight * L_con (symmetric InfoNCE over the global batch).

@@ -21,7 +21,7 @@ def create_mesh(mesh_cfg, devices=None) -> Mesh:
   """A (data, fsdp, tensor) mesh; with dcn_data > 1, `data` spans slices over DCN."""
   devices = list(jax.devices() if devices is None else devices)
   shape = config_lib.resolve_mesh_shape(mesh_cfg, len(devices))
-  dcn = int(mesh_cfg.get("dcn_data", 1))
+  dcn = int(mesh_cfg.dcn_data)
   if dcn > 1:  # multislice: only the data axis crosses the slow DCN links
     ici = (shape[0] // dcn, shape[1], shape[2])
     grid = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices)

@@ -41,8 +41,14 @@ class EncoderConfig:
 
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int | None = None) -> "EncoderConfig":
+    """From `config.model`; a key this class does not know is an error, never dropped."""
+    from bepa_jax.errors import ConfigError
     fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in model_cfg.items() if k in fields}
+    unknown = sorted(set(model_cfg.keys()) - fields)
+    if unknown:
+      raise ConfigError(f"model.{unknown[0]} is not an encoder setting (known: "
+                        f"{', '.join(sorted(fields))})")
+    kw = dict(model_cfg.items())
     if vocab_size is not None and not kw.get("vocab_size"):
       kw["vocab_size"] = vocab_size
     return cls(**kw)

@@ -11,18 +11,14 @@ import os
 
 import jax
 
-from bepa_jax.errors import ConfigError
 
 log = logging.getLogger("bepa")
 
 
 class StepProfiler:
   def __init__(self, train_cfg, workdir: str):
-    self.start = int(train_cfg.get("profile_start", 0))
-    self.steps = int(train_cfg.get("profile_steps", 0))
-    if self.steps < 0 or (self.steps and self.start < 0):
-      raise ConfigError(f"train.profile_start={self.start} / train.profile_steps={self.steps} "
-                        "must be >= 0")
+    self.start = int(train_cfg.profile_start)
+    self.steps = int(train_cfg.profile_steps)
     self.dir = os.path.join(workdir, "profile")
     self.active = False
     self.enabled = self.steps > 0 and jax.process_index() == 0

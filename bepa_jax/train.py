@@ -178,6 +178,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   """Runs the whole job; returns (final state, last logged metrics)."""
   if config.init.hf_dir:  # before the config is compared with the workdir's checkpoints
     hf_init.apply_to_config(config)
+  # The one validation pass: every section, before a tokenizer is trained or a file written.
+  config_lib.validate(config, jax.device_count())
   ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint)
   ckpt.check_config(config)  # before anything is built or workdir/config.json is rewritten
   ckpt.install_preemption_handler()

@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from bepa_jax import config as config_lib
 from bepa_jax.errors import BepaError, ConfigError
 
 log = logging.getLogger("bepa")
@@ -65,17 +66,6 @@ def directory(workdir: str) -> epath.Path:
   """WORKDIR/checkpoints (WORKDIR itself when it already is one)."""
   path = epath.Path(workdir)
   return path if path.name == SUBDIR else path / SUBDIR
-
-
-def validate_config(ckpt_cfg) -> None:
-  for key in ("every_steps", "every_minutes"):
-    if float(ckpt_cfg[key]) < 0:
-      raise ConfigError(f"checkpoint.{key} must be >= 0 (0 disables it), got {ckpt_cfg[key]}")
-  if int(ckpt_cfg.keep) < 1:
-    raise ConfigError(f"checkpoint.keep must be >= 1, got {ckpt_cfg.keep}")
-  if ckpt_cfg.keep_best_mode not in ("min", "max"):
-    raise ConfigError(f"checkpoint.keep_best_mode={ckpt_cfg.keep_best_mode!r} is not one of "
-                      f"min, max")
 
 
 def config_value(tree: dict, dotted: str):
@@ -155,7 +145,7 @@ class Checkpointer:
     self._drop_incomplete(remove=not read_only)
     save_policies, keep = [], [policies.LatestN(n=int(ckpt_cfg.keep) if ckpt_cfg else None)]
     if ckpt_cfg is not None:
-      validate_config(ckpt_cfg)
+      config_lib.validate_checkpoint(ckpt_cfg)
       if int(ckpt_cfg.every_steps) > 0:
         save_policies.append(policies.FixedIntervalPolicy(int(ckpt_cfg.every_steps)))
       if float(ckpt_cfg.every_minutes) > 0:  # decided on process 0, broadcast to all

@@ -8,37 +8,13 @@ computation); the MetricWriter writes on process 0 only.
 from __future__ import annotations
 
 import logging
-import os
 
+from bepa_jax import config as config_lib
 from bepa_jax import mesh as mesh_lib
 from bepa_jax.errors import BepaError, ConfigError
 from bepa_jax.eval import embed, suite
 
 log = logging.getLogger("bepa")
-
-
-def _split(s) -> list[str]:
-  return [x.strip() for x in str(s).split(",") if x.strip()]
-
-
-def check_config(config) -> None:
-  """One-line ConfigErrors for eval.* (only when eval.every_steps > 0)."""
-  e = config.eval
-  if int(e.every_steps) <= 0:
-    return
-  if not e.tatoeba_dir and not e.parallel:
-    raise ConfigError("eval.every_steps > 0 needs eval.tatoeba_dir and/or eval.parallel")
-  if e.tatoeba_dir and not os.path.isdir(e.tatoeba_dir):
-    raise ConfigError(f"eval.tatoeba_dir={e.tatoeba_dir!r} is not a directory")
-  if e.parallel and len(_split(e.parallel)) < 2:
-    raise ConfigError(f"eval.parallel={e.parallel!r} must list at least 2 comma-separated files")
-  pools = _split(e.pooling)
-  if not pools or any(p not in embed.POOLINGS for p in pools):
-    raise ConfigError(f"eval.pooling={e.pooling!r} must name cls and/or mean")
-  if e.margin not in ("", "ratio", "distance"):
-    raise ConfigError(f"eval.margin={e.margin!r} is not one of '', ratio, distance")
-  if int(e.max_sentences) < 0 or int(e.batch_size) < 1:
-    raise ConfigError("eval.max_sentences must be >= 0 and eval.batch_size >= 1")
 
 
 class PeriodicEval:
@@ -47,10 +23,10 @@ class PeriodicEval:
   def __init__(self, config, model, tokenizer, mesh):
     e = config.eval
     self.every = int(e.every_steps)
-    self.poolings = tuple(_split(e.pooling))
+    self.poolings = tuple(config_lib.split_list(e.pooling))
     self.margin = e.margin or None
     try:
-      self.sets = suite.load_sets(e.tatoeba_dir or None, _split(e.langs), _split(e.parallel),
+      self.sets = suite.load_sets(e.tatoeba_dir or None, config_lib.split_list(e.langs), config_lib.split_list(e.parallel),
                                   int(e.max_sentences) or None)
     except BepaError as err:  # a missing file: name the key that pointed at it
       raise ConfigError(f"eval: {err}") from None
@@ -72,7 +48,6 @@ def from_config(config, model, tokenizer, mesh) -> PeriodicEval | None:
   """None when eval.every_steps is 0 (or the config has no eval section)."""
   if "eval" not in config or int(config.eval.every_steps) <= 0:
     return None
-  check_config(config)
   return PeriodicEval(config, model, tokenizer, mesh)
 
 

@@ -65,21 +65,20 @@ class ContrastiveHead(nn.Module):
 
 def from_config(loss_cfg, hidden_size: int) -> ContrastiveHead | None:
   """The head described by `config.loss`, or None when it would have no parameters."""
-  get = loss_cfg.get
-  proj_layers, pred_layers = int(get("projector_layers", 0)), int(get("predictor_layers", 0))
-  proj_dim = int(get("projector_dim", 0)) or hidden_size
-  pred_dim = int(get("predictor_dim", 0)) or proj_dim
+  proj_layers, pred_layers = int(loss_cfg.projector_layers), int(loss_cfg.predictor_layers)
+  proj_dim = int(loss_cfg.projector_dim) or hidden_size
+  pred_dim = int(loss_cfg.predictor_dim) or proj_dim
   out_dim = proj_dim if proj_layers else hidden_size
   projector = (proj_dim,) * proj_layers
   predictor = (pred_dim,) * (pred_layers - 1) + (out_dim,) if pred_layers else ()
-  learn = bool(get("learn_temperature", False))
+  learn = bool(loss_cfg.learn_temperature)
   if not (projector or predictor or learn):
     return None
   return ContrastiveHead(projector, predictor, learn, float(loss_cfg.temperature))
 
 
 def uses_ema(loss_cfg) -> bool:
-  return float(loss_cfg.get("ema_decay", 0.0)) > 0.0
+  return float(loss_cfg.ema_decay) > 0.0
 
 
 def encoder_params(params):
@@ -114,5 +113,5 @@ def temperature(head: ContrastiveHead | None, hparams, loss_cfg):
   if head is None or not head.learn_temperature:
     return float(loss_cfg.temperature)
   log_tau = head.apply({"params": hparams}, method=ContrastiveHead.log_tau)
-  return jnp.clip(jnp.exp(log_tau), float(loss_cfg.get("temperature_min", 0.01)),
-                  float(loss_cfg.get("temperature_max", 1.0)))
+  return jnp.clip(jnp.exp(log_tau), float(loss_cfg.temperature_min),
+                  float(loss_cfg.temperature_max))
