@@ -34,6 +34,7 @@ def main():
     return 0
   import jax
   from bepa_jax import default_config, train
+  from bepa_jax.data import factory as data_factory
 
   c = default_config.get_config()
   c.data.source = f"aligned:{DATA}/train.{{en,de,fr,cs}}"
@@ -47,7 +48,7 @@ def main():
   workdir = tempfile.mkdtemp(prefix="bepa-bench-input-")
 
   t0 = time.perf_counter()
-  tok = train.load_tokenizer(c, workdir)
+  tok = data_factory.load_tokenizer(c, workdir)
   t_tok = time.perf_counter() - t0
   t0 = time.perf_counter()
   pipe = train.build_pipeline(c, tok)

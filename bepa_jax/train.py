@@ -40,27 +40,6 @@ log = logging.getLogger("bepa")
 
 
 # ----------------------------------------------------------------------------- phases
-def load_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
-  """An existing tokenizer (tokenizer.path, or init.hf_dir's), or a sentencepiece model trained
-  on the corpus on first use and cached in the workdir."""
-  if config.tokenizer.path:
-    return data_factory.load_tokenizer(config.tokenizer)
-  if config.init.hf_dir:
-    return hf_init.load_tokenizer(str(config.init.hf_dir))
-  path = os.path.join(workdir, "tokenizer", "spm.model")
-  if not os.path.exists(path) and jax.process_index() == 0:
-    log.info("training a %d-piece %s tokenizer on the corpus -> %s", config.tokenizer.vocab_size,
-             config.tokenizer.model_type, path)
-    texts = (corpus_lib.load_embedded().texts() if config.data.source == "embedded"
-             else data_factory.training_texts(config.data))
-    tokenizer_lib.train_sentencepiece(texts, os.path.dirname(path),
-                                      config.tokenizer.vocab_size, config.tokenizer.model_type)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("tokenizer")
-  return tokenizer_lib.SentencePieceTokenizer(path)
-
-
 def build_pipeline(config, tokenizer):
   if config.data.source != "embedded":
     return data_factory.build_pipeline(config, tokenizer)
@@ -127,7 +106,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=No
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  tokenizer = load_tokenizer(config, workdir)
+  tokenizer = data_factory.load_tokenizer(config, workdir)
   pipeline = build_pipeline(config, tokenizer)
   if pipeline.truncated:
     log.info("%d sentences are longer than data.max_length=%d and are truncated",

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from bepa_jax.data import pair_pipeline, pretrained_tokenizers, sources
 from bepa_jax.data import tokenizer as tokenizer_lib
+from bepa_jax.errors import InputError
 
 log = logging.getLogger("bepa")
 
@@ -13,8 +15,7 @@ def open_configured_sources(data_cfg):
   """(components, weights, load stats) of `data.source` under the config's text policy."""
   return sources.open_sources(
       str(data_cfg.source), sources.TextPolicy.from_config(data_cfg),
-      sources.parse_pairs(str(data_cfg.get("pairs", ""))),
-      str(data_cfg.get("tfds_data_dir", "")) or None)
+      sources.parse_pairs(str(data_cfg.pairs)), str(data_cfg.tfds_data_dir) or None)
 
 
 def training_texts(data_cfg, limit: int = 2_000_000):
@@ -23,8 +24,35 @@ def training_texts(data_cfg, limit: int = 2_000_000):
   return sources.iter_texts(comps, limit)
 
 
-def load_tokenizer(tok_cfg) -> tokenizer_lib.Tokenizer:
-  return pretrained_tokenizers.load(str(tok_cfg.get("kind", "spm")), str(tok_cfg.path))
+def load_tokenizer(config, workdir: str, train_if_missing: bool = True) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer: tokenizer.path (of tokenizer.kind), else init.hf_dir's, else the
+  sentencepiece model cached in the workdir, trained on the corpus on first use."""
+  import jax
+  if config.tokenizer.path:
+    return pretrained_tokenizers.load(str(config.tokenizer.kind), str(config.tokenizer.path))
+  if config.init.hf_dir:
+    hf_dir = str(config.init.hf_dir)
+    if tokenizer_lib.find(hf_dir) is None:
+      raise InputError(f"init.hf_dir: {hf_dir} has no tokenizer (tokenizer.json, "
+                       f"sentencepiece.bpe.model or spm.model); set tokenizer.path")
+    return tokenizer_lib.load(hf_dir)
+  path = os.path.join(workdir, "tokenizer", "spm.model")
+  if not os.path.exists(path):
+    if not train_if_missing:
+      raise InputError(f"{path}: not found and config.tokenizer.path is empty; pass --tokenizer")
+    if jax.process_index() == 0:
+      from bepa_jax.data import corpus as corpus_lib
+      tc = config.tokenizer
+      log.info("training a %d-piece %s tokenizer on the corpus -> %s", tc.vocab_size,
+               tc.model_type, path)
+      texts = (corpus_lib.load_embedded().texts() if config.data.source == "embedded"
+               else training_texts(config.data))
+      tokenizer_lib.train_sentencepiece(texts, os.path.dirname(path), tc.vocab_size,
+                                        tc.model_type)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("tokenizer")
+  return tokenizer_lib.SentencePieceTokenizer(path)
 
 
 def build_pipeline(config, tokenizer) -> pair_pipeline.PairPipeline:
@@ -34,7 +62,7 @@ def build_pipeline(config, tokenizer) -> pair_pipeline.PairPipeline:
       comps, weights, tokenizer, global_batch=int(config.train.global_batch),
       max_length=int(d.max_length), mask_prob=float(d.mask_prob),
       max_predictions=int(d.max_predictions_per_seq), seed=int(d.seed),
-      temperature=float(d.get("temperature", 1.0)), dedup=bool(d.get("dedup", True)),
+      temperature=float(d.temperature), dedup=bool(d.dedup),
       load_stats=stats)
   if pipe.mlm_only and float(config.loss.weight) != 0.0:
     from bepa_jax.errors import ConfigError

@@ -89,6 +89,31 @@ class HFJsonTokenizer(Tokenizer):
     return self.tk.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+class HFTokenizer(Tokenizer):
+  """A `transformers` tokenizer behind the project's Tokenizer interface (local files only)."""
+
+  def __init__(self, path: str):
+    try:
+      from transformers import AutoTokenizer
+    except ImportError:
+      raise InputError(f"{path}: reading an HF tokenizer needs `pip install bepa-jax[hf]`") from None
+    self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    t = self.tok
+    self.vocab_size = len(t)
+    self.pad_id, self.unk_id = t.pad_token_id, t.unk_token_id
+    self.cls_id = t.cls_token_id if t.cls_token_id is not None else t.bos_token_id
+    self.sep_id = t.sep_token_id if t.sep_token_id is not None else t.eos_token_id
+    self.mask_id = t.mask_token_id
+    if None in (self.pad_id, self.cls_id, self.sep_id):
+      raise InputError(f"{path}: tokenizer lacks a pad, [CLS]/<s> or [SEP]/</s> token")
+
+  def encode_batch(self, texts):
+    return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+
+  def decode(self, ids):
+    return self.tok.decode(ids, skip_special_tokens=True)
+
+
 def load(kind: str, path: str) -> Tokenizer:
   """`tokenizer.kind` + `tokenizer.path` -> a Tokenizer (one-line errors)."""
   if kind not in KINDS:

@@ -29,63 +29,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from bepa_jax.data import tfds_sources
+from bepa_jax.data.records import (  # noqa: F401  (re-exported: sources.Component, ...)
+    Component, LoadStats, TextPolicy, select_pairs)
 from bepa_jax.errors import ConfigError, InputError
-
-
-# ----------------------------------------------------------------------------- text policy
-@dataclasses.dataclass
-class LoadStats:
-  """What was dropped or changed while reading: reported in the log, never silent."""
-  empty: int = 0              # pairs dropped because a side was empty
-  long_skipped: int = 0       # pairs dropped because a side had more than max_chars
-  long_truncated: int = 0     # sides cut to max_chars
-  invalid_utf8: int = 0       # pairs dropped because a line was not UTF-8
-
-  def add(self, other: "LoadStats"):
-    for f in dataclasses.fields(self):
-      setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-  def report(self) -> str:
-    parts = [f"{v} {k.replace('_', ' ')}" for k, v in dataclasses.asdict(self).items() if v]
-    return ", ".join(parts) if parts else "nothing skipped"
-
-
-@dataclasses.dataclass(frozen=True)
-class TextPolicy:
-  """How bad lines are handled (data.max_chars, data.long_lines, data.invalid_utf8)."""
-  max_chars: int = 2000
-  long_lines: str = "skip"        # skip | truncate
-  invalid_utf8: str = "error"     # error | skip
-
-  def __post_init__(self):
-    if self.long_lines not in ("skip", "truncate"):
-      raise ConfigError(f"data.long_lines={self.long_lines!r} is not one of skip, truncate")
-    if self.invalid_utf8 not in ("error", "skip"):
-      raise ConfigError(f"data.invalid_utf8={self.invalid_utf8!r} is not one of error, skip")
-    if self.max_chars < 1:
-      raise ConfigError(f"data.max_chars must be >= 1, got {self.max_chars}")
-
-  @classmethod
-  def from_config(cls, data_cfg) -> "TextPolicy":
-    return cls(int(data_cfg.get("max_chars", 2000)), str(data_cfg.get("long_lines", "skip")),
-               str(data_cfg.get("invalid_utf8", "error")))
-
-  def clean(self, texts: Sequence[str | None], stats: LoadStats) -> tuple[str, ...] | None:
-    """The row's texts, cleaned; None (counted) when the row must be dropped."""
-    if any(t is None for t in texts):
-      stats.invalid_utf8 += 1
-      return None
-    texts = tuple(t.strip() for t in texts)
-    if any(not t for t in texts):
-      stats.empty += 1
-      return None
-    if any(len(t) > self.max_chars for t in texts):
-      if self.long_lines == "skip":
-        stats.long_skipped += 1
-        return None
-      stats.long_truncated += sum(len(t) > self.max_chars for t in texts)
-      texts = tuple(t[:self.max_chars] for t in texts)
-    return texts
 
 
 def _open_binary(path: str):
@@ -117,26 +64,6 @@ def read_lines(path: str, policy: TextPolicy) -> list[str | None]:
 
 
 # ----------------------------------------------------------------------------- components
-class Component:
-  """One language pair of one source: random access to (text_x, text_y)."""
-  source: str
-  lang_x: str
-  lang_y: str
-
-  def __len__(self) -> int:
-    raise NotImplementedError
-
-  def __getitem__(self, i: int) -> tuple[str, str]:
-    raise NotImplementedError
-
-  @property
-  def name(self) -> str:
-    return f"{self.source}:{self.lang_x}-{self.lang_y}"
-
-  def __repr__(self):
-    return f"<{self.name} {len(self)} pairs>"
-
-
 class ColumnPair(Component):
   """A pair of columns of an in-memory multi-way table (rows where both sides are usable)."""
 
@@ -165,15 +92,6 @@ class Monolingual(Component):
 
   def __getitem__(self, i):
     return self.lines[i], self.lines[i + self.half]
-
-
-def select_pairs(languages: Sequence[str], pairs: Sequence[tuple[str, str]] | None):
-  """Unordered language pairs of a multi-way source, in source order, filtered by `pairs`."""
-  out = list(itertools.combinations(languages, 2))
-  if pairs:
-    wanted = {frozenset(p) for p in pairs}
-    out = [p for p in out if frozenset(p) in wanted]
-  return out
 
 
 def multiway_components(source: str, languages: Sequence[str], columns: Sequence[Sequence],
@@ -467,7 +385,6 @@ def open_spec(spec: SourceSpec, policy: TextPolicy, stats: LoadStats, pairs=None
       raise ConfigError(f"data.source entry mono:{spec.arg!r} must be mono:LANG=PATH")
     return monolingual_file(lang, path, policy, stats)
   if spec.kind == "tfds":
-    from bepa_jax.data import tfds_sources
     name, _, split = spec.arg.partition(":")
     return tfds_sources.tfds_components(name, split or "train", policy, pairs=pairs,
                                         data_dir=tfds_data_dir or None)

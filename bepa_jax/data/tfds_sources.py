@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from bepa_jax.data.sources import Component, LoadStats, TextPolicy, select_pairs
+from bepa_jax.data.records import Component, LoadStats, TextPolicy, select_pairs
 from bepa_jax.errors import ConfigError, InputError
 
 # Legacy builders register only once their module is imported.

@@ -75,3 +75,38 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int,
     f.write(buf.getvalue())
   os.replace(tmp, path)  # atomic: a half-written model is never picked up
   return path
+
+
+# Files that hold a tokenizer, in the order a directory is searched, with their kind.
+TOKENIZER_FILES = (("spm.model", "spm"), (os.path.join("tokenizer", "spm.model"), "spm"),
+                   ("tokenizer.json", "hf_json"), ("sentencepiece.bpe.model", "xlmr_spm"))
+
+
+def find(path: str) -> tuple[str, str] | None:
+  """(kind, file) of the tokenizer at `path` (a file, or a directory searched in
+  TOKENIZER_FILES order; "transformers" for a directory with only tokenizer_config.json)."""
+  if os.path.isfile(path):
+    name = os.path.basename(path)
+    return ({"tokenizer.json": "hf_json", "sentencepiece.bpe.model": "xlmr_spm"}.get(name, "spm"),
+            path)
+  for name, kind in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(path, name)):
+      return kind, os.path.join(path, name)
+  if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+    return "transformers", path
+  return None
+
+
+def load(path: str, kind: str = "auto") -> Tokenizer:
+  """The one tokenizer loader: our sentencepiece model, XLM-R's, an HF tokenizer.json or an HF
+  tokenizer directory. `kind` "auto" finds it from the path (see `find`); errors are one line."""
+  from bepa_jax.data import pretrained_tokenizers
+  from bepa_jax.errors import InputError
+  if kind == "auto":
+    found = find(path)
+    if found is None:
+      raise InputError(f"{path}: no tokenizer found ({', '.join(n for n, _ in TOKENIZER_FILES)})")
+    kind, path = found
+  if kind == "transformers":
+    return pretrained_tokenizers.HFTokenizer(path)
+  return pretrained_tokenizers.load(kind, path)

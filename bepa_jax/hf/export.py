@@ -47,7 +47,7 @@ def export_sentencepiece_tokenizer(spm_path: str, out_dir: str) -> None:
 def export_tokenizer(config, workdir: str, out_dir: str) -> None:
   """The tokenizer training used: our sentencepiece model, or the files of an imported one."""
   path = str(config.tokenizer.path)
-  kind = str(config.tokenizer.get("kind", "spm"))
+  kind = str(config.tokenizer.kind)
   if not path:
     path = os.path.join(workdir, "tokenizer", "spm.model")
   if not os.path.exists(path):
@@ -65,26 +65,18 @@ def export_tokenizer(config, workdir: str, out_dir: str) -> None:
 
 def load_workdir_params(workdir: str, step: int | None = None):
   """(config, EncoderConfig, numpy params) of checkpoint `step` (default: the latest)."""
-  from bepa_jax.checkpoint import manager as ckpt_lib
+  from bepa_jax.checkpoint import reader
   from bepa_jax.eval import loading
   from bepa_jax.model import EncoderConfig
   config = loading.read_workdir_config(workdir)
-  ckpt = ckpt_lib.Checkpointer(workdir, None, read_only=True)
-  steps = ckpt.steps()
-  if not steps:
-    raise InputError(f"{workdir}: no checkpoints (looked in {ckpt.directory})")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise InputError(f"{workdir}: no checkpoint at step {step} (have {', '.join(map(str, steps))})")
-  params = loading.restore_params_numpy(workdir, step)
+  step, params = reader.read_params(workdir, step)
   vocab = int(config.model.vocab_size) or _tokenizer_vocab(config, workdir)
   return config, EncoderConfig.from_config(config.model, vocab_size=vocab), params, step
 
 
 def _tokenizer_vocab(config, workdir):
-  from bepa_jax import train
-  return train.load_tokenizer(config, workdir).vocab_size
+  from bepa_jax.data import factory
+  return factory.load_tokenizer(config, workdir, train_if_missing=False).vocab_size
 
 
 def export(workdir: str, out_dir: str, step: int | None = None) -> str:

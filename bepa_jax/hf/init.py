@@ -39,18 +39,6 @@ def apply_to_config(config) -> None:
     config.model[field] = getattr(cfg, field)
 
 
-def load_tokenizer(hf_dir: str):
-  from bepa_jax.data import pretrained_tokenizers, tokenizer as tokenizer_lib
-  if os.path.isfile(os.path.join(hf_dir, "spm.model")):  # exported by bepa-export
-    return tokenizer_lib.SentencePieceTokenizer(os.path.join(hf_dir, "spm.model"))
-  if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
-    return pretrained_tokenizers.load("hf_json", os.path.join(hf_dir, "tokenizer.json"))
-  if os.path.isfile(os.path.join(hf_dir, "sentencepiece.bpe.model")):
-    return pretrained_tokenizers.load("xlmr_spm", os.path.join(hf_dir, "sentencepiece.bpe.model"))
-  raise InputError(f"init.hf_dir: {hf_dir} has no tokenizer (tokenizer.json, "
-                   f"sentencepiece.bpe.model or spm.model); set tokenizer.path")
-
-
 def load_params(config, model_cfg):
   """HF weights as a plain numpy tree laid out for `model_cfg` (stacked when scan_layers)."""
   from bepa_jax.hf import convert as hf
