@@ -27,7 +27,6 @@ from bepa_jax import mesh as mesh_lib
 from bepa_jax import profiling
 from bepa_jax import step as step_lib
 from bepa_jax import train_state
-from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data import factory as data_factory
 from bepa_jax.data import pipeline as pipeline_lib
 from bepa_jax.data import tokenizer as tokenizer_lib
@@ -40,18 +39,8 @@ log = logging.getLogger("bepa")
 
 
 # ----------------------------------------------------------------------------- phases
-def build_pipeline(config, tokenizer):
-  if config.data.source != "embedded":
-    return data_factory.build_pipeline(config, tokenizer)
-  languages = [l.strip() for l in config.data.languages.split(",") if l.strip()]
-  try:
-    corpus = corpus_lib.load_embedded().select(languages)
-    return pipeline_lib.MultiwayPairPipeline(
-        corpus, tokenizer, global_batch=int(config.train.global_batch),
-        max_length=int(config.data.max_length), mask_prob=float(config.data.mask_prob),
-        max_predictions=int(config.data.max_predictions_per_seq), seed=int(config.data.seed))
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+def build_pipeline(config, tokenizer) -> pipeline_lib.Pipeline:
+  return data_factory.build_pipeline(config, tokenizer)
 
 
 def example_inputs(config) -> dict:
@@ -80,7 +69,7 @@ class Job:
   config: ml_collections.ConfigDict
   mesh: Any
   tokenizer: tokenizer_lib.Tokenizer
-  pipeline: pipeline_lib.MultiwayPairPipeline
+  pipeline: pipeline_lib.Pipeline
   model_cfg: EncoderConfig
   model: BepaEncoder
   state: train_state.TrainState
@@ -225,8 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   ckpt.wait()
   ckpt.close()
   writer.close()
-  if hasattr(pipeline, "report"):  # what the input dropped, redrew or truncated: never silent
-    log.info("%s", pipeline.report())
+  log.info("%s", pipeline.report())  # what the input dropped, redrew or truncated: never silent
   return state, metrics
 
 

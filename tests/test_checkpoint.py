@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import random
 import shutil
 import signal
@@ -233,7 +234,10 @@ def test_bepa_ckpt_list_and_show(ctx):
   assert r.returncode == 0, r.stderr
   fields = {l.split()[0]: l.split(None, 1)[1] for l in r.stdout.splitlines() if l[:1] != " "
             and len(l.split()) > 1}
-  assert fields["step"] == "4" and fields["data_state"] == "{'next_step': 4}"
+  # the input position: the step, and the fingerprint of the data it was drawn from
+  assert fields["step"] == "4"
+  assert re.fullmatch(r"\{'next_step': 4, 'data_fingerprint': '[0-9a-f]{16}'\}",
+                      fields["data_state"]), fields["data_state"]
   n_params = sum(x.size for x in jax.tree.leaves(_load(ctx["ref"], 4)["params"]))
   assert fields["parameters"] == f"{n_params:,}"
   assert "model.hidden_size        32" in r.stdout and "saved" in fields
@@ -299,3 +303,17 @@ def test_sigterm_with_two_processes_agrees_on_the_step(ctx, tmp_path):
     assert "preempted: saved checkpoint" in text, text[-3000:]
     saved.append(int(text.split("preempted: saved checkpoint ")[1].split()[0]))
   assert saved[0] == saved[1] and _steps(wd) == [saved[0]] and saved[0] < 500
+
+
+def test_resume_on_other_data_is_refused(tmp_path):
+  """The checkpointing path checks the pipeline's data fingerprint (pipeline.Pipeline)."""
+  from bepa_jax import train
+  from bepa_jax.errors import ConfigError
+  from tests.helpers import tiny_config
+  wd = str(tmp_path / "run")
+  overrides = {"train.steps": 2, "checkpoint.every_steps": 2, "train.global_batch": 8}
+  train.train(tiny_config(**overrides), wd)
+  with pytest.raises(ConfigError, match="checkpoint was written with other data"):
+    train.train(tiny_config(**{**overrides, "train.steps": 4, "data.seed": 9}), wd)
+  state, _ = train.train(tiny_config(**{**overrides, "train.steps": 4}), wd)  # same data: resumes
+  assert int(jax.device_get(state.step)) == 4

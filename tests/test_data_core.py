@@ -1,11 +1,14 @@
-"""Host-side masking and the deterministic pair pipeline on the bundled corpus."""
+"""Host-side masking and the deterministic pair pipeline on the bundled corpus (the
+`embedded` source kind, read by the same PairPipeline as every other source)."""
 import numpy as np
 import pytest
 
+from bepa_jax import default_config
 from bepa_jax.data import corpus as corpus_lib
+from bepa_jax.data import factory
 from bepa_jax.data import pipeline as pipeline_lib
 from bepa_jax.data import tokenizer as tokenizer_lib
-from bepa_jax.data.masking import mask_sequence
+from bepa_jax.data.masking import mask_batch
 
 
 @pytest.fixture(scope="module")
@@ -15,11 +18,27 @@ def tok(tmp_path_factory):
   return tokenizer_lib.SentencePieceTokenizer(path)
 
 
+def _embedded_pipeline(tok, languages="en,de,fr,es,ru,el"):
+  c = default_config.get_config()
+  c.data.source, c.data.languages, c.data.seed = "embedded", languages, 3
+  c.data.max_length, c.data.mask_prob, c.data.max_predictions_per_seq = 24, 0.15, 6
+  c.train.global_batch = 32
+  return factory.build_pipeline(c, tok)
+
+
 @pytest.fixture(scope="module")
 def pipe(tok):
-  return pipeline_lib.MultiwayPairPipeline(
-      corpus_lib.load_embedded(), tok, global_batch=32, max_length=24, mask_prob=0.15,
-      max_predictions=6, seed=3)
+  return _embedded_pipeline(tok)
+
+
+def test_embedded_is_an_ordinary_source_behind_the_pipeline_interface(pipe, tok):
+  assert isinstance(pipe, pipeline_lib.Pipeline)
+  langs = corpus_lib.load_embedded().languages
+  assert len(pipe.components) == len(langs) * (len(langs) - 1) // 2  # every unordered pair
+  two = _embedded_pipeline(tok, "en,ru")
+  assert {frozenset(p) for p in two.languages_of(0)} == {frozenset(("en", "ru"))}
+  with pytest.raises(Exception, match="data.languages"):
+    _embedded_pipeline(tok, "en,xx")
 
 
 def test_bundled_corpus_is_multilingual_and_unique():
@@ -44,8 +63,9 @@ def test_masking_never_selects_specials_and_follows_80_10_10():
     seq = np.zeros(L, np.int32)
     seq[0], seq[n + 1] = 2, 3
     seq[1:n + 1] = rng.integers(5, vocab, size=n)
-    masked, pos, lab, w = mask_sequence(seq, n, rng, mask_prob=0.15, max_predictions=20,
-                                        mask_id=mask_id, vocab_size=vocab, random_token_low=5)
+    masked, pos, lab, w = (a[0] for a in mask_batch(
+        seq[None], np.array([n]), rng.random((1, L + 40)), mask_prob=0.15, max_predictions=20,
+        mask_id=mask_id, vocab_size=vocab, random_token_low=5))
     real = pos[w > 0]
     assert np.all((real >= 1) & (real <= n))           # never [CLS] (0), [SEP] (n+1) or [PAD]
     assert np.all(masked[0] == 2) and masked[n + 1] == 3 and np.all(masked[n + 2:] == 0)
@@ -70,8 +90,11 @@ def test_batch_layout_and_no_duplicate_sentences(pipe, tok):
     lengths = b["attention_mask"].sum(-1)
     sep = np.take_along_axis(b["input_ids"], (lengths - 1)[..., None], axis=-1)[..., 0]
     assert np.all(sep == tok.sep_id)
-    meanings, _ = pipe.plan(step)
-    assert len(set(meanings.tolist())) == 32             # no sentence twice in a batch
+    comps, idx, _, _ = pipe.resolve(step)
+    meanings = [pipe.components[c].rows[int(i)] for c, i in zip(comps, idx)]  # corpus row
+    assert len(set(meanings)) == 32                     # no meaning twice, in any language pair
+    texts = [t for pair in pipe.texts_of(step) for t in pair]
+    assert len(set(texts)) == 64                        # so no sentence twice in a batch
     langs = pipe.languages_of(step)
     assert all(a != b for a, b in langs)
 
@@ -86,9 +109,7 @@ def test_global_batch_is_independent_of_process_count(pipe):
 
 
 def test_position_is_a_pure_function_of_step(pipe, tok):
-  again = pipeline_lib.MultiwayPairPipeline(
-      corpus_lib.load_embedded(), tok, global_batch=32, max_length=24, mask_prob=0.15,
-      max_predictions=6, seed=3)
+  again = _embedded_pipeline(tok)
   for step in (0, 5, 123):
     a, b = pipe.batch(step), again.batch(step)
     for k in a:

@@ -7,7 +7,7 @@ import pytest
 
 from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data import mixture as mixture_lib
-from bepa_jax.data import pair_pipeline, sources
+from bepa_jax.data import masking, pair_pipeline, sources
 from bepa_jax.data import tokenizer as tokenizer_lib
 from bepa_jax.errors import ConfigError, InputError
 
@@ -210,7 +210,7 @@ def test_vectorised_masking_follows_80_10_10_and_never_picks_specials():
   seq = np.zeros((N, L), np.int32)
   for i in range(N):
     seq[i, 0], seq[i, 1:n[i] + 1], seq[i, n[i] + 1] = 2, rng.integers(5, vocab, n[i]), 3
-  masked, pos, lab, w = pair_pipeline.mask_batch(
+  masked, pos, lab, w = masking.mask_batch(
       seq, n, rng.random((N, L + 2 * P)), mask_prob=0.15, max_predictions=P, mask_id=4,
       vocab_size=vocab, random_token_low=5)
   real = w > 0

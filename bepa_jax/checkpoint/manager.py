@@ -34,6 +34,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from bepa_jax import config as config_lib
+from bepa_jax.data.pipeline import Pipeline
 from bepa_jax.errors import BepaError, ConfigError
 
 log = logging.getLogger("bepa")
@@ -96,17 +97,15 @@ def check_finite(metrics: dict, step: int) -> None:
         f"resume)", step)
 
 
-def data_state(pipeline, step: int) -> dict:
-  """The input position to store: the pipeline's own state if it has one, else the step."""
-  if hasattr(pipeline, "state_dict"):
-    return dict(pipeline.state_dict(step))
-  return {"next_step": int(step)}
+def data_state(pipeline: Pipeline, step: int) -> dict:
+  """The input position to store (the step and the data fingerprint; data/pipeline.py)."""
+  return dict(pipeline.state_dict(step))
 
 
-def restore_data_state(pipeline, restored: "Restored") -> None:
-  """Hands a stateful pipeline its saved position (today's pipelines only need the step)."""
-  if hasattr(pipeline, "load_state_dict"):
-    pipeline.load_state_dict(restored.meta.get("data_state", {}))
+def restore_data_state(pipeline: Pipeline, restored: "Restored") -> None:
+  """Checks the saved input position against this run's data: a resume on other data stops
+  with one line (the batch is a function of the step, so the step is all it restores)."""
+  pipeline.verify_state(restored.meta.get("data_state", {}))
 
 
 def _all_processes(ok: bool) -> bool:

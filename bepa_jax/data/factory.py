@@ -1,4 +1,4 @@
-"""Config -> tokenizer and pipeline for the file/TFDS sources (train.py keeps `embedded`)."""
+"""Config -> the run's tokenizer and its input pipeline (every source kind, `embedded` too)."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +15,8 @@ def open_configured_sources(data_cfg):
   """(components, weights, load stats) of `data.source` under the config's text policy."""
   return sources.open_sources(
       str(data_cfg.source), sources.TextPolicy.from_config(data_cfg),
-      sources.parse_pairs(str(data_cfg.pairs)), str(data_cfg.tfds_data_dir) or None)
+      sources.parse_pairs(str(data_cfg.pairs)), str(data_cfg.tfds_data_dir) or None,
+      [lang.strip() for lang in str(data_cfg.languages).split(",") if lang.strip()])
 
 
 def training_texts(data_cfg, limit: int = 2_000_000):
@@ -41,12 +42,10 @@ def load_tokenizer(config, workdir: str, train_if_missing: bool = True) -> token
     if not train_if_missing:
       raise InputError(f"{path}: not found and config.tokenizer.path is empty; pass --tokenizer")
     if jax.process_index() == 0:
-      from bepa_jax.data import corpus as corpus_lib
       tc = config.tokenizer
       log.info("training a %d-piece %s tokenizer on the corpus -> %s", tc.vocab_size,
                tc.model_type, path)
-      texts = (corpus_lib.load_embedded().texts() if config.data.source == "embedded"
-               else training_texts(config.data))
+      texts = training_texts(config.data)
       tokenizer_lib.train_sentencepiece(texts, os.path.dirname(path), tc.vocab_size,
                                         tc.model_type)
   if jax.process_count() > 1:

@@ -4,30 +4,32 @@ from __future__ import annotations
 import numpy as np
 
 
-def mask_sequence(ids: np.ndarray, n_real: int, rng: np.random.Generator, *, mask_prob: float,
-                  max_predictions: int, mask_id: int, vocab_size: int,
-                  random_token_low: int):
-  """Masks one sequence laid out as [CLS] t_1..t_n [SEP] [PAD]...; never picks specials.
+def mask_batch(seq: np.ndarray, n: np.ndarray, u: np.ndarray, *, mask_prob: float,
+               max_predictions: int, mask_id: int, vocab_size: int, random_token_low: int):
+  """BERT masking of [N, L] sequences [CLS] t_1..t_n [SEP] [PAD]..., vectorised.
 
-  Returns (masked ids, positions [P], labels [P], weights [P]); P = max_predictions.
-  `n_real` is the number of content tokens n (between [CLS] and [SEP]).
+  k = clip(round(n * mask_prob), 1, P) content tokens,
+  80% -> [MASK], 10% -> a random non-special token, 10% kept; never a special position.
+  `u` [N, >= L + 2P] uniforms: L position keys, P actions, P random-token draws.
+  Returns (masked [N, L], positions [N, P], labels [N, P], weights [N, P]).
   """
-  ids = ids.copy()
-  positions = np.zeros(max_predictions, np.int32)
-  labels = np.zeros(max_predictions, np.int32)
-  weights = np.zeros(max_predictions, np.float32)
-  if n_real <= 0:
-    return ids, positions, labels, weights
-  k = min(max_predictions, max(1, int(round(n_real * mask_prob))))
-  chosen = np.sort(rng.choice(n_real, size=k, replace=False) + 1)  # +1 skips [CLS]
-  labels[:k] = ids[chosen]
-  positions[:k] = chosen
-  weights[:k] = 1.0
-  action = rng.random(k)
-  replace_mask = action < 0.8
-  replace_rand = (action >= 0.8) & (action < 0.9)
-  ids[chosen[replace_mask]] = mask_id
-  n_rand = int(replace_rand.sum())
-  if n_rand:
-    ids[chosen[replace_rand]] = rng.integers(random_token_low, vocab_size, size=n_rand)
-  return ids, positions, labels, weights
+  N, L = seq.shape
+  P = max_predictions
+  k = np.where(n > 0, np.clip(np.round(n * mask_prob), 1, P), 0).astype(np.int64)
+  idx = np.arange(L)[None]
+  keys = np.where((idx >= 1) & (idx <= n[:, None]), u[:, :L], 2.0)   # only content tokens
+  chosen = np.argsort(keys, axis=1, kind="stable")[:, :P]
+  take = np.arange(P)[None] < k[:, None]
+  positions = np.sort(np.where(take, chosen, L), axis=1)            # ascending, unused last
+  take = positions < L
+  positions = np.where(take, positions, 0).astype(np.int32)
+  rows = np.arange(N)[:, None]
+  labels = np.where(take, seq[rows, positions], 0).astype(np.int32)
+  act, rnd = u[:, L:L + P], u[:, L + P:L + 2 * P]
+  rand_tok = np.minimum(random_token_low + (rnd * (vocab_size - random_token_low)).astype(
+      np.int64), vocab_size - 1)
+  new = np.where(act < 0.8, mask_id, np.where(act < 0.9, rand_tok, labels))
+  masked = seq.copy()
+  r, c = np.nonzero(take)
+  masked[r, positions[r, c]] = new[r, c]
+  return masked, positions, labels, take.astype(np.float32)

@@ -1,11 +1,12 @@
 """Batches from any mixture of pair sources, as a pure function of (seed, step).
 
-Like `MultiwayPairPipeline`: every process computes the same global plan for a step and
+Every process computes the same global plan for a step and
 then tokenises and masks only its own contiguous rows, so the global batch does not depend
 on the number of processes and resuming at step s needs nothing but s (the step is already
 in the checkpoint).
 
-Duplicates: two pairs of one batch sharing a sentence on either side are false negatives
+Duplicates: two pairs of one batch sharing a sentence on either side, or a meaning (a row of
+a multi-way source such as the embedded corpus, in two language pairs), are false negatives
 for InfoNCE. With `dedup` on, each process reads the *texts* of the whole global batch
 (cheap: B record reads, no tokenisation), and a row whose sentence already occurred -- or
 whose record is unusable (empty, too long, not UTF-8) -- is redrawn from the same component
@@ -22,43 +23,13 @@ from typing import Sequence
 
 import numpy as np
 
+from bepa_jax.data.masking import mask_batch
 from bepa_jax.data.mixture import Mixture
-from bepa_jax.data.sources import Component, LoadStats
+from bepa_jax.data.records import Component, LoadStats
 from bepa_jax.data.tokenizer import Tokenizer
 from bepa_jax.errors import ConfigError, InputError
 
 MAX_ATTEMPTS = 64
-
-
-def mask_batch(seq: np.ndarray, n: np.ndarray, u: np.ndarray, *, mask_prob: float,
-               max_predictions: int, mask_id: int, vocab_size: int, random_token_low: int):
-  """BERT masking of [N, L] sequences [CLS] t_1..t_n [SEP] [PAD]..., vectorised.
-
-  Same rule as masking.mask_sequence: k = clip(round(n * mask_prob), 1, P) content tokens,
-  80% -> [MASK], 10% -> a random non-special token, 10% kept; never a special position.
-  `u` [N, >= L + 2P] uniforms: L position keys, P actions, P random-token draws.
-  Returns (masked [N, L], positions [N, P], labels [N, P], weights [N, P]).
-  """
-  N, L = seq.shape
-  P = max_predictions
-  k = np.where(n > 0, np.clip(np.round(n * mask_prob), 1, P), 0).astype(np.int64)
-  idx = np.arange(L)[None]
-  keys = np.where((idx >= 1) & (idx <= n[:, None]), u[:, :L], 2.0)   # only content tokens
-  chosen = np.argsort(keys, axis=1, kind="stable")[:, :P]
-  take = np.arange(P)[None] < k[:, None]
-  positions = np.sort(np.where(take, chosen, L), axis=1)            # ascending, unused last
-  take = positions < L
-  positions = np.where(take, positions, 0).astype(np.int32)
-  rows = np.arange(N)[:, None]
-  labels = np.where(take, seq[rows, positions], 0).astype(np.int32)
-  act, rnd = u[:, L:L + P], u[:, L + P:L + 2 * P]
-  rand_tok = np.minimum(random_token_low + (rnd * (vocab_size - random_token_low)).astype(
-      np.int64), vocab_size - 1)
-  new = np.where(act < 0.8, mask_id, np.where(act < 0.9, rand_tok, labels))
-  masked = seq.copy()
-  r, c = np.nonzero(take)
-  masked[r, positions[r, c]] = new[r, c]
-  return masked, positions, labels, take.astype(np.float32)
 
 
 class PairPipeline:
@@ -113,14 +84,15 @@ class PairPipeline:
       return self._resolved[1]
     comps, idx = self.mixture.plan(step)
     todo = range(self.global_batch) if self.dedup or rows is None else rows
-    seen, texts = set(), {}
+    seen, groups, texts = set(), set(), {}
     for r in todo:
       c = int(comps[r])
       for attempt in range(MAX_ATTEMPTS):
         pair = self.components[c][int(idx[r])]
+        group = self.components[c].group(int(idx[r]))
         if pair is None:
           self.counters["unusable_replaced"] += 1
-        elif self.dedup and (pair[0] in seen or pair[1] in seen):
+        elif self.dedup and (pair[0] in seen or pair[1] in seen or group in groups):
           self.counters["duplicates_replaced"] += 1
         else:
           break
@@ -132,6 +104,8 @@ class PairPipeline:
                          f"records; data.dedup=False allows duplicates)")
       if self.dedup:
         seen.update(pair)
+        if group is not None:
+          groups.add(group)
       texts[r] = pair
     # a random side order per row: the languages of x and y are balanced
     swap = np.random.default_rng([self.seed, 14, int(step)]).random(self.global_batch) < 0.5
@@ -179,7 +153,7 @@ class PairPipeline:
       t = np.asarray(t[:L - 2], np.int32)
       seq[k, 1:len(t) + 1] = t
       n[k] = len(t)
-      # crc32 of each side's tokens before masking (as MultiwayPairPipeline): lets
+      # crc32 of each side's tokens before masking: lets
       # loss.mask_duplicates drop candidates repeating the positive's text
       hashes[k] = np.int64(zlib.crc32(t.tobytes())).astype(np.int32)
     seq[:, 0] = tok.cls_id

@@ -78,6 +78,11 @@ class Component:
   def __getitem__(self, i: int) -> tuple[str, str]:
     raise NotImplementedError
 
+  def group(self, i: int):
+    """What row i shares with rows of sibling components (its meaning in a multi-way
+    source), or None. Two rows of one group in a batch are false negatives: dedup redraws."""
+    return None
+
   @property
   def name(self) -> str:
     return f"{self.source}:{self.lang_x}-{self.lang_y}"

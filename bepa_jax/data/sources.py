@@ -15,6 +15,8 @@ Source specs (`data.source`, `bepa-tokenizer train --input`), `;`-separated, `@W
   jsonl:PATH                    {"en": .., "de": ..} or {"lang_x","text_x","lang_y","text_y"}
   tfds:NAME[:SPLIT]             a TFDS array_record dataset (see tfds_sources.py)
   mono:LANG=PATH                monolingual text, for MLM-only batches (loss.weight=0)
+  embedded[:en,de,fr]           the bundled multi-way corpus (bepa_jax/resources), in the
+                                listed languages (default: data.languages)
 """
 from __future__ import annotations
 
@@ -68,9 +70,12 @@ class ColumnPair(Component):
   """A pair of columns of an in-memory multi-way table (rows where both sides are usable)."""
 
   def __init__(self, source: str, lang_x: str, lang_y: str, xs: Sequence[str],
-               ys: Sequence[str]):
+               ys: Sequence[str], rows: Sequence[int] | None = None):
     self.source, self.lang_x, self.lang_y = source, lang_x, lang_y
-    self.xs, self.ys = xs, ys
+    self.xs, self.ys, self.rows = xs, ys, rows
+
+  def group(self, i):
+    return None if self.rows is None else (self.source, self.rows[i])
 
   def __len__(self):
     return len(self.xs)
@@ -110,9 +115,10 @@ def multiway_components(source: str, languages: Sequence[str], columns: Sequence
   out = []
   for lx, ly in select_pairs(languages, pairs):
     i, j = languages.index(lx), languages.index(ly)
-    keep = [r for r in rows if r[i] is not None and r[j] is not None]
-    if keep:
-      out.append(ColumnPair(source, lx, ly, [r[i] for r in keep], [r[j] for r in keep]))
+    keep = [k for k, r in enumerate(rows) if r[i] is not None and r[j] is not None]
+    if keep:  # the row number is the meaning: one per batch across all pairs (dedup)
+      out.append(ColumnPair(source, lx, ly, [rows[k][i] for k in keep],
+                            [rows[k][j] for k in keep], keep))
   return out
 
 
@@ -325,7 +331,7 @@ class SourceSpec:
   weight: float = 1.0
 
 
-KINDS = ("aligned", "tatoeba", "tsv", "jsonl", "tfds", "mono")
+KINDS = ("embedded", "aligned", "tatoeba", "tsv", "jsonl", "tfds", "mono")
 
 
 def parse_specs(text: str) -> list[SourceSpec]:
@@ -335,7 +341,7 @@ def parse_specs(text: str) -> list[SourceSpec]:
     if not part:
       continue
     kind, sep, arg = part.partition(":")
-    if not sep or kind not in KINDS:
+    if (not sep and kind != "embedded") or kind not in KINDS:
       raise ConfigError(f"data.source entry {part!r} must be KIND:ARG with KIND one of "
                         f"{', '.join(KINDS)} (or data.source=embedded)")
     weight = 1.0
@@ -363,8 +369,27 @@ def parse_pairs(text: str) -> list[tuple[str, str]] | None:
   return out or None
 
 
+def embedded_components(languages: Sequence[str], policy: TextPolicy, stats: LoadStats,
+                        pairs=None) -> list[Component]:
+  from bepa_jax.data import corpus as corpus_lib
+  try:
+    corpus = corpus_lib.load_embedded().select(list(languages))
+  except ValueError as e:
+    raise ConfigError(f"data.languages: {e}") from None
+  if len(corpus.languages) < 2:
+    raise ConfigError(f"data.languages needs at least 2 languages, got {list(languages)}")
+  columns = [[r[j] for r in corpus.rows] for j in range(len(corpus.languages))]
+  return multiway_components("embedded", list(corpus.languages), columns, policy, stats, pairs)
+
+
 def open_spec(spec: SourceSpec, policy: TextPolicy, stats: LoadStats, pairs=None,
-              tfds_data_dir: str | None = None) -> list[Component]:
+              tfds_data_dir: str | None = None, languages: Sequence[str] = ()) -> list[Component]:
+  if spec.kind == "embedded":
+    langs = [l.strip() for l in spec.arg.split(",") if l.strip()] or list(languages)
+    if not langs:
+      from bepa_jax.data import corpus as corpus_lib
+      langs = list(corpus_lib.load_embedded().languages)
+    return embedded_components(langs, policy, stats, pairs)
   if spec.kind == "aligned":
     return aligned_files(expand_aligned(spec.arg), policy, stats, pairs)
   if spec.kind == "tatoeba":
@@ -392,13 +417,14 @@ def open_spec(spec: SourceSpec, policy: TextPolicy, stats: LoadStats, pairs=None
 
 
 def open_sources(text: str, policy: TextPolicy | None = None, pairs=None,
-                 tfds_data_dir: str | None = None):
-  """A `data.source` string -> (components, per-component weights, load stats)."""
+                 tfds_data_dir: str | None = None, languages: Sequence[str] = ()):
+  """A `data.source` string -> (components, per-component weights, load stats).
+  `languages`: those of the embedded corpus when its spec lists none (data.languages)."""
   policy = policy or TextPolicy()
   stats = LoadStats()
   comps, weights = [], []
   for spec in parse_specs(text):
-    got = open_spec(spec, policy, stats, pairs, tfds_data_dir)
+    got = open_spec(spec, policy, stats, pairs, tfds_data_dir, languages)
     if not got:
       raise InputError(f"data.source entry {spec.kind}:{spec.arg} yields no usable pairs"
                        + (" for data.pairs" if pairs else ""))
