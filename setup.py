@@ -34,6 +34,7 @@ setup(
     "test": [
       "pytest",
       "pytest-xdist",
+      "ruff==0.17.6",
       "matplotlib",
       "scikit-learn",
       "pyyaml",
