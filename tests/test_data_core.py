@@ -115,3 +115,25 @@ def test_position_is_a_pure_function_of_step(pipe, tok):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
   assert not np.array_equal(pipe.batch(1)["input_ids"], pipe.batch(2)["input_ids"])
+
+
+def test_one_tokenizer_loader_finds_each_layout(tok, tmp_path):
+  """data.tokenizer.load: a .model file, a dir with spm.model, a workdir (tokenizer/spm.model),
+  an HF tokenizer.json; anything else is one InputError line naming the path."""
+  import shutil
+
+  from bepa_jax.errors import InputError
+  path = tok.model_path
+  (tmp_path / "hf").mkdir()
+  shutil.copy(path, tmp_path / "hf" / "spm.model")
+  (tmp_path / "wd" / "tokenizer").mkdir(parents=True)
+  shutil.copy(path, tmp_path / "wd" / "tokenizer" / "spm.model")
+  for where in (path, tmp_path / "hf", tmp_path / "wd"):
+    got = tokenizer_lib.load(str(where))
+    assert got.encode_batch(["Guten Morgen"]) == tok.encode_batch(["Guten Morgen"]), where
+  assert tokenizer_lib.find(str(tmp_path / "wd")) == (
+      "spm", str(tmp_path / "wd" / "tokenizer" / "spm.model"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(InputError, match="empty: no tokenizer found") as e:
+    tokenizer_lib.load(str(tmp_path / "empty"))
+  assert "\n" not in str(e.value)

@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
+from bepa_jax import cli
 from bepa_jax.data import pretrained_tokenizers, sources
 from bepa_jax.data import tokenizer as tokenizer_lib
 from bepa_jax.errors import BepaError
@@ -42,10 +42,11 @@ def _parser():
 def main(argv=None) -> int:
   p = _parser()
   args = p.parse_args(argv)
-  try:
+  if args.cmd == "train" and args.vocab_size < 8:
+    p.error(f"--vocab-size must be >= 8, got {args.vocab_size}")
+
+  def body():
     if args.cmd == "train":
-      if args.vocab_size < 8:
-        p.error(f"--vocab-size must be >= 8, got {args.vocab_size}")
       policy = sources.TextPolicy(invalid_utf8=args.invalid_utf8)
       comps, _, stats = sources.open_sources(";".join(args.input), policy,
                                              sources.parse_pairs(args.pairs))
@@ -60,17 +61,11 @@ def main(argv=None) -> int:
       tok = pretrained_tokenizers.load(args.kind, args.model)
       for text, ids in zip(args.text, tok.encode_batch(args.text)):
         print(" ".join(map(str, ids)))
-  except BepaError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
-  except RuntimeError as e:  # sentencepiece trainer errors (e.g. vocab too large for the text)
-    print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
-    return 2
-  return 0
+  # RuntimeError: sentencepiece trainer errors (e.g. vocab too large for the text)
+  return cli.guarded(PROG, body, errors=(BepaError, RuntimeError))
 
 
-def run():
-  sys.exit(main())
+run = cli.entry(main)
 
 
 if __name__ == "__main__":

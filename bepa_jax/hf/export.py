@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import types
 
 
-from bepa_jax.errors import BepaError, InputError
+from bepa_jax import cli
+from bepa_jax.errors import InputError
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                       "sentencepiece.bpe.model", "vocab.txt")
@@ -105,17 +105,14 @@ def main(argv=None) -> int:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--out", required=True, help="new HF directory to write")
   args = p.parse_args(argv)
-  try:
+
+  def body():
     out = export(args.workdir, args.out, args.step)
-  except (BepaError, ValueError, OSError) as e:
-    print(f"bepa-export: error: {str(e).splitlines()[0]}", file=sys.stderr)
-    return 2
-  print(f"exported {args.workdir} -> {out}")
-  return 0
+    print(f"exported {args.workdir} -> {out}")
+  return cli.guarded("bepa-export", body)
 
 
-def run():
-  sys.exit(main())
+run = cli.entry(main)
 
 
 if __name__ == "__main__":
