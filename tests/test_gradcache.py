@@ -157,3 +157,9 @@ def test_mlm_loss_has_one_definition_plain_accumulated_and_gradcache(workdir):
                       train.global_batch({key: v[i::k] for key, v in host.items()}, job.mesh)))
            for i in range(k)]
   assert abs(np.mean(means) - float(m_plain["mlm_loss"])) > 1e-4
+
+
+def test_objective_implements_the_interface_gradcache_declares(workdir):
+  cfg, job, obj, _ = _setup(workdir)
+  assert isinstance(obj, gradcache.SplitLoss)
+  assert not isinstance(object(), gradcache.SplitLoss)

@@ -14,11 +14,32 @@ exactly the embeddings that step 2 differentiated.
 """
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bepa_jax import mesh as mesh_lib
+
+
+@runtime_checkable
+class SplitLoss(Protocol):
+  """What GradCache needs of a loss: its parts, so the coupling term can be cached.
+  `objective.loss.Objective` is the implementation (loss_fn = combine(encode, contrastive))."""
+  weight: float
+
+  def encode(self, params, batch, rng, with_mlm: bool = True):
+    """-> ([CLS] [B, 2, H], (MLM ce sum, correct, count) or None)."""
+
+  def target(self, ema_params, batch):
+    """-> the EMA target's candidates [B, 2, D] (no gradient)."""
+
+  def contrastive(self, params, cls, target, batch) -> dict:
+    """-> metrics with "contrastive_loss", from [CLS] of the whole batch."""
+
+  def combine(self, ce, correct, count, con, mlm_norm=None):
+    """-> (loss, metrics) from the MLM sums and the contrastive metrics."""
 
 
 def split(tree, k: int, mesh):
@@ -38,10 +59,10 @@ def merge(tree, mesh):
   return jax.tree.map(f, tree)
 
 
-def value_and_grad(obj, params, batch, rng, k: int, mesh, ema_params=None):
+def value_and_grad(obj: SplitLoss, params, batch, rng, k: int, mesh, ema_params=None):
   """((loss, metrics), grads) of `obj.loss_fn` on the whole batch, computed in k chunks.
 
-  obj: a step.Objective. Chunk i uses dropout key fold_in(rng, i) in both passes.
+  obj: a SplitLoss (objective.loss.Objective). Chunk i uses dropout key fold_in(rng, i) in both passes.
   """
   chunks = split(batch, k, mesh)
   idx = jnp.arange(k)
