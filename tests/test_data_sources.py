@@ -310,6 +310,21 @@ def test_bepa_tokenizer_cli(tmp_path, capsys):
                              "300", "--out", str(out)]) == 2
   err = capsys.readouterr().err
   assert err == f"bepa-tokenizer: error: file not found: {tmp_path}/none.tsv\n"
+  # a vocabulary larger than the text supports is written smaller, and said so
+  big = tmp_path / "big"
+  assert tokenizer_cli.main(["train", "--input", f"aligned:{tmp_path}/c.{{en,de}}",
+                             "--vocab-size", "100000", "--out", str(big)]) == 0
+  n = tokenizer_lib.SentencePieceTokenizer(str(big / "spm.model")).vocab_size
+  err = capsys.readouterr().err
+  assert n < 100000 and err == (f"bepa-tokenizer: warning: asked for 100000 pieces, the text "
+                                f"supports {n}: wrote {n} (give more text or a smaller "
+                                f"--vocab-size)\n")
+  (tmp_path / "a_file").write_text("x")
+  assert tokenizer_cli.main(["train", "--input", f"aligned:{tmp_path}/c.{{en,de}}",
+                             "--vocab-size", "300", "--out", str(tmp_path / "a_file")]) == 2
+  err = capsys.readouterr().err
+  assert err == f"bepa-tokenizer: error: --out {tmp_path}/a_file: exists and is not a directory\n"
+  assert (tmp_path / "a_file").read_text() == "x"  # nothing overwritten
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "tatoeba")),

@@ -48,6 +48,10 @@ def load_tokenizer(config, workdir: str, train_if_missing: bool = True) -> token
       texts = training_texts(config.data)
       tokenizer_lib.train_sentencepiece(texts, os.path.dirname(path), tc.vocab_size,
                                         tc.model_type)
+      got = tokenizer_lib.SentencePieceTokenizer(path).vocab_size
+      if got < int(tc.vocab_size):  # sentencepiece's soft limit: never silent
+        log.warning("tokenizer.vocab_size=%d: the corpus supports only %d pieces; the "
+                    "tokenizer has %d", tc.vocab_size, got, got)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("tokenizer")

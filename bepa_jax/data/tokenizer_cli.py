@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 from bepa_jax import cli
@@ -44,6 +46,8 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.cmd == "train" and args.vocab_size < 8:
     p.error(f"--vocab-size must be >= 8, got {args.vocab_size}")
+  if args.cmd == "train" and os.path.exists(args.out) and not os.path.isdir(args.out):
+    return cli.fail(PROG, f"--out {args.out}: exists and is not a directory")
 
   def body():
     if args.cmd == "train":
@@ -55,6 +59,10 @@ def main(argv=None) -> int:
           sources.iter_texts(comps, args.max_sentences), args.out, args.vocab_size,
           args.model_type)
       tok = tokenizer_lib.SentencePieceTokenizer(path)
+      if tok.vocab_size < args.vocab_size:  # sentencepiece's soft limit: never silent
+        print(f"{PROG}: warning: asked for {args.vocab_size} pieces, the text supports "
+              f"{tok.vocab_size}: wrote {tok.vocab_size} (give more text or a smaller "
+              f"--vocab-size)", file=sys.stderr)
       print(f"{path}: {tok.vocab_size} pieces ({args.model_type}), "
             f"{len(comps)} language pairs, {stats.report()}, {time.perf_counter() - t0:.1f}s")
     else:
