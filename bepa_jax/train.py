@@ -250,7 +250,14 @@ def check_override_keys(argv) -> None:
     raise ConfigError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location("_bepa_user_config", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+  except Exception as e:  # noqa: BLE001 -- the user's file: one line, not a traceback
+    raise ConfigError(f"{path}: {type(e).__name__}: {cli.one_line(e)}") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"{path}: defines no get_config()")
   config = module.get_config()
   for arg in argv:
     if not arg.startswith("--config."):
@@ -264,6 +271,22 @@ def check_override_keys(argv) -> None:
         hint = f" (did you mean '{'.'.join(key.split('.')[:depth] + close)}'?)" if close else ""
         raise ConfigError(f"unknown config key '{key}' in {path}{hint}")
       node = node[part]
+
+
+def workdir_problem(workdir: str) -> str | None:
+  """Why a local workdir cannot be used (a file, not writable), or None; gs:// is not checked."""
+  if "://" in workdir:
+    return None
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    return "exists and is not a directory"
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    return f"{existing} is not a directory"
+  if not os.access(existing, os.W_OK):
+    return f"{existing} is not writable"
+  return None
 
 
 def main(argv=None) -> int:
@@ -283,6 +306,9 @@ def main(argv=None) -> int:
     return cli.fail(prog, e)
   if not FLAGS.workdir:
     return cli.fail(prog, "--workdir is required")
+  problem = workdir_problem(FLAGS.workdir)
+  if problem:
+    return cli.fail(prog, f"--workdir {FLAGS.workdir}: {problem}")
   try:  # before XLA starts its threads (they keep the malloc arena they first use)
     host_memory.configure(FLAGS.config.train.host_malloc)
   except ConfigError as e:

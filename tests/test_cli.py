@@ -37,3 +37,34 @@ def test_bad_config_is_one_line_error(tmp_path, override, expected):
 def test_missing_workdir_flag():
   r = _run()
   assert r.returncode == 2 and "--workdir is required" in r.stderr
+
+
+@pytest.mark.parametrize("case", ["syntax", "no_get_config", "workdir_is_file", "under_a_file",
+                                  "not_a_tokenizer"])
+def test_bad_files_are_one_line_errors(tmp_path, case):
+  """A broken config file, a workdir that cannot be one, a tokenizer that is not one."""
+  cfg = os.path.join(REPO, "configs", "quickstart.py")
+  wd, extra = tmp_path / "wd", []
+  if case == "syntax":
+    (tmp_path / "c.py").write_text("def get_config(:\n")
+    cfg, expected = str(tmp_path / "c.py"), f"{tmp_path}/c.py:1: syntax error"
+  elif case == "no_get_config":
+    (tmp_path / "c.py").write_text("x = 1\n")
+    cfg, expected = str(tmp_path / "c.py"), f"{tmp_path}/c.py: defines no get_config()"
+  elif case == "workdir_is_file":
+    wd.write_text("keep me")
+    expected = f"--workdir {wd}: exists and is not a directory"
+  elif case == "under_a_file":
+    (tmp_path / "f").write_text("keep me")
+    wd, expected = tmp_path / "f" / "wd", f"{tmp_path}/f is not a directory"
+  else:
+    (tmp_path / "tok.model").write_text("not a model")
+    extra = [f"--config.tokenizer.path={tmp_path}/tok.model"]
+    expected = f"{tmp_path}/tok.model: not a sentencepiece model"
+  r = _run("--config", cfg, "--workdir", str(wd), *extra)
+  assert r.returncode == 2, r.stderr[-2000:]
+  errors = [l for l in r.stderr.splitlines() if "error" in l.lower() or "Traceback" in l]
+  assert len(errors) == 1 and errors[0].startswith("bepa-train: error:"), r.stderr[-2000:]
+  assert expected in errors[0], errors[0]
+  if case in ("workdir_is_file", "under_a_file"):
+    assert (wd if case == "workdir_is_file" else tmp_path / "f").read_text() == "keep me"

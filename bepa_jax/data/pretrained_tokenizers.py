@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import sentencepiece as spm
 
-from bepa_jax.data.tokenizer import SentencePieceTokenizer, Tokenizer
+from bepa_jax.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_sentencepiece
 from bepa_jax.errors import ConfigError, InputError
 
 KINDS = ("spm", "xlmr_spm", "hf_json")
@@ -27,7 +26,7 @@ class XlmrSentencePieceTokenizer(Tokenizer):
     if not os.path.exists(model_path):
       raise InputError(f"sentencepiece model not found: {model_path}")
     self.model_path = model_path
-    self.sp = spm.SentencePieceProcessor(model_file=model_path)
+    self.sp = load_sentencepiece(model_path)
     n = self.sp.get_piece_size()
     self.cls_id, self.pad_id, self.sep_id, self.unk_id = 0, 1, 2, 3
     self.vocab_size = n + self.OFFSET + 1

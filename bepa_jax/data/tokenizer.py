@@ -13,6 +13,15 @@ import sentencepiece as spm
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
+def load_sentencepiece(path: str) -> spm.SentencePieceProcessor:
+  """A sentencepiece model file; a file that is not one is an InputError naming it."""
+  from bepa_jax.errors import InputError
+  try:
+    return spm.SentencePieceProcessor(model_file=path)
+  except (RuntimeError, OSError) as e:
+    raise InputError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+
+
 class Tokenizer:
   """What the rest of the code needs from a tokenizer."""
   vocab_size: int
@@ -41,7 +50,7 @@ class SentencePieceTokenizer(Tokenizer):
     if not os.path.exists(model_path):
       raise FileNotFoundError(f"sentencepiece model not found: {model_path}")
     self.model_path = model_path
-    self.sp = spm.SentencePieceProcessor(model_file=model_path)
+    self.sp = load_sentencepiece(model_path)
     self.vocab_size = self.sp.get_piece_size()
     ids = {p: self.sp.piece_to_id(p) for p in SPECIAL_TOKENS}
     unk = self.sp.unk_id()
