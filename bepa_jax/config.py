@@ -218,11 +218,9 @@ def _validate_eval(config) -> None:
     raise ConfigError("eval.max_sentences must be >= 0 and eval.batch_size >= 1")
 
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-
 def _validate_rules(rules) -> None:
   """mesh.rules: (logical axis name, mesh axis | tuple of mesh axes | None) pairs."""
+  from bepa_jax.mesh import AXES  # local: config.py stays importable without jax
   if isinstance(rules, str) or not isinstance(rules, (tuple, list)):
     raise ConfigError(f"mesh.rules={rules!r} must be a tuple of (logical axis, mesh axes) pairs")
   for rule in rules:
@@ -231,6 +229,6 @@ def _validate_rules(rules) -> None:
       raise ConfigError(f"mesh.rules entry {rule!r} is not a (logical axis, mesh axes) pair")
     target = rule[1]
     axes = [] if target is None else [target] if isinstance(target, str) else target
-    if not isinstance(axes, (tuple, list)) or any(a not in MESH_AXES for a in axes):
+    if not isinstance(axes, (tuple, list)) or any(a not in AXES for a in axes):
       raise ConfigError(f"mesh.rules entry {tuple(rule)!r}: mesh axes must be None or among "
-                        f"{', '.join(MESH_AXES)}")
+                        f"{', '.join(AXES)}")

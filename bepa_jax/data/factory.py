@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
+from bepa_jax import config as config_lib
 from bepa_jax.data import pair_pipeline, pretrained_tokenizers, sources
 from bepa_jax.data import tokenizer as tokenizer_lib
 from bepa_jax.errors import InputError
@@ -16,7 +17,7 @@ def open_configured_sources(data_cfg):
   return sources.open_sources(
       str(data_cfg.source), sources.TextPolicy.from_config(data_cfg),
       sources.parse_pairs(str(data_cfg.pairs)), str(data_cfg.tfds_data_dir) or None,
-      [lang.strip() for lang in str(data_cfg.languages).split(",") if lang.strip()])
+      config_lib.split_list(data_cfg.languages))
 
 
 def training_texts(data_cfg, limit: int = 2_000_000):

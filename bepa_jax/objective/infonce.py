@@ -80,10 +80,6 @@ class Options:
                           f"{', '.join(clash)}: set loss.contrastive_chunk=0")
     return self
 
-  @property
-  def is_default(self) -> bool:
-    return self == Options()
-
 
 def l2_normalize(x, eps: float = 1e-12):
   x = x.astype(jnp.float32)
