@@ -51,7 +51,7 @@ def main():
   tok = data_factory.load_tokenizer(c, workdir)
   t_tok = time.perf_counter() - t0
   t0 = time.perf_counter()
-  pipe = train.build_pipeline(c, tok)
+  pipe = data_factory.build_pipeline(c, tok)
   t_load = time.perf_counter() - t0
 
   # --- input side on one core (sentencepiece's threads share it)

@@ -39,10 +39,6 @@ log = logging.getLogger("bepa")
 
 
 # ----------------------------------------------------------------------------- phases
-def build_pipeline(config, tokenizer) -> pipeline_lib.Pipeline:
-  return data_factory.build_pipeline(config, tokenizer)
-
-
 def example_inputs(config) -> dict:
   L, P = int(config.data.max_length), int(config.data.max_predictions_per_seq)
   return dict(input_ids=np.zeros((2, L), np.int32), token_type_ids=np.zeros((2, L), np.int32),
@@ -96,7 +92,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=No
       f.write(config.to_json_best_effort(indent=2))
 
   tokenizer = data_factory.load_tokenizer(config, workdir)
-  pipeline = build_pipeline(config, tokenizer)
+  pipeline = data_factory.build_pipeline(config, tokenizer)
   if pipeline.truncated:
     log.info("%d sentences are longer than data.max_length=%d and are truncated",
              pipeline.truncated, config.data.max_length)

@@ -7,7 +7,7 @@ import pytest
 
 from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data import mixture as mixture_lib
-from bepa_jax.data import masking, pair_pipeline, sources
+from bepa_jax.data import factory, masking, pair_pipeline, sources
 from bepa_jax.data import tokenizer as tokenizer_lib
 from bepa_jax.errors import ConfigError, InputError
 
@@ -179,7 +179,7 @@ def test_train_build_and_step_on_file_source(tmp_path, files):
   mono = tmp_path / "mono.txt"
   mono.write_text("a b\nc d\ne f\ng h\n" * 10)
   with pytest.raises(ConfigError, match="loss.weight=0"):
-    train.build_pipeline(tiny_config(**{"data.source": f"mono:en={mono}"}), job.tokenizer)
+    factory.build_pipeline(tiny_config(**{"data.source": f"mono:en={mono}"}), job.tokenizer)
 
 
 def test_indexed_files_give_the_same_batches_as_loaded_ones(tok, files, monkeypatch):
