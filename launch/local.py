@@ -15,6 +15,17 @@ the console. As soon as one worker exits non-zero, the others get a short grace
 period, then their process groups are killed, the failing worker and the tail of
 its log are printed, and the launcher exits non-zero.
 
+Stopping: SIGTERM or SIGHUP to the launcher (a scheduler's preemption, a closed
+terminal) is forwarded as SIGTERM to every worker's process group; bepa-train
+takes it as a preemption notice, saves a checkpoint at the end of the step and
+exits. Whatever is still running ``--stop_timeout_s`` later is SIGKILLed, and the
+launcher exits 128+signal (143 for SIGTERM, 129 for SIGHUP). Ctrl-C, and
+``--timeout_s`` running out, stop the workers the same way (exit 130, 124).
+On every exit path the launcher can catch, each worker's whole process group
+(its children too) is gone by the time it returns: no worker outlives it.
+The signal handlers are installed only when ``run_local`` runs in the main
+thread, and the previous ones are restored when it returns.
+
 Importable: ``from launch.local import run_local``.
 """
 
@@ -97,6 +108,15 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
     pass
 
 
+def _kill_groups(procs: list[subprocess.Popen]) -> None:
+  """SIGKILL every worker's group, also of workers that exited: their children must go."""
+  for p in procs:
+    _kill_group(p, signal.SIGKILL)
+  for p in procs:
+    if p.poll() is None:
+      p.wait()
+
+
 def _tee(pipe, log_file, stream: TextIO) -> None:
   """Copy worker 0's output to its log file and to the console."""
   for chunk in iter(lambda: pipe.read1(65536), b""):
@@ -117,6 +137,40 @@ def _exit_code(returncode: int) -> int:
   return 128 - returncode if returncode < 0 else returncode
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class _StopRequest:
+  """The first stop signal that arrived; set by the handler, acted on by the poll loop."""
+
+  def __init__(self) -> None:
+    self.signum: int | None = None
+
+  def __call__(self, signum: int, frame) -> None:
+    if self.signum is None:
+      self.signum = signum
+
+
+def _install_handlers(handler: _StopRequest) -> dict[int, object]:
+  """Catch SIGTERM/SIGHUP; the previous handlers, or {} outside the main thread."""
+  if threading.current_thread() is not threading.main_thread():
+    return {}  # Python only lets the main thread install handlers
+  previous = {}
+  try:
+    for sig in STOP_SIGNALS:
+      previous[sig] = signal.signal(sig, handler)
+  except ValueError:  # not the main interpreter
+    _restore_handlers(previous)
+    return {}
+  return previous
+
+
+def _restore_handlers(previous: dict[int, object]) -> None:
+  for sig, old in previous.items():
+    if old is not None:  # None: installed from C, cannot be put back from Python
+      signal.signal(sig, old)
+
+
 def run_local(
   command: Sequence[str],
   num_processes: int = 2,
@@ -129,13 +183,15 @@ def run_local(
   tail_lines: int = 20,
   stream: TextIO | None = None,
   cwd: str | None = None,
+  stop_timeout_s: float = 60.0,
 ) -> int:
   """Run ``command`` as ``num_processes`` local workers; return the exit code.
 
   0 when every worker exits 0; otherwise the first failing worker's exit code
   (128+signal for a signal, 1 if that would be 0), 124 when ``timeout_s``
-  passes first, 130 on Ctrl-C.
-  ``env`` adds variables to every worker's environment.
+  passes first, 130 on Ctrl-C, 128+signal on SIGTERM/SIGHUP to this process.
+  When stopped, workers get SIGTERM and ``stop_timeout_s`` to exit (to save a
+  checkpoint) before SIGKILL. ``env`` adds variables to every worker's environment.
   """
   if not command:
     raise ValueError("no command to run")
@@ -148,14 +204,35 @@ def run_local(
     raise ValueError(f"num_processes must be >= 1, got {num_processes}")
   if devices_per_process < 1:
     raise ValueError(f"devices_per_process must be >= 1, got {devices_per_process}")
+  if stop_timeout_s < 0:
+    raise ValueError(f"stop_timeout_s must be >= 0, got {stop_timeout_s}")
   stream = sys.stdout if stream is None else stream
   port = free_port() if port is None else port
   log_dir = log_dir or tempfile.mkdtemp(prefix="bepa-local-")
   os.makedirs(log_dir, exist_ok=True)
 
   def say(msg: str) -> None:
-    stream.write(f"[local] {msg}\n")
-    stream.flush()
+    try:
+      stream.write(f"[local] {msg}\n")
+      stream.flush()
+    except (ValueError, OSError):  # console gone (SIGHUP): keep stopping the workers
+      pass
+
+  stopping = False
+
+  def stop_all() -> None:
+    """SIGTERM, wait up to ``stop_timeout_s``, SIGKILL; say which way it ended."""
+    nonlocal stopping
+    stopping = True
+    killed, waited, codes = _stop(procs, stop_timeout_s)
+    codes = ", ".join(str(c) for c in codes)
+    if killed:
+      say(
+        f"killed worker(s) {', '.join(map(str, killed))} with SIGKILL, still running "
+        f"{waited:.1f}s after SIGTERM (exit codes: {codes})"
+      )
+    else:
+      say(f"all workers exited {waited:.1f}s after SIGTERM (exit codes: {codes})")
 
   say(
     f"{num_processes} worker(s) x {devices_per_process} CPU device(s), coordinator "
@@ -165,8 +242,14 @@ def run_local(
   logs: list[str] = []
   files = []
   tee_thread = None
+  stop = _StopRequest()
+  previous_handlers = {}
   try:
+    # Before the first worker starts: a SIGTERM from now on is ours to forward.
+    previous_handlers = _install_handlers(stop)
     for k in range(num_processes):
+      if stop.signum is not None:
+        break
       path = os.path.join(log_dir, f"worker_{k}.log")
       log_file = open(path, "wb")
       files.append(log_file)
@@ -190,6 +273,15 @@ def run_local(
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     failed: int | None = None
     while True:
+      if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        say(
+          f"got {name}, stopping all workers (SIGTERM to each process group, "
+          f"SIGKILL after {stop_timeout_s:g}s)"
+        )
+        stop_all()
+        _join(tee_thread)
+        return 128 + stop.signum
       codes = [p.poll() for p in procs]
       if failed is None:
         failed = next((k for k, c in enumerate(codes) if c not in (None, 0)), None)
@@ -201,18 +293,19 @@ def run_local(
         break
       if deadline is not None and time.monotonic() >= deadline:
         say(f"timeout after {timeout_s:g}s, stopping all workers")
-        _stop(procs)
+        stop_all()
         _join(tee_thread)
         return 124
       time.sleep(0.05)
 
     if failed is None:
+      _kill_groups(procs)  # children left behind; they would also hold worker 0's pipe open
       _join(tee_thread)
       say("all workers finished successfully")
       return 0
 
     still_running = [k for k, p in enumerate(procs) if p.poll() is None]
-    _stop(procs)
+    _stop(procs, 5.0)
     _join(tee_thread)
     code = _exit_code(procs[failed].returncode)
     lines = [
@@ -224,31 +317,40 @@ def run_local(
     say("\n".join(lines))
     return code or 1
   except KeyboardInterrupt:
+    if stopping:  # Ctrl-C while waiting for the workers: do not wait again
+      say("interrupted while stopping, killing all workers")
+      return 130  # the finally below SIGKILLs every group
     say("interrupted, stopping all workers")
-    _stop(procs)
+    stop_all()
     return 130
   finally:
-    for p in procs:
-      if p.poll() is None:
-        _kill_group(p, signal.SIGKILL)
+    _kill_groups(procs)
     for f in files:
       f.close()
+    _restore_handlers(previous_handlers)  # last: a SIGTERM until here still stops workers
 
 
-def _stop(procs: list[subprocess.Popen], wait_s: float = 5.0) -> None:
-  """SIGTERM every worker's process group, SIGKILL what is left after ``wait_s``."""
+def _stop(procs: list[subprocess.Popen], wait_s: float) -> tuple[list[int], float, list]:
+  """SIGTERM every worker's process group, SIGKILL what is left after ``wait_s``.
+
+  Returns the workers that had to be killed, the seconds waited and the exit codes.
+  """
+  start = time.monotonic()
   for p in procs:
     _kill_group(p, signal.SIGTERM)
-  end = time.monotonic() + wait_s
+  end = start + wait_s
   for p in procs:
     try:
       p.wait(timeout=max(0.0, end - time.monotonic()))
     except subprocess.TimeoutExpired:
       pass
+  waited = time.monotonic() - start
+  killed = [k for k, p in enumerate(procs) if p.poll() is None]
   for p in procs:
     _kill_group(p, signal.SIGKILL)  # stragglers, and children of exited workers
     if p.poll() is None:
       p.wait()
+  return killed, waited, [p.returncode for p in procs]
 
 
 def _join(thread: threading.Thread | None) -> None:
@@ -288,6 +390,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     help="stop everything after this many seconds",
   )
   parser.add_argument(
+    "--stop_timeout_s",
+    "--stop-timeout-s",
+    type=float,
+    default=60.0,
+    help="on SIGTERM/SIGHUP (forwarded to the workers as SIGTERM), Ctrl-C or --timeout_s: "
+    "seconds the workers get to save and exit before they are SIGKILLed (default: 60)",
+  )
+  parser.add_argument(
     "--env",
     action="append",
     default=[],
@@ -313,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       env=extra,
       grace_s=args.grace_s,
       timeout_s=args.timeout_s,
+      stop_timeout_s=args.stop_timeout_s,
     )
   except (FileNotFoundError, ValueError) as e:
     print(f"launch/local.py: error: {e}", file=sys.stderr)
