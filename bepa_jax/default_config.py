@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
       mask_prob=0.15,
       max_predictions_per_seq=5,
       seed=0,
+      continue_on_new_data=False,    # resume although the data settings above (or the tokenizer)
+                                     # changed: the new stream starts at the restored step; False
+                                     # = such a resume stops, naming the changed keys
   ))
   c.tokenizer = ml_collections.ConfigDict(dict(
       path="",                       # existing tokenizer; empty = train a sentencepiece model on the

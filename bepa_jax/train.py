@@ -115,7 +115,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=No
     restored = ckpt.restore_latest(abstract)
   if restored is not None:
     state = ckpt_lib.restore_state(abstract, restored)
-    ckpt_lib.restore_data_state(pipeline, restored)
+    ckpt_lib.restore_data_state(pipeline, restored, config)
     log.info("resumed from checkpoint step %d in %s (saved on mesh %s)", restored.step,
              ckpt.directory, restored.meta.get("mesh"))
   else:
@@ -154,7 +154,6 @@ def train(config: ml_collections.ConfigDict, workdir: str):
              config.train.host_malloc)
   evaluator = periodic_eval.from_config(config, job.model, job.tokenizer, mesh)  # None: eval off
   steps = int(config.train.steps)
-  writer = MetricWriter(workdir)
   tokens_per_step = int(config.train.global_batch) * 2 * int(config.data.max_length)
   log_every = max(int(config.train.log_every), 1)
   pid, pcount = jax.process_index(), jax.process_count()
@@ -162,6 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   window, window_steps = None, 0
   profiler = profiling.StepProfiler(config.train, workdir)
   first = int(jax.device_get(state.step))
+  writer = MetricWriter(workdir, resume_step=first)
   with jax.set_mesh(mesh):
     for step in range(first, steps):
       profiler.before(step)

@@ -178,7 +178,7 @@ def test_incomplete_and_truncated_checkpoints_are_skipped(ctx, tmp_path, caplog)
              zip(jax.tree.leaves(ref), jax.tree.leaves(job.state.params)))
   text = caplog.text
   assert "10.orbax-checkpoint-tmp-1 is incomplete" in text
-  assert "checkpoints/8 cannot be read" in text
+  assert "checkpoints/8 is damaged or unreadable (state/_METADATA has 0 bytes" in text
 
   # every checkpoint broken: refuse, rather than start over and later delete them
   for step in (2, 4, 6):
@@ -236,8 +236,9 @@ def test_bepa_ckpt_list_and_show(ctx):
             and len(l.split()) > 1}
   # the input position: the step, and the fingerprint of the data it was drawn from
   assert fields["step"] == "4"
-  assert re.fullmatch(r"\{'next_step': 4, 'data_fingerprint': '[0-9a-f]{16}'\}",
+  assert re.fullmatch(r"next_step 4, start_step 0, fingerprint [0-9a-f]{16}",
                       fields["data_state"]), fields["data_state"]
+  assert fields["checksums"].startswith("verified"), fields["checksums"]
   n_params = sum(x.size for x in jax.tree.leaves(_load(ctx["ref"], 4)["params"]))
   assert fields["parameters"] == f"{n_params:,}"
   assert "model.hidden_size        32" in r.stdout and "saved" in fields
@@ -305,15 +306,31 @@ def test_sigterm_with_two_processes_agrees_on_the_step(ctx, tmp_path):
   assert saved[0] == saved[1] and _steps(wd) == [saved[0]] and saved[0] < 500
 
 
-def test_resume_on_other_data_is_refused(tmp_path):
-  """The checkpointing path checks the pipeline's data fingerprint (pipeline.Pipeline)."""
+def test_resume_on_other_data_is_refused_unless_asked(tmp_path, caplog):
+  """Every key the stream depends on is checked on restore; data.continue_on_new_data accepts
+  a change, restarts the data position at the restored step and keeps that on later resumes."""
   from bepa_jax import train
   from bepa_jax.errors import ConfigError
+  from bepa_jax.checkpoint import manager as ckpt_lib
   from tests.helpers import tiny_config
   wd = str(tmp_path / "run")
   overrides = {"train.steps": 2, "checkpoint.every_steps": 2, "train.global_batch": 8}
   train.train(tiny_config(**overrides), wd)
-  with pytest.raises(ConfigError, match="checkpoint was written with other data"):
-    train.train(tiny_config(**{**overrides, "train.steps": 4, "data.seed": 9}), wd)
-  state, _ = train.train(tiny_config(**{**overrides, "train.steps": 4}), wd)  # same data: resumes
+  for change, named in [({"data.seed": 9}, "data.seed: 0 -> 9"),
+                        ({"train.global_batch": 16}, "train.global_batch: 8 -> 16"),
+                        ({"data.mask_prob": 0.2}, "data.mask_prob: 0.15 -> 0.2"),
+                        ({"data.max_length": 12}, "data.max_length: 16 -> 12")]:
+    with pytest.raises(ConfigError, match=f"step 2 was trained on other data.*{named}"):
+      train.train(tiny_config(**{**overrides, "train.steps": 4, **change}), wd)
+  new = {**overrides, "data.seed": 9, "train.steps": 4, "data.continue_on_new_data": True}
+  with caplog.at_level(logging.WARNING, logger="bepa"):
+    state, _ = train.train(tiny_config(**new), wd)
+  assert "the new data stream starts at its position 0 at step 2" in caplog.text
   assert int(jax.device_get(state.step)) == 4
+  ckpt = ckpt_lib.Checkpointer(wd, read_only=True)
+  assert ckpt.meta(4)["data_state"]["start_step"] == 2
+  ckpt.close()
+  # a later resume on the same new data, without the key, continues that stream
+  state, _ = train.train(tiny_config(**{**new, "train.steps": 6,
+                                        "data.continue_on_new_data": False}), wd)
+  assert int(jax.device_get(state.step)) == 6

@@ -30,10 +30,10 @@ def files(tmp_path_factory):
   return d, c.languages[:3]
 
 
-def make(tok, spec, B=16, dedup=True, temperature=1.0, seed=5, L=24):
+def make(tok, spec, B=16, dedup=True, temperature=1.0, seed=5, L=24, mask_prob=0.15):
   comps, weights, stats = sources.open_sources(spec)
   return pair_pipeline.PairPipeline(comps, weights, tok, global_batch=B, max_length=L,
-                                    mask_prob=0.15, max_predictions=4, seed=seed,
+                                    mask_prob=mask_prob, max_predictions=4, seed=seed,
                                     temperature=temperature, dedup=dedup, load_stats=stats)
 
 
@@ -196,11 +196,41 @@ def test_indexed_files_give_the_same_batches_as_loaded_ones(tok, files, monkeypa
 def test_checkpoint_position_and_data_fingerprint(tok, files):
   a, b = make(tok, spec_of(files)), make(tok, spec_of(files))
   state = a.state_dict(42)
-  assert state["next_step"] == 42
-  b.verify_state(state)                                # same data: resumes
+  assert state["next_step"] == 42 and state["start_step"] == 0
+  assert b.verify_state(state) == []                  # same data: resumes
   other = make(tok, spec_of(files), temperature=3.0)
-  with pytest.raises(ConfigError, match="checkpoint was written with other data"):
+  with pytest.raises(ConfigError, match=r"step 42 was trained on other data \(data.temperature/"
+                     r"weights: .*continue_on_new_data"):
     other.verify_state(state)
+  masked = make(tok, spec_of(files), mask_prob=0.2)
+  with pytest.raises(ConfigError, match=r"data.mask_prob: 0.15 -> 0.2\)"):
+    masked.verify_state(state)
+
+
+def test_continue_on_new_data_starts_the_new_stream_at_the_saved_step(tok, files):
+  """The explicit key accepts the change; the new data's position 0 is the restored step, and
+  that offset is saved again, so a second resume continues the same stream."""
+  old = make(tok, spec_of(files)).state_dict(10)
+  new = make(tok, spec_of(files), seed=7)
+  changes = new.verify_state(old, continue_on_new_data=True)
+  assert changes == ["data.seed: 5 -> 7"]
+  fresh = make(tok, spec_of(files), seed=7)
+  for k, v in fresh.batch(0).items():
+    np.testing.assert_array_equal(new.batch(10)[k], v)
+  assert new.texts_of(13) == fresh.texts_of(3)
+  again = make(tok, spec_of(files), seed=7)
+  assert again.verify_state(new.state_dict(12)) == []   # same new data: nothing to accept
+  assert again.start_step == 10 and again.texts_of(12) == fresh.texts_of(2)
+
+
+def test_tokenizer_fingerprint_is_its_content(tok, tmp_path):
+  import shutil
+  copy = tmp_path / "copy.model"
+  shutil.copy(tok.model_path, copy)
+  assert tokenizer_lib.SentencePieceTokenizer(str(copy)).fingerprint() == tok.fingerprint()
+  other = tokenizer_lib.train_sentencepiece(
+      [f"w{i} v{i % 7} u{i % 13}" for i in range(400)], str(tmp_path / "other"), 60, "unigram")
+  assert tokenizer_lib.SentencePieceTokenizer(other).fingerprint() != tok.fingerprint()
 
 
 def test_vectorised_masking_follows_80_10_10_and_never_picks_specials():

@@ -1,7 +1,8 @@
 """`bepa-ckpt`: what a workdir's checkpoints hold, without a device or the training code.
 
-  bepa-ckpt list WORKDIR            one line per checkpoint: step, time, loss, size
+  bepa-ckpt list WORKDIR            one line per checkpoint: step, time, loss, size, checksums
   bepa-ckpt show WORKDIR [--step N] one checkpoint: time, config summary, parameter count, ...
+  bepa-ckpt verify WORKDIR          recomputes every checkpoint's checksums; exit 1 if one fails
 
 WORKDIR may also be its checkpoints/ directory, or a gs:// path.
 """
@@ -57,6 +58,20 @@ def _meta(ckpt, step: int) -> dict:
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
 
 
+def _verdict(ckpt, step: int) -> str:
+  """'verified (N MiB read)', 'not verified: why' or 'DAMAGED: what' (integrity.py)."""
+  from bepa_jax.checkpoint import integrity
+  try:
+    v = integrity.verify(ckpt.directory / str(step))
+  except OSError as e:
+    return f"DAMAGED: {type(e).__name__}: {cli.one_line(e)[:200]}"
+  if not v.ok:
+    return f"DAMAGED: {v.problem}"
+  if not v.checked:
+    return f"not verified: {v.problem}"
+  return f"verified ({_human(v.bytes_read)} read)"
+
+
 def cmd_list(ckpt, out) -> int:
   steps = ckpt.steps()
   tmp = sorted(p.name for p in ckpt.directory.glob("*.orbax-checkpoint-tmp*")) \
@@ -69,7 +84,10 @@ def cmd_list(ckpt, out) -> int:
     meta = _meta(ckpt, step)
     loss = meta.get("metrics", {}).get("loss")
     loss = f"{loss:9.4f}" if isinstance(loss, (int, float)) else f"{'-':>9}"
-    note = "unreadable metadata" if "error" in meta else ""
+    verdict = _verdict(ckpt, step)
+    note = verdict if not verdict.startswith("verified") else "checksums ok"
+    if "error" in meta and not verdict.startswith("DAMAGED"):
+      note = "DAMAGED: unreadable metadata"
     print(f"{step:>8}  {_when(meta.get('time')):19}  {loss}  "
           f"{_human(_size(ckpt.directory / str(step))):>9}  {note}", file=out)
   for name in tmp:
@@ -97,8 +115,11 @@ def cmd_show(ckpt, step: int | None, out) -> int:
   print(f"saved       {_when(meta.get('time'))}", file=out)
   print(f"parameters  {n:,}" if n is not None else "parameters  ?", file=out)
   print(f"size        {_human(_size(ckpt.directory / str(step)))}", file=out)
+  print(f"checksums   {_verdict(ckpt, step)}", file=out)
   print(f"mesh        {meta.get('mesh')} on {meta.get('process_count')} process(es)", file=out)
-  print(f"data_state  {meta.get('data_state')}", file=out)
+  ds = meta.get("data_state") or {}
+  print(f"data_state  next_step {ds.get('next_step')}, start_step {ds.get('start_step', 0)}, "
+        f"fingerprint {ds.get('data_fingerprint')}", file=out)
   print(f"rng         {meta.get('rng')}", file=out)
   metrics = meta.get("metrics") or {}
   if metrics:
@@ -107,6 +128,29 @@ def cmd_show(ckpt, step: int | None, out) -> int:
   for key in SUMMARY_KEYS:
     print(f"  {key:24} {config_value(meta.get('config') or {}, key)!r}", file=out)
   return 0
+
+
+def cmd_verify(ckpt, out) -> int:
+  """Every checkpoint's checksums; exit 1 naming each damaged one (0 when all are good)."""
+  import time
+  steps = ckpt.steps()
+  if not steps:
+    raise ValueError(f"no checkpoints in {ckpt.directory}")
+  bad = unchecked = 0
+  t0 = time.perf_counter()
+  for step in steps:
+    verdict = _verdict(ckpt, step)
+    bad += verdict.startswith("DAMAGED")
+    unchecked += verdict.startswith("not verified")
+    print(f"{step:>8}  {verdict}", file=out)
+  seconds = time.perf_counter() - t0
+  total = sum(_size(ckpt.directory / str(s)) for s in steps)
+  print(f"{len(steps) - bad - unchecked} of {len(steps)} checkpoints verified, {bad} damaged, "
+        f"{unchecked} without checksums ({_human(total)} in {seconds:.1f}s)", file=out)
+  if bad:
+    print(f"{PROG}: error: {bad} damaged checkpoint(s) in {ckpt.directory}: training, bepa-eval "
+          f"and bepa-export skip them and use the newest good one", file=sys.stderr)
+  return 1 if bad else 0
 
 
 def main(argv=None, out=None) -> int:
@@ -118,6 +162,8 @@ def main(argv=None, out=None) -> int:
   p_show = sub.add_parser("show", help="one checkpoint (default: the latest)")
   p_show.add_argument("workdir")
   p_show.add_argument("--step", type=int, default=None)
+  p_verify = sub.add_parser("verify", help="check every checkpoint's checksums")
+  p_verify.add_argument("workdir")
   args = parser.parse_args(argv)
 
   import logging
@@ -126,11 +172,15 @@ def main(argv=None, out=None) -> int:
   from bepa_jax.checkpoint import manager as checkpoint
   if not epath.Path(args.workdir).exists():
     return cli.fail(PROG, f"{args.workdir} does not exist")
+  if not epath.Path(args.workdir).is_dir():
+    return cli.fail(PROG, f"{args.workdir} is a file, not a workdir or checkpoints directory")
 
   def command():
     ckpt = checkpoint.Checkpointer(args.workdir, read_only=True)
     if args.command == "list":
       return cmd_list(ckpt, out)
+    if args.command == "verify":
+      return cmd_verify(ckpt, out)
     return cmd_show(ckpt, args.step, out)
   return cli.guarded(PROG, command, errors=(ValueError,))
 

@@ -13,13 +13,16 @@ stateful pipeline can extend it later (see `data_state`).
 Safety: Orbax writes each step into a temporary directory and renames it when complete, so a
 crash mid-save leaves a `*.orbax-checkpoint-tmp*` directory that is never listed (we warn and
 remove it). On gs://, where renames are not atomic, Orbax marks complete steps with
-commit_success.txt instead. A finished checkpoint that cannot be read (truncated copy, lost
-file) is skipped with a warning and the previous one is used. A state whose loss is NaN/Inf is
-never kept as a checkpoint.
+commit_success.txt instead. Once a save has finished, <step>/checksums.json records the size and
+SHA-256 of each of its files (checkpoint/integrity.py); every restore verifies them first. A
+checkpoint that fails (a flipped bit, a truncated copy, a lost file) or cannot be read is
+skipped with one warning line and the previous one is used. A state whose loss is NaN/Inf is
+never kept as a checkpoint; a background save that fails (disk full) stops training at once.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,7 +36,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from bepa_jax import cli
 from bepa_jax import config as config_lib
+from bepa_jax.checkpoint import integrity
 from bepa_jax.data.pipeline import Pipeline
 from bepa_jax.errors import BepaError, ConfigError
 
@@ -102,10 +107,19 @@ def data_state(pipeline: Pipeline, step: int) -> dict:
   return dict(pipeline.state_dict(step))
 
 
-def restore_data_state(pipeline: Pipeline, restored: "Restored") -> None:
+def restore_data_state(pipeline: Pipeline, restored: "Restored", config) -> None:
   """Checks the saved input position against this run's data: a resume on other data stops
-  with one line (the batch is a function of the step, so the step is all it restores)."""
-  pipeline.verify_state(restored.meta.get("data_state", {}))
+  with one line naming the changed keys, unless data.continue_on_new_data (then the new
+  stream starts at the restored step, and that is logged)."""
+  allow = bool(config.data.continue_on_new_data)
+  changes = pipeline.verify_state(dict(restored.meta.get("data_state", {}),
+                                       next_step=restored.step), continue_on_new_data=allow)
+  if changes:
+    log.warning("data.continue_on_new_data=True: the data changed since step %d (%s); the new "
+                "data stream starts at its position 0 at step %d", restored.step,
+                "; ".join(changes), restored.step)
+  elif allow:
+    log.info("data.continue_on_new_data=True, but the data is unchanged: resuming its position")
 
 
 def _all_processes(ok: bool) -> bool:
@@ -135,6 +149,100 @@ class Restored:
   meta: dict
 
 
+@contextlib.contextmanager
+def quiet_reads():
+  """Silences the loggers that print a traceback per file of a damaged checkpoint while Orbax
+  tries it (asyncio, absl): its failure is reported once, by the caller."""
+  loggers = [logging.getLogger(n) for n in ("asyncio", "absl")]
+  levels = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)
+
+
+def verify_step(directory: epath.Path, step: int) -> integrity.Verdict:
+  """The checksums verdict of one step (process 0 reads; the others trust it, see
+  `_all_processes`)."""
+  if jax.process_index() != 0:
+    return integrity.Verdict(True, checked=False)
+  try:
+    return integrity.verify(directory / str(step))
+  except OSError as e:  # unreadable file, permissions: as bad as a mismatch
+    return integrity.Verdict(False, f"{type(e).__name__}: {cli.one_line(e)}")
+
+
+def _disk_full(error: BaseException) -> bool:
+  """Whether an Orbax/TensorStore error chain is ENOSPC/EDQUOT (TensorStore reports it as a
+  ValueError 'RESOURCE_EXHAUSTED: ... No space left on device [os_error_code=28]')."""
+  import errno
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    text = str(error)
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _BackgroundErrors(logging.Filter):
+  """While this process writes checkpoints: Orbax's writer threads log each failure with a
+  traceback per file, and TensorStore's callbacks print 'Event loop is closed' tracebacks
+  after it. Both are kept off the console; the first message is kept, and `poll` stops
+  training with one line (so nothing Orbax reports is lost)."""
+
+  def __init__(self):
+    super().__init__()
+    self.first: str | None = None
+    self._hook = None
+
+  def filter(self, record) -> bool:
+    if "orbax" in record.pathname and record.levelno >= logging.ERROR:
+      if self.first is None:
+        self.first = record.getMessage()
+      return False
+    return True
+
+  def _unraisable(self, unraisable) -> None:
+    if isinstance(unraisable.exc_value, RuntimeError) and \
+        "Event loop is closed" in str(unraisable.exc_value):
+      return
+    self._hook(unraisable)
+
+  def install(self) -> None:
+    import sys
+    logging.getLogger("absl").addFilter(self)
+    self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+
+  def remove(self) -> None:
+    import sys
+    logging.getLogger("absl").removeFilter(self)
+    if self._hook is not None and sys.unraisablehook == self._unraisable:
+      sys.unraisablehook = self._hook
+
+
+def _free_bytes(path: epath.Path) -> int | None:
+  """Free bytes of a local directory's file system (None for gs:// and the like)."""
+  import os
+  import shutil
+  local = str(path)
+  if "://" in local:
+    return None
+  while not os.path.exists(local):
+    local = os.path.dirname(local) or "."
+  return shutil.disk_usage(local).free
+
+
+def _mib(n: float) -> str:
+  return f"{n / 2**20:,.1f} MiB"
+
+
 class Checkpointer:
   """Saves/restores a workdir's checkpoints; decides when to save; catches SIGTERM."""
 
@@ -155,6 +263,26 @@ class Checkpointer:
         worst = float("inf") if lower else float("-inf")  # a save without the metric
         keep.append(policies.BestN(get_metric_fn=lambda m: m.get(name, worst), n=1, reverse=lower,
                                    keep_checkpoints_without_metrics=False))
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    if read_only:  # Orbax warns that a read-only manager is read-only: not news to a reader
+      absl_log.setLevel(logging.ERROR)
+    try:
+      self._open(save_policies, keep, ckpt_cfg, read_only)
+    finally:
+      absl_log.setLevel(level)
+    self._closed = False
+    self._errors = _BackgroundErrors()
+    if not read_only:
+      self._errors.install()
+    atexit.register(self.close)  # also on an error exit: no Orbax thread outlives the interpreter
+    self._preempted = False
+    self._saved_this_run: set[int] = set()
+    self._unverified = None  # the last saved step until the next step's loss shows it is finite
+    self._unsummed: list[int] = []  # saved steps whose checksums are not written yet
+    self._save_bytes = 0
+
+  def _open(self, save_policies, keep, ckpt_cfg, read_only: bool) -> None:
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=policies.AnySavePolicy(save_policies),
         preservation_policy=policies.AnyPreservationPolicy(keep),
@@ -163,11 +291,6 @@ class Checkpointer:
         save_root_metadata=False)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
-    self._closed = False
-    atexit.register(self.close)  # also on an error exit: no Orbax thread outlives the interpreter
-    self._preempted = False
-    self._saved_this_run: set[int] = set()
-    self._unverified = None  # the last saved step until the next step's loss shows it is finite
 
   # ------------------------------------------------------------------ listing
   def _drop_incomplete(self, remove: bool) -> None:
@@ -214,19 +337,24 @@ class Checkpointer:
     steps = self.steps()
     errors = []
     for step in reversed(steps):
-      try:
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(state_items(abstract_state)),
-            meta=ocp.args.JsonRestore()))
-        ok, error = True, None
-      except Exception as e:  # noqa: BLE001  (a truncated or foreign directory)
-        ok, error = False, e
-      if _all_processes(ok):
+      verdict = verify_step(self.directory, step)
+      error = None if verdict.ok else verdict.problem
+      if verdict.ok and not verdict.checked and jax.process_index() == 0:
+        log.warning("checkpoint %s/%d: %s", self.directory, step, verdict.problem)
+      if error is None:
+        try:
+          with quiet_reads():
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(state_items(abstract_state)),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001  (a truncated or foreign directory)
+          error = f"{type(e).__name__}: {cli.one_line(e)[:300]}"
+      if _all_processes(error is None):
         return Restored(step, out.state, out.meta)
-      errors.append(f"{step}: {type(error).__name__ if error else 'failed on another process'}")
-      log.warning("checkpoint %s/%d cannot be read (%s): skipped, trying the previous one",
-                  self.directory, step, str(error).splitlines()[0][:300] if error else
-                  "failed on another process")
+      error = error or "failed on another process"
+      errors.append(f"{step}: {error}")
+      log.warning("checkpoint %s/%d is damaged or unreadable (%s): skipped, trying the previous "
+                  "one", self.directory, step, error)
     if steps:  # never start from scratch over existing checkpoints: keep-last-K would drop them
       raise BepaError(f"none of the checkpoints in {self.directory} can be read "
                       f"({'; '.join(errors)}); move them away to start from scratch")
@@ -251,6 +379,7 @@ class Checkpointer:
                mesh=None, extra_metrics=None) -> bool:
     """Called once per step by every process: saves when due (every N steps, every T minutes,
     the last step, preemption). Returns True when the loop must stop (preempted; saved)."""
+    self.poll()
     host = lambda: {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     metrics = None
     if self._unverified == step - 1:  # this step's loss is that of the state saved last step
@@ -287,10 +416,61 @@ class Checkpointer:
         "metrics": {k: float(v) for k, v in metrics.items()},
     }
     items = state_items(state)
+    self._check_space(step, items)
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(items),
                                                     meta=ocp.args.JsonSave(meta)),
                       metrics=meta["metrics"], force=True)
     self._saved_this_run.add(int(step))
+    self._unsummed.append(int(step))
+    if not self.manager.is_saving_in_progress():  # a synchronous save: finished already
+      self.poll()
+
+  def _save_failed(self, error: BaseException) -> BepaError:
+    """The one line for a failed background save (disk full: path, bytes needed, free)."""
+    self._unsummed.clear()
+    self._errors.first = None
+    try:  # Orbax still lists the failed step: read what the directory really holds
+      self.manager.reload()
+    except Exception:  # noqa: BLE001
+      pass
+    latest = self.manager.latest_step()
+    last = ("no checkpoint is complete yet" if latest is None else
+            f"the last complete checkpoint is {latest}")
+    if _disk_full(error):
+      free = _free_bytes(self.directory)
+      return BepaError(
+          f"checkpoint save to {self.directory} failed: disk full (a checkpoint needs about "
+          f"{_mib(self._save_bytes)}" + (f", {_mib(free)} free" if free is not None else "")
+          + f"); training stopped, {last}; free space and rerun to resume")
+    return BepaError(f"checkpoint save to {self.directory} failed ({type(error).__name__}: "
+                     f"{cli.one_line(error)[:300]}); training stopped, {last}")
+
+  def _check_space(self, step: int, items) -> None:
+    """Refuses a save the local disk cannot hold, naming the path and the bytes needed."""
+    need = sum(x.nbytes for x in jax.tree.leaves(items)) // max(jax.process_count(), 1)
+    self._save_bytes = need
+    free = _free_bytes(self.directory)
+    if free is not None and free < need:
+      raise BepaError(f"no space for checkpoint {step} in {self.directory}: it needs about "
+                      f"{_mib(need)}, the disk has {_mib(free)} free; training stopped (last "
+                      f"checkpoint: {self.manager.latest_step()}); free space and rerun")
+
+  def poll(self) -> None:
+    """Raises (one line) if a background save failed; writes the checksums of finished saves.
+    Called every step: a failed save stops training at once, not at the next save."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001  (Orbax re-raises the writer thread's error)
+      raise self._save_failed(e) from None
+    if self._errors.first is not None and not self.manager.is_saving_in_progress():
+      raise self._save_failed(RuntimeError(self._errors.first))
+    if self._unsummed and not self.manager.is_saving_in_progress():
+      steps, self._unsummed = self._unsummed, []
+      if jax.process_index() == 0:
+        present = set(self.steps())
+        for step in steps:
+          if step in present:  # not already dropped by keep=N
+            integrity.write(self.directory / str(step))
 
   def discard_diverged(self, step: int) -> None:
     """Deletes the checkpoint this run saved at `step` if the state saved there gave a
@@ -301,12 +481,25 @@ class Checkpointer:
       log.warning("deleted checkpoint %d: its state gives a non-finite loss", step)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until pending saves are written, checked and checksummed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001  (the writer thread's error, re-raised)
+      raise self._save_failed(e) from None
+    self.poll()
 
   def close(self) -> None:
     if not self._closed:
       self._closed = True
-      self.manager.close()
+      try:  # checksums of a save that finished; a failed one was already reported
+        self.wait()
+      except BepaError as e:
+        log.warning("%s", e)
+      try:
+        self.manager.close()
+      except Exception:  # noqa: BLE001  (the failed save again)
+        pass
+      self._errors.remove()
 
   # ------------------------------------------------------------------ preemption
   def install_preemption_handler(self) -> None:

@@ -38,7 +38,7 @@ class PairPipeline:
   def __init__(self, components: Sequence[Component], weights: Sequence[float],
                tokenizer: Tokenizer, *, global_batch: int, max_length: int, mask_prob: float,
                max_predictions: int, seed: int, temperature: float = 1.0, dedup: bool = True,
-               load_stats: LoadStats | None = None):
+               load_stats: LoadStats | None = None, stream_extra: dict | None = None):
     if not components:
       raise ConfigError("data.source yields no language pairs")
     mono = [bool(getattr(c, "monolingual", False)) for c in components]
@@ -59,6 +59,8 @@ class PairPipeline:
                            seed)
     self.counters = collections.Counter()   # replaced duplicates / unusable, truncations
     self._resolved = None
+    self.stream_extra = dict(stream_extra or {})  # more keys the records depend on (text policy)
+    self.start_step = 0  # the train step at which this data stream's position 0 was used
 
   # -------------------------------------------------------------------- plan
   @property
@@ -82,6 +84,7 @@ class PairPipeline:
     key = (int(step), None if self.dedup else (rows.start, rows.stop) if rows else None)
     if self._resolved and self._resolved[0] == key:
       return self._resolved[1]
+    step = int(step) - self.start_step  # this stream's position
     comps, idx = self.mixture.plan(step)
     todo = range(self.global_batch) if self.dedup or rows is None else rows
     seen, groups, texts = set(), set(), {}
@@ -175,6 +178,7 @@ class PairPipeline:
     One counter-based (Philox) stream per step, jumped to the first row: a row's numbers
     do not depend on which process draws them, and a process draws only its own rows.
     """
+    step = int(step) - self.start_step
     L, P = self.max_length, self.max_predictions
     d = -(-(L + 2 * P) // 2) * 2        # 2 sides x d doubles per row: a multiple of 4
     key = np.random.SeedSequence([self.seed, 2, int(step)]).generate_state(2, np.uint64)
@@ -182,24 +186,56 @@ class PairPipeline:
     bitgen.advance(first_row * 2 * d // 4)    # Philox counts blocks of 4 doubles
     return np.random.Generator(bitgen).random((count, 2, d))
 
+  def stream(self) -> dict:
+    """Every setting the batch of a step depends on besides the step, by config key."""
+    return {
+        "data.source": [f"{c.name} ({len(c)} pairs)" for c in self.components],
+        "data.temperature/weights": [round(float(p), 9) for p in self.mixture.probs],
+        "data.seed": self.seed, "train.global_batch": self.global_batch,
+        "data.max_length": self.max_length, "data.dedup": self.dedup,
+        "data.mask_prob": self.mask_prob, "data.max_predictions_per_seq": self.max_predictions,
+        "tokenizer": self.tok.fingerprint(), **self.stream_extra}
+
   def fingerprint(self) -> str:
-    """What the batch of a step depends on besides the step: seed, mixture, shapes."""
+    """A short hash of `stream()`."""
     import hashlib
-    parts = [str(self.seed), str(self.global_batch), str(self.max_length), str(self.dedup),
-             *(f"{c.name}={len(c)}:{p:.9f}" for c, p in zip(self.components, self.mixture.probs))]
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+    import json
+    return hashlib.sha1(json.dumps(self.stream(), sort_keys=True).encode()).hexdigest()[:16]
 
   def state_dict(self, step: int) -> dict:
-    """The position saved in a checkpoint: the step (a pure function) + the data fingerprint."""
-    return {"next_step": int(step), "data_fingerprint": self.fingerprint()}
+    """The position saved in a checkpoint: the step (a pure function), where this data stream
+    started (`continue_on_new_data`), and what the stream depends on."""
+    return {"next_step": int(step), "start_step": self.start_step,
+            "data_fingerprint": self.fingerprint(), "stream": self.stream()}
 
-  def verify_state(self, state: dict) -> None:
-    """Refuses to resume on different data (the batches after the step would silently change)."""
-    saved = state.get("data_fingerprint")
-    if saved and saved != self.fingerprint():
-      raise ConfigError(f"checkpoint was written with other data (fingerprint {saved}, now "
-                        f"{self.fingerprint()}): data.source/pairs/temperature/seed or "
-                        f"train.global_batch changed since; use a new workdir")
+  def verify_state(self, state: dict, *, continue_on_new_data: bool = False) -> list[str]:
+    """Checks a checkpoint's data state against this pipeline; returns the changes.
+
+    A change (other sources, seed, batch, lengths, masking or tokenizer) stops with one line
+    naming the keys: the batches after the saved step would differ silently. With
+    `continue_on_new_data` the change is accepted and this stream starts at its position 0
+    at the saved step (kept in later checkpoints, so a second resume continues it).
+    """
+    step = int(state.get("next_step", 0))
+    now, saved = self.stream(), state.get("stream")
+    if saved is not None:
+      keys = sorted(set(now) | set(saved))
+      changes = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys
+                 if saved.get(k) != now.get(k)]
+    elif state.get("data_fingerprint") not in (None, self.fingerprint()):
+      changes = [f"data fingerprint {state['data_fingerprint']} -> {self.fingerprint()}"]
+    else:
+      changes = []
+    if not changes:
+      self.start_step = int(state.get("start_step", 0))
+    elif continue_on_new_data:
+      self.start_step = step
+    else:
+      raise ConfigError(
+          f"the checkpoint at step {step} was trained on other data ({'; '.join(changes)}): "
+          f"resume with the saved values, use a new --workdir, or set "
+          f"data.continue_on_new_data=True to train on this data from its start")
+    return changes
 
   def report(self) -> str:
     """One log line: what the readers dropped and what the batches replaced or truncated."""

@@ -109,6 +109,9 @@ class HFTokenizer(Tokenizer):
   def encode_batch(self, texts):
     return self.tok(list(texts), add_special_tokens=False)["input_ids"]
 
+  def vocabulary(self):
+    return self.tok.get_vocab()
+
   def decode(self, ids):
     return self.tok.decode(ids, skip_special_tokens=True)
 

@@ -42,6 +42,24 @@ class Tokenizer:
   def special_ids(self) -> frozenset[int]:
     return frozenset((self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id))
 
+  def fingerprint(self) -> str:
+    """A hash of what the ids mean (the model file's bytes, or the vocabulary), not of where
+    it lies: a resume checks it (other ids = another data stream and another embedding)."""
+    import hashlib
+    h = hashlib.sha1(f"{type(self).__name__}:{self.vocab_size}:{sorted(self.special_ids)}"
+                     .encode())
+    path = getattr(self, "model_path", None)
+    if path and os.path.isfile(path):
+      with open(path, "rb") as f:
+        h.update(f.read())
+    else:
+      h.update(repr(sorted(self.vocabulary().items())).encode())
+    return h.hexdigest()[:16]
+
+  def vocabulary(self) -> dict[str, int]:
+    """piece -> id (for `fingerprint` when there is no single model file)."""
+    raise NotImplementedError
+
 
 class SentencePieceTokenizer(Tokenizer):
   """A sentencepiece model trained by this project (specials as above)."""
