@@ -275,9 +275,11 @@ def test_every_minutes_and_keep_best(tmp_path):
   assert ck.meta(4)["data_state"] == {"next_step": 4}
 
 
-def test_sigterm_with_two_processes_agrees_on_the_step(ctx, tmp_path):
+@pytest.mark.parametrize("target", ["one_worker", "launcher"])
+def test_sigterm_with_two_processes_agrees_on_the_step(ctx, tmp_path, target):
   """SIGTERM reaches one of two processes only: JAX's preemption sync point makes both save the
-  same step and exit 0."""
+  same step and exit 0. SIGTERM to launch/local.py reaches both (forwarded): both save, the
+  launcher exits 143 and no worker outlives it."""
   import time
   wd, logs = tmp_path / "wd", tmp_path / "logs"
   cmd = _cmd(wd, ctx["tokenizer"], **{"train.steps": 500, "checkpoint.every_steps": 0})
@@ -296,8 +298,15 @@ def test_sigterm_with_two_processes_agrees_on_the_step(ctx, tmp_path):
   with open(f"/proc/{launcher.pid}/task/{launcher.pid}/children") as f:
     workers = [int(p) for p in f.read().split()]
   assert len(workers) == 2
-  os.kill(workers[1], signal.SIGTERM)  # start order: worker 1 is the second child
-  assert launcher.wait(timeout=120) == 0
+  if target == "launcher":
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=120) == 143
+    for pid in workers:  # reaped by the launcher: gone
+      with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+  else:
+    os.kill(workers[1], signal.SIGTERM)  # start order: worker 1 is the second child
+    assert launcher.wait(timeout=120) == 0
   saved = []
   for k in (0, 1):
     text = (logs / f"worker_{k}.log").read_text(errors="replace")
