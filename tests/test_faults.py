@@ -279,3 +279,16 @@ def test_torn_checkpoint_without_checksums_is_one_warning_not_a_flood(run, tmp_p
   assert len(about) == 2, about  # "not verified" + "damaged or unreadable ... skipped"
   assert "not verified" in about[0] and "skipped" in about[1]
   assert "resumed from checkpoint step 2" in out
+
+
+@needs_tmpfs
+def test_workdir_on_a_read_only_file_system_is_one_line(tmp_path):
+  mnt = tmp_path / "ro"
+  mnt.mkdir()
+  cmd = " ".join(_train_cli(tmp_path, mnt / "run"))
+  r = subprocess.run(["unshare", "-rm", "sh", "-c",
+                      f"mount -t tmpfs -o size=1m,ro t {mnt} && exec {cmd}"],
+                     capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert r.stderr.strip() == f"bepa-train: error: --workdir {mnt / 'run'}: {mnt} is not " \
+                             f"writable", r.stderr
