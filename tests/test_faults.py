@@ -169,6 +169,18 @@ def test_eval_and_export_reader_falls_back_or_refuses(run, tmp_path, caplog):
                      text=True, env=_env(), cwd=REPO, timeout=300)
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
   assert len(r.stderr.strip().splitlines()) == 1 and "checkpoint is damaged" in r.stderr
+  from bepa_jax.data import corpus
+  rows = corpus.load_embedded().rows[:24]
+  for j, lang in enumerate(("en", "de")):
+    (tmp_path / f"p.{lang}").write_text("".join(r[j] + "\n" for r in rows), encoding="utf-8")
+  r = subprocess.run([sys.executable, "-m", "bepa_jax.eval.cli", "--workdir", str(wd),
+                      "--parallel", str(tmp_path / "p.en"), str(tmp_path / "p.de"), "--no-tsne",
+                      "--out", str(tmp_path / "eval")], capture_output=True, text=True,
+                     env=_env(), cwd=REPO, timeout=300)
+  assert r.returncode == 0 and "Traceback" not in r.stderr + r.stdout, r.stderr[-2000:]
+  assert [l for l in r.stderr.splitlines() if "checkpoints/4" in l] == [
+      l for l in r.stderr.splitlines() if "checkpoints/4 is damaged" in l and "skipped" in l]
+  assert "checkpoints/4 is damaged" in r.stderr
 
 
 def test_metrics_have_each_step_once_after_a_resume(run, tmp_path):
