@@ -161,6 +161,13 @@ def _validate_loss_options(loss) -> None:
       raise ConfigError(f"loss.{key} must be >= 0, got {loss[key]}")
   if not 0.0 <= float(loss.ema_decay) < 1.0:
     raise ConfigError(f"loss.ema_decay must be in [0, 1), got {loss.ema_decay}")
+  if str(loss.cls_input) not in ("masked", "clean"):
+    raise ConfigError(f"loss.cls_input must be masked or clean, got {loss.cls_input!r}")
+  if str(loss.mlm_input) not in ("sentence", "pair"):
+    raise ConfigError(f"loss.mlm_input must be sentence or pair, got {loss.mlm_input!r}")
+  if str(loss.mlm_input) == "pair" and str(loss.cls_input) != "clean":
+    raise ConfigError("loss.mlm_input=pair needs loss.cls_input=clean: the [CLS] of a pair "
+                      "sequence is not a sentence embedding")
 
 
 def _validate_model_keys(model) -> None:

@@ -36,6 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
   # a = anchors (context: encoder [CLS] -> projector -> predictor), c = candidates (target:
   # [CLS] -> projector, or the EMA target encoder). All defaults = plain symmetric InfoNCE.
   c.loss = ml_collections.ConfigDict(dict(
+      cls_input="masked",            # [CLS] for InfoNCE from: masked (the MLM pass; one pass) |
+                                     # clean (own passes over the unmasked sentences; the authors')
+      mlm_input="sentence",          # MLM on: sentence (each side alone) | pair (TLM: one
+                                     # [CLS] x [SEP] [CLS] y [SEP] per pair; needs cls_input=clean)
       weight=1.0,                    # lambda; 0 gives pure MLM (contrastive still logged)
       temperature=0.07,              # tau (its initial value if learned)
       learn_temperature=False,       # tau = clip(exp(log_tau), min, max), log_tau in params

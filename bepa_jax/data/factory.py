@@ -67,7 +67,8 @@ def build_pipeline(config, tokenizer) -> pair_pipeline.PairPipeline:
       max_length=int(d.max_length), mask_prob=float(d.mask_prob),
       max_predictions=int(d.max_predictions_per_seq), seed=int(d.seed),
       temperature=float(d.temperature), dedup=bool(d.dedup),
-      load_stats=stats, stream_extra={  # which records are usable depends on these too
+      load_stats=stats, cls_input=str(config.loss.cls_input),
+      mlm_input=str(config.loss.mlm_input), stream_extra={  # which records are usable depends on these too
           f"data.{k}": d[k] for k in ("max_chars", "long_lines", "invalid_utf8")})
   if pipe.mlm_only and float(config.loss.weight) != 0.0:
     from bepa_jax.errors import ConfigError

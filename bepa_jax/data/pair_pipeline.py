@@ -30,6 +30,8 @@ from bepa_jax.data.tokenizer import Tokenizer
 from bepa_jax.errors import ConfigError, InputError
 
 MAX_ATTEMPTS = 64
+CLS_INPUTS = ("masked", "clean")   # loss.cls_input: what the contrastive [CLS] pass sees
+MLM_INPUTS = ("sentence", "pair")  # loss.mlm_input: each side alone, or [CLS] x [SEP] [CLS] y [SEP]
 
 
 class PairPipeline:
@@ -38,7 +40,8 @@ class PairPipeline:
   def __init__(self, components: Sequence[Component], weights: Sequence[float],
                tokenizer: Tokenizer, *, global_batch: int, max_length: int, mask_prob: float,
                max_predictions: int, seed: int, temperature: float = 1.0, dedup: bool = True,
-               load_stats: LoadStats | None = None, stream_extra: dict | None = None):
+               load_stats: LoadStats | None = None, stream_extra: dict | None = None,
+               cls_input: str = "masked", mlm_input: str = "sentence"):
     if not components:
       raise ConfigError("data.source yields no language pairs")
     mono = [bool(getattr(c, "monolingual", False)) for c in components]
@@ -55,6 +58,13 @@ class PairPipeline:
     self.seed = int(seed)
     self.dedup = bool(dedup)
     self.load_stats = load_stats or LoadStats()
+    if cls_input not in CLS_INPUTS or mlm_input not in MLM_INPUTS:
+      raise ConfigError(f"loss.cls_input={cls_input!r} / loss.mlm_input={mlm_input!r}: "
+                        f"expected one of {CLS_INPUTS} / {MLM_INPUTS}")
+    if mlm_input == "pair" and cls_input != "clean":
+      raise ConfigError("loss.mlm_input=pair needs loss.cls_input=clean (the [CLS] of a pair "
+                        "sequence is not a sentence embedding)")
+    self.cls_input, self.mlm_input = cls_input, mlm_input
     self.mixture = Mixture([len(c) for c in components], weights, temperature, global_batch,
                            seed)
     self.counters = collections.Counter()   # replaced duplicates / unusable, truncations
@@ -161,16 +171,55 @@ class PairPipeline:
       hashes[k] = np.int64(zlib.crc32(t.tobytes())).astype(np.int32)
     seq[:, 0] = tok.cls_id
     seq[np.arange(2 * b), n + 1] = tok.sep_id
-    u = self._uniforms(step, rows.start, b).reshape(2 * b, -1)
-    masked, pos, lab, w = mask_batch(
-        seq, n, u, mask_prob=self.mask_prob, max_predictions=P, mask_id=tok.mask_id,
-        vocab_size=tok.vocab_size, random_token_low=max(tok.special_ids) + 1)
+    u = self._uniforms(step, rows.start, b)
     shape = lambda a: a.reshape((b, 2) + a.shape[1:])
-    return {"input_ids": shape(masked),
-            "token_type_ids": np.zeros((b, 2, L), np.int32),
-            "attention_mask": shape((np.arange(L)[None] < (n + 2)[:, None]).astype(np.int32)),
-            "mlm_positions": shape(pos), "mlm_ids": shape(lab), "mlm_weights": shape(w),
-            "text_hash": shape(hashes)}
+    out = {"token_type_ids": np.zeros((b, 2, L), np.int32),
+           "attention_mask": shape((np.arange(L)[None] < (n + 2)[:, None]).astype(np.int32)),
+           "text_hash": shape(hashes)}
+    if self.mlm_input == "pair":
+      out["input_ids"] = shape(seq)
+      out.update(self._pair_mlm(ids, u.reshape(b, -1)))
+      return out
+    masked, pos, lab, w = mask_batch(
+        seq, n, u.reshape(2 * b, -1), mask_prob=self.mask_prob, max_predictions=P,
+        mask_id=tok.mask_id, vocab_size=tok.vocab_size,
+        random_token_low=max(tok.special_ids) + 1)
+    if self.cls_input == "clean":  # [CLS] from the clean sentence, MLM on its own pass
+      out["input_ids"], out["mlm_input_ids"] = shape(seq), shape(masked)
+    else:
+      out["input_ids"] = shape(masked)
+    out.update(mlm_positions=shape(pos), mlm_ids=shape(lab), mlm_weights=shape(w))
+    return out
+
+  def _pair_mlm(self, ids: list, u: np.ndarray) -> dict:
+    """TLM (XLM; the authors' `bilingual` MLM): one `[CLS] x [SEP] [CLS] y [SEP]` sequence per
+    pair, each side cut to (max_length - 4) // 2 tokens, positions running on across both
+    halves, masked jointly (2 * max_predictions positions over both sides).
+
+    -> mlm_input_ids, mlm_attention_mask [b, L]; mlm_positions, mlm_ids, mlm_weights [b, 2P].
+    """
+    L, tok = self.max_length, self.tok
+    half = (L - 4) // 2
+    b = len(ids) // 2
+    seq = np.full((b, L), tok.pad_id, np.int32)
+    maskable = np.zeros((b, L), bool)
+    total = np.zeros(b, np.int64)
+    for r in range(b):
+      x, y = ids[2 * r][:half], ids[2 * r + 1][:half]
+      if len(ids[2 * r]) > half or len(ids[2 * r + 1]) > half:
+        self.counters["pair_side_truncated"] += 1
+      nx, ny = len(x), len(y)
+      seq[r, :nx + ny + 4] = [tok.cls_id, *x, tok.sep_id, tok.cls_id, *y, tok.sep_id]
+      maskable[r, 1:nx + 1] = True
+      maskable[r, nx + 3:nx + ny + 3] = True
+      total[r] = nx + ny + 4
+    masked, pos, lab, w = mask_batch(
+        seq, maskable.sum(1), u, mask_prob=self.mask_prob, max_predictions=2 * self.max_predictions,
+        mask_id=tok.mask_id, vocab_size=tok.vocab_size,
+        random_token_low=max(tok.special_ids) + 1, maskable=maskable)
+    return {"mlm_input_ids": masked,
+            "mlm_attention_mask": (np.arange(L)[None] < total[:, None]).astype(np.int32),
+            "mlm_positions": pos, "mlm_ids": lab, "mlm_weights": w}
 
   def _uniforms(self, step: int, first_row: int, count: int) -> np.ndarray:
     """[count, 2, D] uniforms of global rows first_row.. at `step`; D = L + 2P (padded to 4).
@@ -194,7 +243,10 @@ class PairPipeline:
         "data.seed": self.seed, "train.global_batch": self.global_batch,
         "data.max_length": self.max_length, "data.dedup": self.dedup,
         "data.mask_prob": self.mask_prob, "data.max_predictions_per_seq": self.max_predictions,
-        "tokenizer": self.tok.fingerprint(), **self.stream_extra}
+        "tokenizer": self.tok.fingerprint(), **self.stream_extra,
+        # what the batch holds besides the order (listed when not the default)
+        **({"loss.cls_input": self.cls_input} if self.cls_input != "masked" else {}),
+        **({"loss.mlm_input": self.mlm_input} if self.mlm_input != "sentence" else {})}
 
   def fingerprint(self) -> str:
     """A short hash of `stream()`."""

@@ -18,23 +18,49 @@ class Objective:
 
   def __init__(self, model, loss_cfg, mesh, head=None):
     self.model, self.loss_cfg, self.mesh, self.head = model, loss_cfg, mesh, head
+    self.cls_input = str(loss_cfg.get("cls_input", "masked"))
+    self.mlm_input = str(loss_cfg.get("mlm_input", "sentence"))
     self.weight = float(loss_cfg.weight)
     self.temperature = float(loss_cfg.temperature)
     self.opts = infonce.Options.from_config(loss_cfg)
 
   def encode(self, params, batch, rng, with_mlm: bool = True):
-    """-> ([CLS] [B, 2, H], (MLM ce sum, correct, count) or None). Both sides as one [2B] batch."""
+    """-> ([CLS] [B, 2, H], (MLM ce sum, correct, count) or None). Both sides as one [2B] batch.
+
+    loss.cls_input=masked: one pass; [CLS] and MLM both from the masked sentences.
+    loss.cls_input=clean (the authors'): [CLS] from a pass over the clean sentences, MLM from
+    its own pass over `mlm_input_ids`: the masked sentences [B, 2, L] (mlm_input=sentence) or
+    one masked pair sequence per row [B, L] (mlm_input=pair, TLM). The two passes draw
+    dropout from independent keys split off `rng`, so GradCache's re-run is exact.
+    """
     B = batch["input_ids"].shape[0]
     flat = lambda a: a.reshape((2 * B,) + a.shape[2:])
-    out = self.model.apply({"params": heads.encoder_params(params)}, flat(batch["input_ids"]),
-                           flat(batch["token_type_ids"]), flat(batch["attention_mask"]),
-                           flat(batch["mlm_positions"]) if with_mlm else None,
-                           deterministic=False, rngs={"dropout": rng})
-    mlm = None
-    if with_mlm:
-      mlm = mlm_loss(out["mlm_logits"], flat(batch["mlm_ids"]),
-                               flat(batch["mlm_weights"]))
-    return out["cls"].reshape(B, 2, -1), mlm
+    enc = {"params": heads.encoder_params(params)}
+    if self.cls_input == "masked":
+      out = self.model.apply(enc, flat(batch["input_ids"]), flat(batch["token_type_ids"]),
+                             flat(batch["attention_mask"]),
+                             flat(batch["mlm_positions"]) if with_mlm else None,
+                             deterministic=False, rngs={"dropout": rng})
+      mlm = None
+      if with_mlm:
+        mlm = mlm_loss(out["mlm_logits"], flat(batch["mlm_ids"]), flat(batch["mlm_weights"]))
+      return out["cls"].reshape(B, 2, -1), mlm
+    rng_cls, rng_mlm = jax.random.split(rng)
+    cls = self.model.apply(enc, flat(batch["input_ids"]), flat(batch["token_type_ids"]),
+                           flat(batch["attention_mask"]), None, deterministic=False,
+                           rngs={"dropout": rng_cls})["cls"].reshape(B, 2, -1)
+    if not with_mlm:
+      return cls, None
+    if self.mlm_input == "pair":
+      ids = batch["mlm_input_ids"]
+      args = (ids, jnp.zeros_like(ids), batch["mlm_attention_mask"], batch["mlm_positions"])
+      labels, weights = batch["mlm_ids"], batch["mlm_weights"]
+    else:
+      args = (flat(batch["mlm_input_ids"]), flat(batch["token_type_ids"]),
+              flat(batch["attention_mask"]), flat(batch["mlm_positions"]))
+      labels, weights = flat(batch["mlm_ids"]), flat(batch["mlm_weights"])
+    out = self.model.apply(enc, *args, deterministic=False, rngs={"dropout": rng_mlm})
+    return cls, mlm_loss(out["mlm_logits"], labels, weights)
 
   def target(self, ema_params, batch):
     """Projected [CLS] [B, 2, D] of the EMA target encoder (no dropout, no gradient)."""
