@@ -242,6 +242,9 @@ def check_override_keys(argv) -> None:
       path = argv[i + 1]
     elif arg.startswith("--config="):
       path = arg.split("=", 1)[1]
+  arg = None
+  if not os.path.exists(path) and ":" in path:  # configs/x.py:ARG -> get_config(ARG)
+    path, arg = path.rsplit(":", 1)
   if not os.path.exists(path):
     raise ConfigError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location("_bepa_user_config", path)
@@ -254,11 +257,14 @@ def check_override_keys(argv) -> None:
     raise ConfigError(f"{path}: {type(e).__name__}: {cli.one_line(e)}") from None
   if not callable(getattr(module, "get_config", None)):
     raise ConfigError(f"{path}: defines no get_config()")
-  config = module.get_config()
-  for arg in argv:
-    if not arg.startswith("--config."):
+  try:
+    config = module.get_config(arg) if arg is not None else module.get_config()
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"{path}: {cli.one_line(e)}") from None
+  for item in argv:
+    if not item.startswith("--config."):
       continue
-    key = arg[len("--config."):].split("=", 1)[0]
+    key = item[len("--config."):].split("=", 1)[0]
     node = config
     for depth, part in enumerate(key.split(".")):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:

@@ -17,9 +17,28 @@ def test_config_is_valid(path):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
-  devices = 64 if c.train.global_batch >= 64 else 8  # e.g. a v5e-64 slice
+  micro = c.train.global_batch // c.train.grad_accum_steps
+  devices = 64 if micro >= 64 else 8  # e.g. a v5e-64 slice
   data, fsdp, tensor = config_lib.validate(c, devices)
   assert data * fsdp * tensor == devices
+
+
+def test_reference_config_variants():
+  """configs/bepa_reference.py: the authors' pool (16 x 4 accumulated) or one global pool."""
+  from ml_collections import config_flags  # noqa: F401  (the loader bepa-train uses)
+  spec = importlib.util.spec_from_file_location("ref", os.path.join(REPO, "configs",
+                                                                    "bepa_reference.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  authors, glob_ = module.get_config(), module.get_config("global,opus100=/d")
+  assert (authors.train.global_batch, authors.train.grad_accum_steps) == (64, 4)
+  assert (glob_.train.global_batch, glob_.train.grad_accum_steps) == (64, 1)
+  assert authors.train.steps == 21_875 and authors.loss.mlm_input == "pair"
+  assert authors.loss.cls_input == "clean" and not authors.loss.mask_self
+  assert glob_.data.source.count("aligned:/d/en-") == 14
+  config_lib.validate(glob_, 64)
+  with pytest.raises(ValueError, match="expected authors|global"):
+    module.get_config("huge")
 
 
 def test_every_config_file_named_in_launchers_and_docs_exists():
