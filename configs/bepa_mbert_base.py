@@ -25,8 +25,8 @@ def get_config():
   c.model.scan_layers = True
   c.tokenizer.vocab_size = 119_547                 # from scratch: mBERT's vocabulary size
   c.data.source = "tfds:xnli:test;tfds:xnli:validation"
-  c.loss.cls_input = "clean"             # [CLS] from clean passes: +8-10 points of retrieval
-                                           # in bench/objective_study.py (README)
+  c.loss.cls_input = "clean"                       # [CLS] from clean passes: +8-10 points of
+                                                   # retrieval in bench/objective_study.py
   c.data.max_length = 128
   c.data.max_predictions_per_seq = 20
   c.optim.learning_rate = 5e-5

@@ -42,8 +42,8 @@ def get_config():
   c.loss.temperature = 0.07
   c.data.source = "tfds:xnli:test;tfds:xnli:validation"
   c.data.pairs = ",".join(f"en-{l}" for l in XNLI_LANGS.split(",") if l != "en")
-  c.loss.cls_input = "clean"             # [CLS] from clean passes: +8-10 points of retrieval
-                                           # in bench/objective_study.py (README)
+  c.loss.cls_input = "clean"                       # [CLS] from clean passes: +8-10 points of
+                                                   # retrieval in bench/objective_study.py
   c.data.max_length = 256
   c.data.max_predictions_per_seq = 40
   c.optim.learning_rate = 2e-5

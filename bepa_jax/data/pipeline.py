@@ -23,8 +23,9 @@ class Pipeline(Protocol):
   def state_dict(self, step: int) -> dict:
     """The input position stored in a checkpoint saved after `step` steps."""
 
-  def verify_state(self, state: dict) -> None:
-    """Raises ConfigError if `state` (from a checkpoint) came from other data."""
+  def verify_state(self, state: dict, *, continue_on_new_data: bool = False) -> list[str]:
+    """Raises ConfigError naming the changed keys if `state` (from a checkpoint) came from other
+    data, unless `continue_on_new_data`; returns the changes it accepted."""
 
   def report(self) -> str:
     """One log line: what was dropped, redrawn or truncated."""
