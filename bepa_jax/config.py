@@ -21,7 +21,8 @@ _CHOICES = {
 }
 
 
-def _get(config, dotted):
+def get(config, dotted):
+  """config["a"]["b"] for "a.b"."""
   node = config
   for part in dotted.split("."):
     node = node[part]
@@ -57,7 +58,7 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
   """Checks `config` for `num_devices`; returns the resolved (data, fsdp, tensor) mesh."""
   for key, choices in _CHOICES.items():
-    value = _get(config, key)
+    value = get(config, key)
     if value not in choices:
       raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
   m = config.model
@@ -71,8 +72,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
   for key in ("hidden_dropout", "attention_dropout"):
     if not 0.0 <= float(m[key]) < 1.0:
       raise ConfigError(f"model.{key} must be in [0, 1), got {m[key]}")
-  if not float(config.loss.temperature) > 0.0:
-    raise ConfigError(f"loss.temperature must be > 0, got {config.loss.temperature}")
+  _validate_temperature(float(config.loss.temperature))
   if float(config.loss.weight) < 0.0:
     raise ConfigError(f"loss.weight (lambda) must be >= 0, got {config.loss.weight}")
   _validate_loss_options(config.loss)
@@ -146,6 +146,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
   return data, fsdp, tensor
 
 
+# Smallest tau: the logits cos/tau span +-1/tau. Beyond +-1000 bfloat16 (8 significant bits)
+# resolves them only to ~4, the gradients grow as 1/tau, and below ~3e-39 1/tau overflows
+# float32 itself: a loss that goes non-finite there is the temperature, not the learning rate.
+MIN_TEMPERATURE = 1e-3
+
+
+def _validate_temperature(tau: float) -> None:
+  if not math.isfinite(tau):
+    raise ConfigError(f"loss.temperature must be a finite number, got {tau}")
+  if not tau > 0.0:
+    raise ConfigError(f"loss.temperature must be > 0, got {tau}")
+  if tau < MIN_TEMPERATURE:
+    raise ConfigError(f"loss.temperature={tau:g} is below {MIN_TEMPERATURE:g}: the logits cos/tau "
+                      f"would reach +-{1 / tau:.3g}, too large for float32/bfloat16 training "
+                      f"(precision loss, 1/tau gradients, overflow)")
+
+
 def _validate_loss_options(loss) -> None:
   from bepa_jax.objective import infonce  # local: config.py stays importable without jax
   opts = infonce.Options.from_config(loss)  # choices, margin, chunk combinations
@@ -156,6 +173,9 @@ def _validate_loss_options(loss) -> None:
   if bool(loss.learn_temperature) and not 0.0 < lo <= float(loss.temperature) <= hi:
     raise ConfigError(f"loss.temperature={loss.temperature} must lie in [temperature_min="
                       f"{lo}, temperature_max={hi}] (and min > 0) when learned")
+  if bool(loss.learn_temperature) and lo < MIN_TEMPERATURE:
+    raise ConfigError(f"loss.temperature_min={lo:g} is below {MIN_TEMPERATURE:g}: a learned tau "
+                      f"clamped there gives logits cos/tau of +-{1 / lo:.3g}")
   for key in ("projector_layers", "projector_dim", "predictor_layers", "predictor_dim"):
     if int(loss[key]) < 0:
       raise ConfigError(f"loss.{key} must be >= 0, got {loss[key]}")
@@ -233,7 +253,9 @@ def _validate_rules(rules) -> None:
   for rule in rules:
     if (isinstance(rule, str) or not isinstance(rule, (tuple, list)) or len(rule) != 2
         or not isinstance(rule[0], str)):
-      raise ConfigError(f"mesh.rules entry {rule!r} is not a (logical axis, mesh axes) pair")
+      raise ConfigError(f"mesh.rules entry {rule!r} is not a (logical axis, mesh axes) pair: "
+                        f"mesh.rules must be a tuple of them, e.g. (('batch', ('data', 'fsdp')), "
+                        f"('vocab', 'tensor'))")
     target = rule[1]
     axes = [] if target is None else [target] if isinstance(target, str) else target
     if not isinstance(axes, (tuple, list)) or any(a not in AXES for a in axes):

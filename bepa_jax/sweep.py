@@ -98,6 +98,49 @@ def check_keys(config: str, keys) -> None:
   train.check_override_keys(["--config", config] + [f"--config.{k}=0" for k in keys])
 
 
+def check_runs(config: str, axes, fixed: dict[str, str], num_devices: int | None = None,
+               validate: bool = True) -> None:
+  """Before the first run: every grid and --set value parsed against the config's field type,
+  then (`validate`) every run's config checked as bepa-train checks it, on `num_devices` (None:
+  the fewest its mesh fits). A bad value fails the sweep in seconds, not after the runs before
+  it have trained; the SweepError names the key and the value."""
+  from bepa_jax import train
+  from bepa_jax.errors import BepaError
+  base = train.check_override_keys(["--config", config])
+  given = [("--grid", k, vs) for k, vs in axes] + [("--set", k, [v]) for k, v in fixed.items()]
+  for flag, key, values in given:
+    for value in values:
+      try:
+        train.load_config(config, [f"--config.{key}={value}"])
+      except BepaError:
+        raise SweepError(f"{flag} {key}={','.join(values)}: config key {key} expects "
+                         f"{train.expected_type(base, key)}, got {value!r}") from None
+  for point in expand_grid(axes) if validate else ():
+    try:
+      run_config = train.load_config(config, overrides(point, fixed))
+      train.check_config(run_config, num_devices or min_devices(run_config.mesh))
+    except BepaError as e:
+      where = ", ".join(f"{k}={v}" for k, v in point.items())
+      raise SweepError(f"run {run_name(point)} ({where}): {cli.one_line(e)}") from None
+
+
+def min_devices(mesh) -> int:
+  """The fewest devices a mesh config fits (each -1 axis of size 1)."""
+  sizes = [int(mesh.data), int(mesh.fsdp), int(mesh.tensor)]
+  return max(int(mesh.dcn_data), 1) * math.prod(s for s in sizes if s > 0)
+
+
+def local_device_count() -> int | None:
+  """The devices a local run will see, counted in a child process like the runs: the sweep itself
+  must not start the accelerator (it would hold the TPU chips, or GPU memory, the runs need)."""
+  try:
+    r = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count())"],
+                       capture_output=True, text=True, timeout=600)
+    return int(r.stdout.split()[-1])
+  except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+    return None
+
+
 # ----------------------------------------------------------------------------- commands
 def local_command(config: str, workdir: str, flags: list[str]) -> list[str]:
   return [sys.executable, "-m", "bepa_jax.train", "--config", config, "--workdir", workdir,
@@ -336,6 +379,9 @@ def main(argv=None) -> int:
     if dup:
       raise SweepError(f"key '{dup[0]}' is given more than once (--grid / --set / --steps)")
     check_keys(args.config, keys + list(fixed))
+    # Pod runs' devices and files (init.hf_dir, eval sets) are the pod's: only types here.
+    local = args.backend == "local"
+    check_runs(args.config, axes, fixed, local_device_count() if local else None, validate=local)
   except (SweepError, BepaError) as e:
     return cli.fail(PROG, e)
   points = expand_grid(axes)

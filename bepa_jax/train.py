@@ -137,13 +137,19 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=No
   return Job(config, mesh, tokenizer, pipeline, model_cfg, model, state, shardings, step_fn)
 
 
+def check_config(config: ml_collections.ConfigDict, num_devices: int):
+  """The one validation pass, before a tokenizer is trained or a file written (bepa-sweep runs
+  it for every grid point before the first run). init.hf_dir's shape (and that its weights
+  are whole) first: the config is compared with the workdir's checkpoints after this."""
+  if config.init.hf_dir:
+    hf_init.apply_to_config(config)
+  return config_lib.validate(config, num_devices)
+
+
 # ----------------------------------------------------------------------------- loop
 def train(config: ml_collections.ConfigDict, workdir: str):
   """Runs the whole job; returns (final state, last logged metrics)."""
-  if config.init.hf_dir:  # before the config is compared with the workdir's checkpoints
-    hf_init.apply_to_config(config)
-  # The one validation pass: every section, before a tokenizer is trained or a file written.
-  config_lib.validate(config, jax.device_count())
+  check_config(config, jax.device_count())
   ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint)
   ckpt.check_config(config)  # before anything is built or workdir/config.json is rewritten
   ckpt.install_preemption_handler()
@@ -232,8 +238,9 @@ def _define_flags():
   return flags.FLAGS
 
 
-def check_override_keys(argv) -> None:
-  """Unknown `--config.a.b=` keys -> ConfigError naming the key (with a close match)."""
+def check_override_keys(argv) -> ml_collections.ConfigDict:
+  """Unknown `--config.a.b=` keys, or whole sections, -> ConfigError naming the key (with a
+  close match); returns the config file's config, before the overrides."""
   import difflib
   import importlib.util
   path = os.path.join(os.path.dirname(__file__), "default_config.py")
@@ -259,8 +266,11 @@ def check_override_keys(argv) -> None:
     raise ConfigError(f"{path}: defines no get_config()")
   try:
     config = module.get_config(arg) if arg is not None else module.get_config()
-  except (ValueError, TypeError) as e:
-    raise ConfigError(f"{path}: {cli.one_line(e)}") from None
+  except Exception as e:  # noqa: BLE001 -- the user's file: one line, not a traceback
+    raise ConfigError(f"{path}: get_config() failed: {type(e).__name__}: "
+                      f"{cli.one_line(e)}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")
   for item in argv:
     if not item.startswith("--config."):
       continue
@@ -273,6 +283,61 @@ def check_override_keys(argv) -> None:
         hint = f" (did you mean '{'.'.join(key.split('.')[:depth] + close)}'?)" if close else ""
         raise ConfigError(f"unknown config key '{key}' in {path}{hint}")
       node = node[part]
+    if isinstance(node, ml_collections.ConfigDict):  # replacing it would drop its other keys
+      first = next(iter(node.keys()), "KEY")
+      raise ConfigError(f"--config.{key} is a section, not a value: set its keys, e.g. "
+                        f"--config.{key}.{first}=...")
+  return config
+
+
+_TYPE_NAMES = {bool: "a bool (true or false)", int: "an int", float: "a float", str: "a string",
+               tuple: "a tuple"}
+
+
+def expected_type(config: ml_collections.ConfigDict, key: str) -> str:
+  """'an int', 'a tuple ...': what a `--config.KEY=` override of `config` must parse to."""
+  value = config_lib.get(config, key)
+  return _TYPE_NAMES.get(type(value), f"a {type(value).__name__}")
+
+
+def override_error(e: Exception, argv, config: ml_collections.ConfigDict) -> str:
+  """A `--config.KEY=VALUE` that ml_collections could not parse or type-check -> one line naming
+  KEY, the type it expects and VALUE (else the error's first line).
+
+  absl reports a bad value as "flag --config.KEY=VALUE: ..."; ConfigDict's type check raises a
+  TypeError naming only the field ("Could not override field 'rules' ...").
+  """
+  import re
+  text = cli.one_line(e)
+  field = re.search(r"field '([^']+)'", text)
+  for arg in reversed(argv):  # the last override of a key is the one that counts
+    if not arg.startswith("--config.") or "=" not in arg:
+      continue
+    key, value = arg[len("--config."):].split("=", 1)
+    if text.startswith(f"flag {arg}:") or (field and key.rsplit(".", 1)[-1] == field.group(1)):
+      try:
+        expected = expected_type(config, key)
+      except (KeyError, AttributeError):
+        break
+      return f"{arg}: config key {key} expects {expected}, got {value!r}"
+  return text
+
+
+def load_config(path: str, overrides) -> ml_collections.ConfigDict:
+  """The config of `bepa-train --config PATH *overrides`, parsed exactly as bepa-train parses
+  it (in its own flag set); a bad override is a ConfigError naming the key and value."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["bepa-train", *overrides]
+  config = check_override_keys(["--config", path, *overrides])
+  values = flags.FlagValues()  # the same override parsers as --config FILE, on the loaded file
+  config_flags.DEFINE_config_dict("config", config, flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  try:
+    values(argv)  # overrides `config` in place (type-safe: its field types stay)
+  except (flags.Error, TypeError, ValueError) as e:
+    raise ConfigError(override_error(e, argv[1:], config)) from None
+  return values.config
 
 
 def workdir_problem(workdir: str) -> str | None:
@@ -295,8 +360,9 @@ def main(argv=None) -> int:
   from absl import flags
   argv = list(sys.argv if argv is None else argv)
   prog = "bepa-train"
+  base = None
   try:
-    check_override_keys(argv[1:])
+    base = check_override_keys(argv[1:])
     FLAGS = _define_flags()
     FLAGS(argv)
   except flags.UnrecognizedFlagError as e:
@@ -304,6 +370,8 @@ def main(argv=None) -> int:
     if name.startswith("config."):
       return cli.fail(prog, f"unknown config key '{name[len('config.'):]}'")
     return cli.fail(prog, e)
+  except (flags.IllegalFlagValueError, TypeError) as e:  # TypeError: ConfigDict's type check
+    return cli.fail(prog, override_error(e, argv[1:], base) if base is not None else e)
   except (flags.Error, ValueError, OSError) as e:  # ConfigError is a ValueError
     return cli.fail(prog, e)
   if not FLAGS.workdir:

@@ -96,7 +96,11 @@ class HFTokenizer(Tokenizer):
       from transformers import AutoTokenizer
     except ImportError:
       raise InputError(f"{path}: reading an HF tokenizer needs `pip install bepa-jax[hf]`") from None
-    self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+      self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 -- transformers raises many kinds: one line naming it
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise InputError(f"{path}: not a loadable HF tokenizer ({first})") from None
     t = self.tok
     self.vocab_size = len(t)
     self.pad_id, self.unk_id = t.pad_token_id, t.unk_token_id

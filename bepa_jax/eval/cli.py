@@ -52,6 +52,8 @@ def parse_args(argv):
   args.poolings = tuple(x.strip() for x in args.pooling.split(",") if x.strip())
   if not args.poolings or any(x not in ("cls", "mean") for x in args.poolings):
     p.error(f"--pooling must name cls and/or mean, got {args.pooling!r}")
+  if args.max_length and args.max_length < 3:
+    p.error(f"--max-length must be >= 3 ([CLS] s [SEP]) or 0 (the model's), got {args.max_length}")
   if args.batch_size < 1 or args.max_sentences < 0 or args.margin_k < 1:
     p.error("--batch-size and --margin-k must be >= 1, --max-sentences >= 0")
   return args
@@ -60,9 +62,14 @@ def parse_args(argv):
 def evaluate_model(path: str, sets, args, log):
   """Loads one model, returns (name, report, plot data)."""
   from bepa_jax import mesh as mesh_lib
+  from bepa_jax.errors import InputError
   from bepa_jax.eval import embed, loading, suite
 
-  loaded = loading.load(path, args.tokenizer)
+  loaded = loading.load(path, args.tokenizer, hf=path == args.hf_dir)
+  limit = loading.max_tokens(loaded.model_cfg)
+  if args.max_length > limit:  # past the position table the gather gives NaN embeddings
+    raise InputError(f"--max-length {args.max_length} exceeds the {limit} tokens {path} can "
+                     f"take (max_position_embeddings={loaded.model_cfg.max_position_embeddings})")
   mesh, mesh_cfg = embed.inference_mesh(loaded.mesh_cfg)
   max_length = args.max_length or loaded.max_length
   model = loaded.model

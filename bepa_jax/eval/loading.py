@@ -33,7 +33,16 @@ class Loaded:
 
 
 def is_hf_dir(path: str) -> bool:
-  return any(os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHTS)
+  """HF weights, or an HF config.json (so a dir that lost its weights says so, not that it
+  lacks a training workdir's tokenizer or checkpoints)."""
+  if any(os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHTS):
+    return True
+  try:
+    with open(os.path.join(path, "config.json")) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(saved, dict) and ("model_type" in saved or "architectures" in saved)
 
 
 # ----------------------------------------------------------------------------- workdir
@@ -58,13 +67,13 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 def load_workdir(workdir: str, tokenizer_path: str | None = None) -> Loaded:
   config = read_workdir_config(workdir)
+  _, params = reader.read_params(workdir)  # first: missing weights are named as such
   if tokenizer_path:
     tokenizer = tokenizer_lib.load(tokenizer_path)
   else:  # what training used: config.tokenizer.path (any kind) or the workdir's own model
     from bepa_jax.data import factory
     tokenizer = factory.load_tokenizer(config, workdir, train_if_missing=False)
   model_cfg = EncoderConfig.from_config(config.model, vocab_size=tokenizer.vocab_size)
-  _, params = reader.read_params(workdir)
   return Loaded(os.path.basename(os.path.normpath(workdir)), model_cfg, params, tokenizer,
                 config.mesh, int(config.data.max_length))
 
@@ -76,15 +85,21 @@ def load_hf_dir(hf_dir: str, tokenizer_path: str | None = None) -> Loaded:
   except ValueError as e:  # HFFormatError: one line naming the file
     raise InputError(str(e)) from None
   tokenizer = tokenizer_lib.load(tokenizer_path or hf_dir)
-  pos = model_cfg.max_position_embeddings - (model_cfg.pad_token_id + 1
-                                             if model_cfg.family == "xlmr" else 0)
   return Loaded(os.path.basename(os.path.normpath(hf_dir)), model_cfg, params, tokenizer,
-                default_config.get_config().mesh, int(min(128, pos)))
+                default_config.get_config().mesh, min(128, max_tokens(model_cfg)))
 
 
-def load(path: str, tokenizer_path: str | None = None) -> Loaded:
-  """A workdir or an HF directory, told apart by the presence of HF weight files."""
+def max_tokens(model_cfg: EncoderConfig) -> int:
+  """The longest sentence (with [CLS] and [SEP]) the position embeddings cover: XLM-R's
+  positions start at pad_token_id + 1. Longer inputs gather outside the table (NaN)."""
+  offset = model_cfg.pad_token_id + 1 if model_cfg.family == "xlmr" else 0
+  return int(model_cfg.max_position_embeddings - offset)
+
+
+def load(path: str, tokenizer_path: str | None = None, hf: bool = False) -> Loaded:
+  """An HF directory (`hf`, or told apart by its weight files or config.json) or a workdir."""
   if not os.path.isdir(path):
     raise InputError(f"{path}: directory not found")
-  return load_hf_dir(path, tokenizer_path) if is_hf_dir(path) else load_workdir(path,
-                                                                               tokenizer_path)
+  if hf or is_hf_dir(path):
+    return load_hf_dir(path, tokenizer_path)
+  return load_workdir(path, tokenizer_path)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
+
 from bepa_jax.errors import InputError
 from bepa_jax.eval import diagnostics, retrieval
 
@@ -33,6 +35,7 @@ def run(embedder, sets, *, poolings=("cls", "mean"), margin: str | None = None, 
   """-> (report {"retrieval": ..., "diagnostics": ...}, plot data {pool: ...})."""
   embeddings = [{lang: embedder(list(texts)) for lang, texts in zip(ps.languages, ps.texts)}
                 for ps in sets]
+  check_finite(sets, embeddings)
   ret: dict = {}
   tatoeba = {ps.name.split("/", 1)[1]: retrieval.score_set(ps, emb, poolings, margin, k)
              for ps, emb in zip(sets, embeddings) if ps.name.startswith("tatoeba/")}
@@ -48,6 +51,19 @@ def run(embedder, sets, *, poolings=("cls", "mean"), margin: str | None = None, 
             "sets": {ps.name: {"languages": list(ps.languages), "sentences": len(ps)}
                      for ps in sets}}
   return report, plot
+
+
+def check_finite(sets, embeddings) -> None:
+  """NaN/Inf embeddings stop the evaluation with one line naming the set, language and pooling
+  (scores and the SVD of the diagnostics would fail on them, or report noise)."""
+  for ps, emb in zip(sets, embeddings):
+    for lang in ps.languages:
+      for pool, x in emb[lang].items():
+        bad = int(np.count_nonzero(~np.isfinite(x).all(axis=-1))) if len(x) else 0
+        if bad:
+          raise InputError(f"{bad} of {len(x)} {pool} embeddings of {ps.name} ({lang}) are not "
+                           f"finite (NaN/Inf): the model's weights hold NaN/Inf or its inputs "
+                           f"exceed its position embeddings")
 
 
 def metric_name(key: str) -> str:

@@ -55,6 +55,10 @@ class HFFormatError(ValueError):
   """An HF checkpoint / config that cannot be converted. The message is one line."""
 
 
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 # --------------------------------------------------------------------------------------------
 # families and configs
 
@@ -525,16 +529,48 @@ def save_hf(out_dir: str | os.PathLike, params, cfg: EncoderConfig, *,
     f.write("\n")
 
 
+def check_safetensors(path: str) -> None:
+  """Raises HFFormatError naming `path` if it is cut short or has no valid header.
+
+  Reads only the header, so a cut-off copy (an interrupted download or scp) is refused before
+  any weight is loaded and before a run writes anything.
+  """
+  try:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      prefix = f.read(8)
+      n = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+      header = f.read(n) if 8 + n <= size else b""
+  except OSError as e:
+    raise HFFormatError(f"{path}: cannot be read ({e.strerror or e})") from None
+  if len(prefix) < 8 or 8 + n > size:
+    raise HFFormatError(f"{path}: truncated or not a safetensors file ({size} bytes, too short "
+                        f"for its header)")
+  try:
+    entries = json.loads(header.decode("utf-8"))
+    end = max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"),
+              default=0)
+  except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+    raise HFFormatError(f"{path}: corrupt safetensors file (unreadable header)") from None
+  if 8 + n + end > size:
+    raise HFFormatError(f"{path}: truncated ({size} of {8 + n + end} bytes); copy or export it "
+                        f"again")
+
+
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   from safetensors import safe_open
+  check_safetensors(path)
   out = {}
-  # framework="np" also reads bfloat16 (as ml_dtypes.bfloat16), unlike safetensors.numpy.load_file
-  with safe_open(path, framework="np") as f:
-    for k in f.keys():
-      x = f.get_tensor(k)
-      if x.dtype.name == "bfloat16":
-        x = x.astype(np.float32)
-      out[k] = x
+  try:
+    # framework="np" also reads bfloat16 (as ml_dtypes.bfloat16), unlike safetensors.numpy.load_file
+    with safe_open(path, framework="np") as f:
+      for k in f.keys():
+        x = f.get_tensor(k)
+        if x.dtype.name == "bfloat16":
+          x = x.astype(np.float32)
+        out[k] = x
+  except Exception as e:  # noqa: BLE001 -- SafetensorError (not a ValueError): one line
+    raise HFFormatError(f"{path}: corrupt safetensors file ({_first_line(e)})") from None
   return out
 
 
@@ -543,7 +579,10 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
     import torch
   except ImportError as e:
     raise HFFormatError(f"reading {path} needs torch, which is not installed") from e
-  sd = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001 -- a cut-off or foreign file: one line naming it
+    raise HFFormatError(f"{path}: corrupt or truncated ({_first_line(e)})") from None
   if not isinstance(sd, Mapping):
     raise HFFormatError(f"{path} does not hold a state dict (got {type(sd).__name__})")
   out = {}
@@ -553,6 +592,43 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
       v = v.float()
     out[k] = v.numpy()
   return out
+
+
+def weight_files(hf_dir: str, *, allow_pickle: bool = False) -> list[tuple[str, str]]:
+  """[(path, "safetensors" | "pickle")] of the weights in `hf_dir`; HFFormatError naming the
+  missing file (a missing weights file is never reported as some other problem)."""
+  safe = os.path.join(hf_dir, SAFE_WEIGHTS)
+  index = os.path.join(hf_dir, SAFE_INDEX)
+  pickle = os.path.join(hf_dir, PICKLE_WEIGHTS)
+  if os.path.isfile(safe):
+    return [(safe, "safetensors")]
+  if os.path.isfile(index):
+    try:
+      with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+      raise HFFormatError(f"{index}: not a valid safetensors index (no weight_map)") from None
+    files = []
+    for shard in shards:
+      shard_path = os.path.join(hf_dir, shard)
+      if not os.path.isfile(shard_path):
+        raise HFFormatError(f"{shard_path}: weights file missing (named in {SAFE_INDEX})")
+      files.append((shard_path, "safetensors"))
+    return files
+  if os.path.isfile(pickle):
+    if not allow_pickle:
+      raise HFFormatError(f"{hf_dir!r} has only {PICKLE_WEIGHTS}, a pickle that can run code; "
+                          f"convert it to {SAFE_WEIGHTS} or pass allow_pickle=True")
+    return [(pickle, "pickle")]
+  raise HFFormatError(f"{safe}: weights file missing (no {SAFE_INDEX} or {PICKLE_WEIGHTS} "
+                      f"either)")
+
+
+def check_weights(hf_dir: str, *, allow_pickle: bool = False) -> None:
+  """The weight files of `hf_dir` exist and are whole (headers only; cheap)."""
+  for path, kind in weight_files(hf_dir, allow_pickle=allow_pickle):
+    if kind == "safetensors":
+      check_safetensors(path)
 
 
 def load_hf(hf_dir: str | os.PathLike, *, allow_pickle: bool = False,
@@ -576,26 +652,7 @@ def load_hf(hf_dir: str | os.PathLike, *, allow_pickle: bool = False,
     raise HFFormatError(f"{cfg_path} is not valid JSON: {e}") from e
   cfg = encoder_config_from_hf(config_json, **overrides)
 
-  safe = os.path.join(hf_dir, SAFE_WEIGHTS)
-  index = os.path.join(hf_dir, SAFE_INDEX)
-  pickle = os.path.join(hf_dir, PICKLE_WEIGHTS)
-  if os.path.isfile(safe):
-    state = _read_safetensors(safe)
-  elif os.path.isfile(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-    state = {}
-    for shard in shards:
-      shard_path = os.path.join(hf_dir, shard)
-      if not os.path.isfile(shard_path):
-        raise HFFormatError(f"{SAFE_INDEX} in {hf_dir!r} names shard {shard!r}, which is missing")
-      state.update(_read_safetensors(shard_path))
-  elif os.path.isfile(pickle):
-    if not allow_pickle:
-      raise HFFormatError(f"{hf_dir!r} has only {PICKLE_WEIGHTS}, a pickle that can run code; "
-                          f"convert it to {SAFE_WEIGHTS} or pass allow_pickle=True")
-    state = _read_pickle(pickle)
-  else:
-    raise HFFormatError(f"no weight file in {hf_dir!r}: looked for {SAFE_WEIGHTS}, {SAFE_INDEX}"
-                        f" and {PICKLE_WEIGHTS}")
+  state = {}
+  for path, kind in weight_files(hf_dir, allow_pickle=allow_pickle):
+    state.update(_read_pickle(path) if kind == "pickle" else _read_safetensors(path))
   return cfg, hf_state_dict_to_params(state, cfg)

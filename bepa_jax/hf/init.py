@@ -24,7 +24,11 @@ def _hf_error(e: Exception) -> InputError:
 
 
 def apply_to_config(config) -> None:
-  """Overwrites the model-shape keys of `config.model` with those of init.hf_dir/config.json."""
+  """Overwrites the model-shape keys of `config.model` with those of init.hf_dir/config.json.
+
+  Also checks that the weight files are there and whole: this runs first, so a missing or
+  cut-off model.safetensors stops the run before anything is written to the workdir.
+  """
   from bepa_jax.hf import convert as hf
   hf_dir = str(config.init.hf_dir)
   path = os.path.join(hf_dir, "config.json")
@@ -35,6 +39,10 @@ def apply_to_config(config) -> None:
       cfg = hf.encoder_config_from_hf(json.load(f))
   except (ValueError, KeyError) as e:
     raise _hf_error(e) from None
+  try:
+    hf.check_weights(hf_dir, allow_pickle=bool(config.init.allow_pickle))
+  except ValueError as e:
+    raise InputError(f"init.hf_dir: {_hf_error(e)}") from None
   for field in SHAPE_FIELDS:
     config.model[field] = getattr(cfg, field)
 
