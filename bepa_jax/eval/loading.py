@@ -33,7 +33,8 @@ class Loaded:
 
 
 def is_hf_dir(path: str) -> bool:
-  return any(os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHTS)
+  """HF weights at the top, or a sentence-transformers model (its encoder may be a subfolder)."""
+  return any(os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHTS + ("modules.json",))
 
 
 # ----------------------------------------------------------------------------- workdir
@@ -75,7 +76,7 @@ def load_hf_dir(hf_dir: str, tokenizer_path: str | None = None) -> Loaded:
     model_cfg, params = hf.load_hf(hf_dir)
   except ValueError as e:  # HFFormatError: one line naming the file
     raise InputError(str(e)) from None
-  tokenizer = tokenizer_lib.load(tokenizer_path or hf_dir)
+  tokenizer = tokenizer_lib.load(tokenizer_path or hf.resolve_model_dir(hf_dir))
   pos = model_cfg.max_position_embeddings - (model_cfg.pad_token_id + 1
                                              if model_cfg.family == "xlmr" else 0)
   return Loaded(os.path.basename(os.path.normpath(hf_dir)), model_cfg, params, tokenizer,
