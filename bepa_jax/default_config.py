@@ -121,7 +121,7 @@ def get_config() -> ml_collections.ConfigDict:
       grad_accum_steps=1,            # micro-batches per step (each one its own negative pool)
       gradcache_chunks=0,            # > 1: GradCache, the pool is the full global batch and
                                      # activation memory is one chunk of global_batch / chunks
-      steps=1000,
+      steps=1000,                    # 0 = save the initial state (init.hf_dir's) as step 0, exit
       seed=0,
       log_every=50,
       profile_start=0,               # jax.profiler trace of steps [start, start + profile_steps)

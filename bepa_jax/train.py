@@ -158,8 +158,10 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   if host_memory.applied():  # set by main() before XLA started; logged once the job is valid
     log.info("train.host_malloc=%s: glibc keeps freed host memory (no per-step page faults)",
              config.train.host_malloc)
-  evaluator = periodic_eval.from_config(config, job.model, job.tokenizer, mesh)  # None: eval off
   steps = int(config.train.steps)
+  if steps == 0:
+    return save_initial_state(job, ckpt, workdir), {}
+  evaluator = periodic_eval.from_config(config, job.model, job.tokenizer, mesh)  # None: eval off
   tokens_per_step = int(config.train.global_batch) * 2 * int(config.data.max_length)
   log_every = max(int(config.train.log_every), 1)
   pid, pcount = jax.process_index(), jax.process_count()
@@ -218,6 +220,26 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   writer.close()
   log.info("%s", pipeline.report())  # what the input dropped, redrew or truncated: never silent
   return state, metrics
+
+
+def save_initial_state(job: Job, ckpt: ckpt_lib.Checkpointer, workdir: str):
+  """train.steps=0: the state as built (from init.hf_dir, fresh optimizer) becomes checkpoint 0,
+  so that an imported model can be exported, evaluated or trained later without a step."""
+  steps = ckpt.steps()
+  if steps:
+    log.info("train.steps=0: %s already holds checkpoint(s) up to step %d: nothing written",
+             ckpt.directory, steps[-1])
+  else:
+    ckpt.save(0, job.state, config=job.config, data=ckpt_lib.data_state(job.pipeline, 0),
+              metrics={}, mesh=job.mesh)
+    ckpt.wait()
+    source = job.config.init.hf_dir or "a fresh initialisation"
+    log.info("train.steps=0: wrote checkpoint 0 (weights from %s, fresh optimizer state) to %s "
+             "and the run's config to %s; next: bepa-export --workdir %s --out DIR, or bepa-train "
+             "with the same config and --config.train.steps=N to train from it", source,
+             ckpt.directory, os.path.join(workdir, "config.json"), workdir)
+  ckpt.close()
+  return job.state
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -356,10 +378,9 @@ def workdir_problem(workdir: str) -> str | None:
   return None
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "bepa-train") -> int:
   from absl import flags
   argv = list(sys.argv if argv is None else argv)
-  prog = "bepa-train"
   base = None
   try:
     base = check_override_keys(argv[1:])

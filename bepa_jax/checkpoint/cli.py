@@ -3,8 +3,13 @@
   bepa-ckpt list WORKDIR            one line per checkpoint: step, time, loss, size, checksums
   bepa-ckpt show WORKDIR [--step N] one checkpoint: time, config summary, parameter count, ...
   bepa-ckpt verify WORKDIR          recomputes every checkpoint's checksums; exit 1 if one fails
+  bepa-ckpt import HF_DIR WORKDIR [--config FILE] [--config.a.b=v ...]
+                                    step-0 checkpoint of the train state initialised from an HF
+                                    (or sentence-transformers) checkpoint, without a training step
 
-WORKDIR may also be its checkpoints/ directory, or a gs:// path.
+WORKDIR may also be its checkpoints/ directory, or a gs:// path. `import` is
+`bepa-train --config.init.hf_dir=HF_DIR --config.train.steps=0`: it needs jax and the training
+code (the other commands do not); pass the config the workdir will be trained with.
 """
 from __future__ import annotations
 
@@ -153,6 +158,25 @@ def cmd_verify(ckpt, out) -> int:
   return 1 if bad else 0
 
 
+def cmd_import(hf_dir: str, workdir: str, config_file: str | None, overrides: list[str]) -> int:
+  """Runs bepa-train with train.steps=0 (last, so that they win) on HF_DIR."""
+  import os
+  if not os.path.isdir(hf_dir):
+    return cli.fail(PROG, f"{hf_dir}: HF model directory not found")
+  bad = [a for a in overrides if not a.startswith("--config.")]
+  if bad:
+    return cli.fail(PROG, f"import: unrecognized argument {bad[0]} (only --config FILE and "
+                    f"--config.a.b=value)")
+  from bepa_jax import train
+  argv = [PROG, "--workdir", workdir] + (["--config", config_file] if config_file else [])
+  argv += overrides + [f"--config.init.hf_dir={hf_dir}", "--config.train.steps=0"]
+  saved, sys.argv = sys.argv, argv  # config_flags finds the --config.* overrides in sys.argv
+  try:
+    return train.main(argv, prog=f"{PROG} import")
+  finally:
+    sys.argv = saved
+
+
 def main(argv=None, out=None) -> int:
   out = out or sys.stdout
   parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
@@ -164,7 +188,17 @@ def main(argv=None, out=None) -> int:
   p_show.add_argument("--step", type=int, default=None)
   p_verify = sub.add_parser("verify", help="check every checkpoint's checksums")
   p_verify.add_argument("workdir")
-  args = parser.parse_args(argv)
+  p_import = sub.add_parser("import", help="a step-0 checkpoint from an HF checkpoint (no step)")
+  p_import.add_argument("hf_dir", help="BERT / XLM-R (*ForMaskedLM, encoder-only or "
+                        "sentence-transformers) directory")
+  p_import.add_argument("workdir", help="the new workdir")
+  p_import.add_argument("--config", default=None, help="config file (as for bepa-train); "
+                        "--config.a.b=value overrides follow it")
+  args, extra = parser.parse_known_args(argv)
+  if args.command == "import":
+    return cmd_import(args.hf_dir, args.workdir, args.config, extra)
+  if extra:
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
   import logging
   logging.getLogger("absl").setLevel(logging.ERROR)

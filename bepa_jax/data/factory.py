@@ -33,7 +33,8 @@ def load_tokenizer(config, workdir: str, train_if_missing: bool = True) -> token
   if config.tokenizer.path:
     return pretrained_tokenizers.load(str(config.tokenizer.kind), str(config.tokenizer.path))
   if config.init.hf_dir:
-    hf_dir = str(config.init.hf_dir)
+    from bepa_jax.hf import init as hf_init  # a sentence-transformers dir: its encoder's folder
+    hf_dir = hf_init.model_dir(config)
     if tokenizer_lib.find(hf_dir) is None:
       raise InputError(f"init.hf_dir: {hf_dir} has no tokenizer (tokenizer.json, "
                        f"sentencepiece.bpe.model or spm.model); set tokenizer.path")

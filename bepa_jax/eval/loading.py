@@ -33,9 +33,10 @@ class Loaded:
 
 
 def is_hf_dir(path: str) -> bool:
-  """HF weights, or an HF config.json (so a dir that lost its weights says so, not that it
-  lacks a training workdir's tokenizer or checkpoints)."""
-  if any(os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHTS):
+  """HF weights, a sentence-transformers model (its encoder may be a subfolder), or an HF
+  config.json (so a dir that lost its weights says so, not that it lacks a training workdir's
+  tokenizer or checkpoints)."""
+  if any(os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHTS + ("modules.json",)):
     return True
   try:
     with open(os.path.join(path, "config.json")) as f:
@@ -84,7 +85,7 @@ def load_hf_dir(hf_dir: str, tokenizer_path: str | None = None) -> Loaded:
     model_cfg, params = hf.load_hf(hf_dir)
   except ValueError as e:  # HFFormatError: one line naming the file
     raise InputError(str(e)) from None
-  tokenizer = tokenizer_lib.load(tokenizer_path or hf_dir)
+  tokenizer = tokenizer_lib.load(tokenizer_path or hf.resolve_model_dir(hf_dir))
   return Loaded(os.path.basename(os.path.normpath(hf_dir)), model_cfg, params, tokenizer,
                 default_config.get_config().mesh, min(128, max_tokens(model_cfg)))
 

@@ -37,6 +37,12 @@ The decoder (`cls.predictions.decoder.*` / `lm_head.decoder.*`) is tied to the w
 the head bias, so it is not written; when present in an input it must equal what it is tied to.
 `pooler.*`, `cls.seq_relationship.*` and the `embeddings.{position_ids,token_type_ids}` buffers
 are ignored on input. Every other problem raises a one-line `HFFormatError`.
+
+Input may also be an encoder-only checkpoint (`BertModel` / `XLMRobertaModel`, keys with or
+without the base prefix; every sentence-transformers model): it has no MLM head, so the params
+read from it have no `mlm_head` (the caller starts one fresh); a head that is only partly there
+is an error. A sentence-transformers directory is read from the folder its modules.json names
+for the Transformer module (`resolve_model_dir`).
 """
 from __future__ import annotations
 
@@ -445,6 +451,10 @@ def params_to_hf_state_dict(params, cfg: EncoderConfig, *,
   return out
 
 
+def _is_head_key(hf_key: str) -> bool:
+  return hf_key.startswith(("cls.", "lm_head."))
+
+
 def _normalize_key(k: str) -> str:
   # very old (TF-converted) checkpoints name LayerNorm params gamma / beta
   if k.endswith(".gamma"):
@@ -455,26 +465,34 @@ def _normalize_key(k: str) -> str:
 
 
 def hf_state_dict_to_params(state_dict: Mapping[str, Any], cfg: EncoderConfig, *,
-                            dtype: Any = np.float32) -> dict:
-  """HF MaskedLM state dict (numpy-convertible values) -> our plain params tree (inner dict,
-  use as {'params': tree}); stacked if cfg.scan_layers. `dtype` (default float32, the model's
-  param dtype; None keeps the checkpoint's) casts every tensor.
+                            dtype: Any = np.float32, info: dict | None = None) -> dict:
+  """HF MaskedLM or encoder-only state dict (numpy-convertible values) -> our plain params
+  tree (inner dict, use as {'params': tree}); stacked if cfg.scan_layers. `dtype` (default
+  float32, the model's param dtype; None keeps the checkpoint's) casts every tensor.
+
+  Without any MLM head key the tree has no `mlm_head`. `info`, if given, receives has_head and
+  ignored (the input keys dropped on purpose, e.g. the pooler) so that callers can say so.
   """
-  info = _family_info(cfg)
+  base = _family_info(cfg)["base"]
   _check_cfg(cfg)
   sd = {_normalize_key(k): v for k, v in state_dict.items()}
-  base = info["base"]
   if not any(k.startswith(base + ".") for k in sd) and "embeddings.word_embeddings.weight" in sd:
     # a bare BertModel / XLMRobertaModel state dict: add the prefix (its head will be missing)
     sd = {(k if k.startswith(("cls.", "lm_head.")) else f"{base}.{k}"): v for k, v in sd.items()}
   rows = key_map(cfg)
+  tied = _TIED[cfg.family]
+  head_keys = [h for _, h, _, _ in rows if _is_head_key(h)]
+  has_head = any(k in sd for k in head_keys) or any(k in sd for k in tied)
+  if not has_head:  # encoder-only (BertModel, sentence-transformers): every encoder key needed
+    rows = [r for r in rows if not _is_head_key(r[1])]
+  if info is not None:
+    info.update(has_head=has_head, ignored=sorted(k for k in sd if _IGNORED.match(k)))
   missing = [h for _, h, _, _ in rows if h not in sd]
   if missing:
     more = f": {missing[:5]}" if len(missing) > 1 else ""
     raise HFFormatError(f"missing key {missing[0]!r} in the HF state dict "
                         f"({len(missing)} missing{more})")
   used = {h for _, h, _, _ in rows}
-  tied = _TIED[cfg.family]
   unexpected = sorted(k for k in sd if k not in used and k not in tied and not _IGNORED.match(k))
   if unexpected:
     raise HFFormatError(f"unexpected key {unexpected[0]!r} in the HF state dict for family "
@@ -513,6 +531,54 @@ CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
+ST_MODULES = "modules.json"
+# sentence-transformers module classes that wrap an HF encoder (the last part of "type";
+# Transformer since v1, BERT / XLMRoBERTa in the oldest saved models)
+_ST_ENCODER_CLASSES = ("Transformer", "BERT", "RoBERTa", "XLMRoBERTa")
+
+
+def sentence_transformers_modules(path: str | os.PathLike) -> list[dict] | None:
+  """The module list of a sentence-transformers directory (its modules.json), else None."""
+  modules = os.path.join(os.fspath(path), ST_MODULES)
+  if not os.path.isfile(modules):
+    return None
+  try:
+    with open(modules) as f:
+      out = json.load(f)
+  except json.JSONDecodeError as e:
+    raise HFFormatError(f"{modules} is not valid JSON: {e}") from e
+  if not isinstance(out, list) or not all(isinstance(m, Mapping) for m in out):
+    raise HFFormatError(f"{modules} is not a list of modules")
+  return out
+
+
+def st_encoder_module(modules: list[dict]) -> dict | None:
+  """The entry of `modules` that holds the HF encoder (its "path" is relative, "" = top)."""
+  for m in modules:
+    if str(m.get("type", "")).rsplit(".", 1)[-1] in _ST_ENCODER_CLASSES:
+      return m
+  return None
+
+
+def resolve_model_dir(path: str | os.PathLike) -> str:
+  """The directory with the encoder's config.json and weights: `path`, or for a
+  sentence-transformers model the folder its modules.json names for the Transformer module
+  (top level or e.g. 0_Transformer/)."""
+  path = os.fspath(path)
+  modules = sentence_transformers_modules(path)
+  if modules is None:
+    return path
+  module = st_encoder_module(modules)
+  if module is None:
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+      return path
+    raise HFFormatError(f"{os.path.join(path, ST_MODULES)} names no Transformer module (types: "
+                        f"{[m.get('type') for m in modules]})")
+  sub = str(module.get("path") or "")
+  if os.path.isabs(sub) or ".." in sub.split("/"):
+    raise HFFormatError(f"{os.path.join(path, ST_MODULES)}: module path {sub!r} is outside "
+                        f"{path!r}")
+  return os.path.join(path, sub) if sub else path
 
 
 def save_hf(out_dir: str | os.PathLike, params, cfg: EncoderConfig, *,
@@ -631,17 +697,22 @@ def check_weights(hf_dir: str, *, allow_pickle: bool = False) -> None:
       check_safetensors(path)
 
 
-def load_hf(hf_dir: str | os.PathLike, *, allow_pickle: bool = False,
+def load_hf(hf_dir: str | os.PathLike, *, allow_pickle: bool = False, info: dict | None = None,
             **overrides) -> tuple[EncoderConfig, dict]:
   """Read an HF BertForMaskedLM / XLMRobertaForMaskedLM directory -> (EncoderConfig, params).
 
+  Encoder-only directories (BertModel, sentence-transformers) give params without mlm_head.
   Weights come from model.safetensors (or a sharded model.safetensors.index.json);
   pytorch_model.bin is a pickle and is read (with torch.load(weights_only=True)) only when
   allow_pickle=True. `overrides` go to `encoder_config_from_hf` (e.g. dtype, scan_layers).
+  `info` receives model_dir, has_head and ignored (see `hf_state_dict_to_params`).
   """
   hf_dir = os.fspath(hf_dir)
   if not os.path.isdir(hf_dir):
     raise HFFormatError(f"HF model directory {hf_dir!r} does not exist")
+  hf_dir = resolve_model_dir(hf_dir)
+  if info is not None:
+    info["model_dir"] = hf_dir
   cfg_path = os.path.join(hf_dir, CONFIG_NAME)
   if not os.path.isfile(cfg_path):
     raise HFFormatError(f"no {CONFIG_NAME} in {hf_dir!r}")
@@ -655,4 +726,4 @@ def load_hf(hf_dir: str | os.PathLike, *, allow_pickle: bool = False,
   state = {}
   for path, kind in weight_files(hf_dir, allow_pickle=allow_pickle):
     state.update(_read_pickle(path) if kind == "pickle" else _read_safetensors(path))
-  return cfg, hf_state_dict_to_params(state, cfg)
+  return cfg, hf_state_dict_to_params(state, cfg, info=info)

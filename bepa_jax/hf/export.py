@@ -10,6 +10,7 @@ reproduce our logits and our token ids. An existing non-empty --out is never ove
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import types
@@ -48,6 +49,17 @@ def export_tokenizer(config, workdir: str, out_dir: str) -> None:
   """The tokenizer training used: our sentencepiece model, or the files of an imported one."""
   path = str(config.tokenizer.path)
   kind = str(config.tokenizer.kind)
+  if not path and config.init.hf_dir:  # the tokenizer came with the HF checkpoint
+    from bepa_jax.hf import init as hf_init
+    src = hf_init.model_dir(config)
+    names = HF_TOKENIZER_FILES + ("spm.model",)
+    copied = [f for f in names if os.path.isfile(os.path.join(src, f))]
+    if not copied:
+      raise InputError(f"init.hf_dir: {src}: no tokenizer files ({', '.join(HF_TOKENIZER_FILES)})"
+                       f" to export")
+    for f in copied:
+      shutil.copyfile(os.path.join(src, f), os.path.join(out_dir, f))
+    return
   if not path:
     path = os.path.join(workdir, "tokenizer", "spm.model")
   if not os.path.exists(path):
@@ -61,6 +73,37 @@ def export_tokenizer(config, workdir: str, out_dir: str) -> None:
     raise InputError(f"{src}: no HF tokenizer files ({', '.join(HF_TOKENIZER_FILES)}) to export")
   for f in copied:
     shutil.copyfile(os.path.join(src, f), os.path.join(out_dir, f))
+
+
+ST_ROOT_FILES = ("config_sentence_transformers.json",)
+ST_ENCODER_FILES = ("sentence_bert_config.json",)
+
+
+def export_sentence_transformers(st_dir: str, out_dir: str) -> bool:
+  """When the run started from a sentence-transformers model, its modules (pooling, normalize,
+  ...) go along, with the Transformer module at the top of `out_dir` (where the exported
+  encoder is), so SentenceTransformer(out_dir) computes the same kind of embedding."""
+  from bepa_jax.hf import convert as hf
+  modules = hf.sentence_transformers_modules(st_dir)
+  encoder = hf.st_encoder_module(modules) if modules else None
+  if encoder is None:
+    return False
+  enc_dir = hf.resolve_model_dir(st_dir)
+  out_modules = []
+  for m in modules:
+    sub = str(m.get("path") or "")
+    if m is encoder:
+      m = dict(m, path="")
+    elif sub and os.path.isdir(os.path.join(st_dir, sub)):  # e.g. 2_Normalize may have no folder
+      shutil.copytree(os.path.join(st_dir, sub), os.path.join(out_dir, sub))
+    out_modules.append(m)
+  with open(os.path.join(out_dir, hf.ST_MODULES), "w") as f:
+    json.dump(out_modules, f, indent=2)
+    f.write("\n")
+  for name, src in [(n, st_dir) for n in ST_ROOT_FILES] + [(n, enc_dir) for n in ST_ENCODER_FILES]:
+    if os.path.isfile(os.path.join(src, name)):
+      shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
+  return True
 
 
 def load_workdir_params(workdir: str, step: int | None = None):
@@ -90,6 +133,8 @@ def export(workdir: str, out_dir: str, step: int | None = None) -> str:
   try:
     hf.save_hf(tmp, params, model_cfg)
     export_tokenizer(config, workdir, tmp)
+    if config.init.hf_dir and os.path.isdir(str(config.init.hf_dir)):
+      export_sentence_transformers(str(config.init.hf_dir), tmp)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

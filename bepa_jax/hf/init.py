@@ -1,6 +1,10 @@
 """Continued pretraining from a local HuggingFace checkpoint (`--config.init.hf_dir=DIR`).
 
 The paper continued pretraining of xlm-roberta-base; mBERT-style BERT works the same way.
+DIR may be a *ForMaskedLM checkpoint or an encoder-only one (BertModel, XLMRobertaModel, a
+sentence-transformers model such as all-MiniLM-L6-v2 or LaBSE, read from the folder its
+modules.json names): without an MLM head, the head starts fresh (decoder tied to the word
+embeddings), which is logged once.
 From DIR we take the model shape (config.json overrides `config.model`), the weights
 (model.safetensors; pickle .bin only with `init.allow_pickle=True`) and, unless
 `tokenizer.path` is set, the tokenizer (tokenizer.json, XLM-R's sentencepiece.bpe.model, or
@@ -30,7 +34,7 @@ def apply_to_config(config) -> None:
   cut-off model.safetensors stops the run before anything is written to the workdir.
   """
   from bepa_jax.hf import convert as hf
-  hf_dir = str(config.init.hf_dir)
+  hf_dir = model_dir(config)
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(path):
     raise InputError(f"init.hf_dir: {path} not found")
@@ -50,12 +54,37 @@ def apply_to_config(config) -> None:
 def load_params(config, model_cfg):
   """HF weights as a plain numpy tree laid out for `model_cfg` (stacked when scan_layers)."""
   from bepa_jax.hf import convert as hf
+  info: dict = {}  # has_head, ignored: for log_import_notes
   try:
-    hf_cfg, params = hf.load_hf(str(config.init.hf_dir), allow_pickle=bool(config.init.allow_pickle))
+    hf_cfg, params = hf.load_hf(str(config.init.hf_dir), info=info,
+                                allow_pickle=bool(config.init.allow_pickle))
   except (ValueError, KeyError) as e:
     raise _hf_error(e) from None
+  log_import_notes(str(config.init.hf_dir), info)
   for field in SHAPE_FIELDS:
     if getattr(hf_cfg, field) != getattr(model_cfg, field):
       raise ConfigError(f"model.{field}={getattr(model_cfg, field)} differs from "
                         f"{config.init.hf_dir}/config.json ({getattr(hf_cfg, field)})")
   return hf.stack_layers(params) if model_cfg.scan_layers else hf.unstack_layers(params)
+
+
+def model_dir(config) -> str:
+  """init.hf_dir, or the folder of a sentence-transformers model that holds its encoder."""
+  from bepa_jax.hf import convert as hf
+  try:
+    return hf.resolve_model_dir(str(config.init.hf_dir))
+  except ValueError as e:
+    raise _hf_error(e) from None
+
+
+def log_import_notes(hf_dir: str, info: dict) -> None:
+  """One line for a missing MLM head and one for ignored tensors: never silent."""
+  import logging
+  log = logging.getLogger("bepa")
+  if not info.get("has_head", True):
+    log.info("init.hf_dir: %s has no MLM head (an encoder-only checkpoint): the MLM head starts "
+             "fresh, its decoder tied to the word embeddings", hf_dir)
+  pooler = [k for k in info.get("ignored", ()) if "pooler." in k]
+  if pooler:
+    log.info("init.hf_dir: %s: the pooler (%s) is not part of this model and is ignored", hf_dir,
+             ", ".join(pooler))
