@@ -1,0 +1,551 @@
+"""The authors' step in PyTorch (HF model, three passes, dynamic padding) against ours, same run.
+
+  python bench/authors_step.py                              # tiny + small, TLM pair MLM, 5 reps
+  python bench/authors_step.py --mlm pair,sentence --reps 7
+  python bench/authors_step.py --configs small --family xlmr --peer hf
+
+Why: every later speed figure of bepa-jax should be comparable with what a user of the authors'
+code (MarcelMatsal/llm-jepa-translation) runs. Their step, written here from its description in
+docs/objective.md, is three encoder passes of an HF MaskedLM model: clean `[CLS] x [SEP]`, clean
+`[CLS] y [SEP]` (both padded to the batch's longest sentence, as their collator pads both sides
+to one length), and one masked pass: the TLM pair sequence `[CLS] x [SEP] [CLS] y [SEP]` padded
+to the batch's longest pair (`--mlm pair`, their "bilingual") or the x and y sentences masked
+alone, one [2B, longest] batch (`--mlm sentence`, "monolingual"). Loss = MLM cross-entropy at
+the masked positions + lambda * symmetric InfoNCE on the L2-normalised last-layer [CLS],
+candidates concat[z_y, z_x] with the anchor's own similarity unmasked, tau 0.07; AdamW with
+weight decay off biases and LayerNorm, grad-norm clip 1.0, dropout as `--dropout`.
+Peer variants: `hf`, the usual call with `labels` (-100 off the masked positions: vocabulary
+logits at every position), as their code does, MLM accuracy by argmax included; `gathered`, the
+same passes with the MLM head at the masked positions only (what ours does), to tell the head
+apart from the padding.
+
+Ours is the bepa-jax jitted step (`train.build`, loss.cls_input=clean, loss.mlm_input=pair or
+sentence, same-language negatives, self term unmasked), whose batches are padded to
+data.max_length. Both get the same sentence pairs (Multi30k en-de train), the same token ids and
+the same masking: the peer's tensors are our pipeline's batch with the padding cut to the
+longest of each pass. Both start from the same weights (ours, converted with
+bepa_jax/hf/convert.py) and use a constant learning rate, so their losses can be compared too.
+
+Each peer runs in a worker process of its own (as bench/torch_baseline.py), once per host
+allocator setting (`--torch_malloc`) and torch thread count (`--torch_threads`; 0 = torch's
+default, all cores: on a loaded 2-core VM its OpenMP barriers can stall, so 1 is worth a row).
+The repetitions interleave: one step of ours, one of each peer, on the same batch. Reported:
+median and fastest ms/step (the fastest is robust to a loaded machine); real tokens/s = (sum of
+the x and y sentence lengths incl. their [CLS]/[SEP], the same count for both) / median step
+time; tokens processed per step (padding included, over the three passes); padding overhead =
+processed / non-padding tokens of the passes (1.00 = no padding).
+Results: bench/results/authors_step_<tag>.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+for _p in (REPO, BENCH):  # bepa_jax, and harness (imported where needed: it imports jax)
+  if _p not in sys.path:
+    sys.path.insert(0, _p)
+MULTI30K = os.path.join(os.path.dirname(REPO), "shared", "data", "multi30k")
+
+# name -> model shape, data.max_length, pairs per step, tokenizer size (micro: for the tests)
+CONFIGS = {
+    "micro": dict(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64,
+                  max_length=20, pairs=8, vocab=400),
+    "tiny": dict(num_layers=2, hidden_size=128, num_heads=4, intermediate_size=512,
+                 max_length=48, pairs=32, vocab=8000),
+    "small": dict(num_layers=4, hidden_size=256, num_heads=4, intermediate_size=1024,
+                  max_length=128, pairs=16, vocab=8000),
+}
+MLM_MODES = ("pair", "sentence")
+VARIANTS = ("hf", "gathered")
+MALLOC_SETTINGS = ("system", "retain")
+
+
+# ---------------------------------------------------------------------------- ours (JAX)
+def data_source(data: str) -> tuple[str, str]:
+  """(data.source, a name): Multi30k en-de train in `data`, else the bundled corpus en-de."""
+  if data != "embedded" and os.path.exists(os.path.join(data, "train.en.gz")):
+    return f"aligned:{data}/train.{{en,de}}", "multi30k en-de"
+  return "embedded", "bundled corpus en-de"
+
+
+def tokenizer_path(source: str, vocab: int, cache_dir: str) -> str:
+  """One sentencepiece model for both sides (and both frameworks), trained once per source."""
+  from bepa_jax import default_config
+  from bepa_jax.data import factory
+  from bepa_jax.data import tokenizer as tokenizer_lib
+  out = os.path.join(cache_dir, f"spm_{'m30k' if source != 'embedded' else 'embedded'}_{vocab}")
+  path = os.path.join(out, "spm.model")
+  if not os.path.exists(path):
+    d = default_config.get_config().data
+    d.source, d.languages = source, "en,de"
+    tokenizer_lib.train_sentencepiece(factory.training_texts(d), out, vocab)
+  return path
+
+
+def make_config(name: str, mlm: str = "pair", family: str = "bert", dropout: float = 0.1,
+                source: str = "embedded", tokenizer: str = ""):
+  """Our config of the authors' step: clean [CLS] passes, `mlm` MLM, their candidate set."""
+  from bepa_jax import default_config
+  import harness
+  s = CONFIGS[name]
+  c = default_config.get_config()
+  for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size"):
+    c.model[k] = s[k]
+  c.model.max_position_embeddings = 512
+  c.model.hidden_dropout = c.model.attention_dropout = float(dropout)
+  if family == "xlmr":  # our tokenizer's [PAD] is 0: XLM-R positions count from pad + 1
+    c.model.update(family="xlmr", type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=0)
+  c.loss.update(cls_input="clean", mlm_input=mlm, same_language_negatives=True,
+                mask_self=False)
+  c.data.source, c.data.languages = source, "en,de"
+  c.data.max_length = s["max_length"]
+  c.data.max_predictions_per_seq = harness.n_predictions(s["max_length"])
+  c.tokenizer.path, c.tokenizer.kind, c.tokenizer.vocab_size = tokenizer, "spm", s["vocab"]
+  c.train.global_batch = s["pairs"]
+  c.optim.schedule, c.optim.warmup_steps = "constant", 0  # the peer's lr is constant too
+  c.mesh.data = 1
+  return c
+
+
+def build_ours(config, workdir: str, devices=None):
+  """train.build on one device: the job (pipeline, state, jitted step)."""
+  import jax
+  from bepa_jax import train
+  return train.build(config, workdir, list(devices or jax.devices()[:1]))
+
+
+# ---------------------------------------------------------------------------- the peer's inputs
+def peer_batch(batch: dict, mlm: str) -> dict:
+  """Our pipeline's batch -> the authors' tensors (numpy): padding cut to the longest per pass.
+
+  Their collator pads clean x and clean y to one length, the longest sentence of the batch on
+  either side (so that monolingual MLM can stack them); the pair sequences to the longest pair.
+  """
+  am = batch["attention_mask"]                       # [B, 2, L]
+  Lc = int(am.sum(-1).max())
+  out = {"x_ids": batch["input_ids"][:, 0, :Lc], "x_mask": am[:, 0, :Lc],
+         "y_ids": batch["input_ids"][:, 1, :Lc], "y_mask": am[:, 1, :Lc]}
+  if mlm == "pair":
+    mask = batch["mlm_attention_mask"]
+    Lm = int(mask.sum(-1).max())
+    ids, mask = batch["mlm_input_ids"][:, :Lm], mask[:, :Lm]
+    pos, lab, w = batch["mlm_positions"], batch["mlm_ids"], batch["mlm_weights"]
+  else:  # x-batch then y-batch, as their collator concatenates them
+    side_major = lambda a: np.concatenate([a[:, 0], a[:, 1]], axis=0)
+    ids, mask = side_major(batch["mlm_input_ids"])[:, :Lc], side_major(am)[:, :Lc]
+    pos, lab, w = (side_major(batch[k]) for k in ("mlm_positions", "mlm_ids", "mlm_weights"))
+  labels = np.full(ids.shape, -100, np.int64)
+  rows, cols = np.nonzero(w > 0)
+  labels[rows, pos[rows, cols]] = lab[rows, cols]
+  out.update(mlm_ids=ids, mlm_mask=mask, mlm_labels=labels)
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def token_counts(batch: dict, mlm: str, peer: dict) -> dict:
+  """Real sentence tokens, and tokens processed (with and without padding) by each framework."""
+  am = batch["attention_mask"]
+  B, _, L = am.shape
+  real = int(am.sum())
+  mlm_real = int(batch["mlm_attention_mask"].sum()) if mlm == "pair" else real
+  ours_mlm = B * L if mlm == "pair" else 2 * B * L
+  return dict(real=real, nonpad=real + mlm_real, ours=2 * B * L + ours_mlm,
+              peer=peer["x_ids"].size + peer["y_ids"].size + peer["mlm_ids"].size)
+
+
+def peer_spec(job) -> dict:
+  """What a peer needs besides its batches (JSON): HF config, optimizer, loss settings."""
+  from bepa_jax.hf import convert
+  c = job.config
+  o = c.optim
+  return dict(family=job.model_cfg.family, hf_config=convert.hf_config_dict(job.model_cfg),
+              lr=float(o.learning_rate), b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
+              weight_decay=float(o.weight_decay), clip=float(o.grad_clip_norm),
+              tau=float(c.loss.temperature), weight=float(c.loss.weight))
+
+
+def initial_weights(job) -> dict:
+  """Our initial parameters as an HF state dict (numpy): both frameworks start equal."""
+  import jax
+  from bepa_jax.hf import convert
+  return convert.params_to_hf_state_dict(jax.device_get(job.state.params), job.model_cfg)
+
+
+# ---------------------------------------------------------------------------- the peer (PyTorch)
+def peer_infonce(hx, hy, tau: float):
+  """Symmetric InfoNCE as the authors': x -> y over concat[z_y, z_x], y -> x over
+  concat[z_x, z_y], the positive at column i, the anchor's own similarity kept."""
+  import torch
+  zx, zy = (torch.nn.functional.normalize(h, dim=-1) for h in (hx, hy))
+  target = torch.arange(zx.shape[0])
+  lxy = zx @ torch.cat([zy, zx]).T / tau
+  lyx = zy @ torch.cat([zx, zy]).T / tau
+  ce = torch.nn.functional.cross_entropy
+  return 0.5 * (ce(lxy, target) + ce(lyx, target))
+
+
+def build_peer_step(spec: dict, batches: list, variant: str = "hf", state_dict=None,
+                    threads: int | None = None):
+  """-> (step, model): `step()` runs the authors' step on the next batch (cycling) and returns
+  its loss (before the update); `step.last` holds the MLM and contrastive parts."""
+  import torch
+  import transformers
+
+  if threads:
+    torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  xlmr = spec["family"] == "xlmr"
+  cfg_cls = transformers.XLMRobertaConfig if xlmr else transformers.BertConfig
+  model_cls = transformers.XLMRobertaForMaskedLM if xlmr else transformers.BertForMaskedLM
+  model = model_cls(cfg_cls.from_dict(spec["hf_config"]))
+  if state_dict is not None:
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=False)
+    untied = [k for k in missing if ".decoder." not in k]
+    if untied or unexpected:
+      raise ValueError(f"weights do not fit the HF model: missing {untied}, extra {unexpected}")
+  model.train()
+  base, head = model.base_model, (model.lm_head if xlmr else model.cls)
+  params = list(model.parameters())                  # tied weights appear once
+  opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2]},
+                           {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                          lr=spec["lr"], betas=(spec["b1"], spec["b2"]), eps=spec["eps"],
+                          weight_decay=spec["weight_decay"])
+  tau, lam = spec["tau"], spec["weight"]
+  data = [{k: torch.from_numpy(np.asarray(v)).long() for k, v in b.items()} for b in batches]
+  ce = torch.nn.functional.cross_entropy
+
+  def step():
+    b = data[step.i % len(data)]
+    step.i += 1
+    labels = b["mlm_labels"]
+    if variant == "hf":
+      out = model(input_ids=b["mlm_ids"], attention_mask=b["mlm_mask"], labels=labels,
+                  output_hidden_states=True)
+      mlm = out.loss
+      with torch.no_grad():  # their MLM accuracy: argmax over every position's logits
+        picked = labels != -100
+        acc = (out.logits.argmax(-1)[picked] == labels[picked]).float().mean()
+    else:
+      hidden = base(input_ids=b["mlm_ids"], attention_mask=b["mlm_mask"]).last_hidden_state
+      picked = labels != -100
+      logits = head(hidden[picked])
+      mlm = ce(logits, labels[picked])
+      with torch.no_grad():
+        acc = (logits.argmax(-1) == labels[picked]).float().mean()
+    hx = base(input_ids=b["x_ids"], attention_mask=b["x_mask"]).last_hidden_state[:, 0]
+    hy = base(input_ids=b["y_ids"], attention_mask=b["y_mask"]).last_hidden_state[:, 0]
+    con = peer_infonce(hx, hy, tau)
+    loss = mlm + lam * con
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if spec["clip"] > 0:
+      torch.nn.utils.clip_grad_norm_(params, spec["clip"])
+    opt.step()
+    step.last = dict(loss=loss.item(), mlm_loss=mlm.item(), contrastive_loss=con.item(),
+                     mlm_accuracy=acc.item())
+    return step.last["loss"]
+
+  step.i, step.last = 0, {}
+  return step, model
+
+
+class PeerWorker:
+  """A peer in a child process: `worker()` runs one step there and returns its seconds."""
+
+  reports_seconds = True
+
+  def __init__(self, spec_path: str, inputs_path: str, variant: str, host_malloc: str,
+               threads: int = 0):
+    cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--spec", spec_path,
+           "--inputs", inputs_path, "--variant", variant, "--host_malloc", host_malloc,
+           "--threads", str(threads)]
+    self.name = f"authors_{variant}/{host_malloc}" + (f"/{threads}thr" if threads else "")
+    self.losses = []
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = self.proc.stdout.readline()
+    if line.strip() != "ready":
+      raise RuntimeError(f"{self.name}: worker failed to start (exit {self.proc.wait()})")
+
+  def __call__(self) -> float:
+    self.proc.stdin.write("step\n")
+    self.proc.stdin.flush()
+    seconds, loss = self.proc.stdout.readline().split()
+    self.losses.append(float(loss))
+    return float(seconds)
+
+  def close(self):
+    if self.proc.poll() is None:
+      self.proc.stdin.write("quit\n")
+      self.proc.stdin.flush()
+      self.proc.wait(timeout=60)
+
+
+def save_inputs(path: str, batches: list, state_dict: dict) -> None:
+  arrays = {f"b{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()}
+  arrays.update({f"w/{k}": v for k, v in state_dict.items()})
+  np.savez(path, **arrays)
+
+
+def load_inputs(path: str) -> tuple[list, dict]:
+  with np.load(path) as f:
+    batches, weights = {}, {}
+    for key in f.files:
+      group, name = key.split("/", 1)
+      if group == "w":
+        weights[name] = f[key]
+      else:
+        batches.setdefault(int(group[1:]), {})[name] = f[key]
+  return [batches[i] for i in sorted(batches)], weights
+
+
+def _serve(argv=None):
+  p = argparse.ArgumentParser(prog="bench/authors_step.py --serve")
+  p.add_argument("--serve", action="store_true", required=True)
+  p.add_argument("--spec", required=True)
+  p.add_argument("--inputs", required=True)
+  p.add_argument("--variant", choices=VARIANTS, required=True)
+  p.add_argument("--host_malloc", choices=MALLOC_SETTINGS, required=True)
+  p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = default")
+  args = p.parse_args(argv)
+  from bepa_jax import host_memory
+  host_memory.configure(args.host_malloc)  # before torch starts its threads
+  with open(args.spec) as f:
+    spec = json.load(f)
+  batches, weights = load_inputs(args.inputs)
+  step, _ = build_peer_step(spec, batches, args.variant, weights, args.threads or None)
+  print("ready", flush=True)
+  for line in sys.stdin:
+    if line.strip() == "quit":
+      break
+    t0 = time.perf_counter()
+    loss = step()
+    print(time.perf_counter() - t0, loss, flush=True)
+
+
+# ---------------------------------------------------------------------------- the benchmark
+def ours_runner(job, device_batches: list, compiled):
+  """One step of ours per call on the next batch (cycling); records its loss."""
+  import jax
+  holder = {"state": job.state, "i": 0}
+
+  def run():
+    b = device_batches[holder["i"] % len(device_batches)]
+    holder["i"] += 1
+    with jax.set_mesh(job.mesh):
+      holder["state"], metrics = compiled(holder["state"], b)
+    jax.block_until_ready(metrics)
+    run.losses.append(float(metrics["loss"]))
+  run.losses = []
+  return run
+
+
+def run_config(name: str, mlm: str, args, source: str, tok: str, tmp: str) -> dict:
+  import jax
+  import harness
+  from bepa_jax import train
+  config = make_config(name, mlm, args.family, args.dropout, source, tok)
+  job = build_ours(config, os.path.join(tmp, f"{name}_{mlm}"))
+  n = args.warmup + args.reps
+  host = [job.pipeline.batch(s) for s in range(n)]
+  peers = [peer_batch(b, mlm) for b in host]
+  counts = [token_counts(b, mlm, p) for b, p in zip(host, peers)]
+  device = [train.global_batch(b, job.mesh) for b in host]
+  spec, weights = peer_spec(job), initial_weights(job)
+  t0 = time.perf_counter()
+  with jax.set_mesh(job.mesh):
+    compiled = job.step_fn.lower(job.state, device[0]).compile()
+  compile_s = time.perf_counter() - t0
+  spec_path = os.path.join(tmp, f"{name}_{mlm}_spec.json")
+  inputs_path = os.path.join(tmp, f"{name}_{mlm}_inputs.npz")
+  with open(spec_path, "w") as f:
+    json.dump(spec, f)
+  save_inputs(inputs_path, peers, weights)
+  fns = {"ours": ours_runner(job, device, compiled)}
+  workers = []
+  try:
+    for v in args.peer.split(","):
+      for m in args.torch_malloc.split(","):
+        for t in _ints(args.torch_threads):
+          w = PeerWorker(spec_path, inputs_path, v, m, t)
+          workers.append(w)
+          fns[w.name] = w
+    times = _interleaved_with_progress(fns, args.reps, args.warmup, name, mlm)
+  finally:
+    for w in workers:
+      w.close()
+  timed = counts[args.warmup:]
+  real = float(np.mean([c["real"] for c in timed]))
+  nonpad = float(np.sum([c["nonpad"] for c in timed]))
+  med = {k: harness.median(v) for k, v in times.items()}
+  res = dict(config=name, mlm=mlm, family=args.family, shape=CONFIGS[name],
+             max_length=int(config.data.max_length), pairs=int(config.train.global_batch),
+             vocab_size=job.model_cfg.vocab_size, dropout=args.dropout,
+             max_predictions_per_seq=int(config.data.max_predictions_per_seq),
+             compile_s=compile_s, memory=harness.memory(compiled), token_counts=counts,
+             real_tokens_per_step=real, times_s=times, median_s=med,
+             losses={"ours": fns["ours"].losses, **{w.name: w.losses for w in workers}})
+  for k in fns:
+    processed = float(np.sum([c["ours" if k == "ours" else "peer"] for c in timed]))
+    res[k] = dict(step_s=med[k], best_step_s=min(times[k]), real_tokens_per_s=real / med[k],
+                  processed_tokens_per_step=processed / len(timed),
+                  padding_overhead=processed / nonpad,
+                  processed_per_real_token=processed / (real * len(timed)),
+                  ratio_this_over_ours=med[k] / med["ours"])
+  return res
+
+
+def _ints(csv: str) -> list[int]:
+  return [int(x) for x in csv.split(",") if x]
+
+
+def _interleaved_with_progress(fns: dict, reps: int, warmup: int, name: str, mlm: str) -> dict:
+  """harness.interleaved, one round at a time, with a progress line per repetition."""
+  import harness
+  for _ in range(warmup):
+    for f in fns.values():
+      f()
+  times = {k: [] for k in fns}
+  for r in range(reps):
+    one = harness.interleaved(fns, 1, warmup=0)
+    for k, v in one.items():
+      times[k] += v
+    print(f"  [{name}/{mlm}] rep {r + 1}/{reps}: "
+          + ", ".join(f"{k} {v[0] * 1e3:.0f} ms" for k, v in one.items()), flush=True)
+  return times
+
+
+def summary(results: list) -> str:
+  """The final table: one row per framework and config."""
+  lines = ["| config | MLM | step | ms / step (median) | fastest rep | real tokens/s "
+           "| tokens processed / step | padding overhead | this ÷ ours (time) |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+  for res in results:
+    for k in [k for k in res if k == "ours" or k.startswith("authors_")]:
+      if not isinstance(res[k], dict):
+        continue
+      r = res[k]
+      lines.append(f"| {res['config']} | {res['mlm']} | {k} | {r['step_s'] * 1e3:,.0f} | "
+                   f"{r['best_step_s'] * 1e3:,.0f} | {r['real_tokens_per_s']:,.0f} | {r['processed_tokens_per_step']:,.0f} | "
+                   f"{r['padding_overhead']:.2f} | {r['ratio_this_over_ours']:.2f} |")
+  return "\n".join(lines)
+
+
+def plot(out: dict, path: str) -> str | None:
+  """Real tokens/s of ours and of each peer, one panel per (config, MLM mode)."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return None
+  results = out["results"]
+  fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.2), squeeze=False)
+  for ax, res in zip(axes[0], results):
+    names = [k for k in res if (k == "ours" or k.startswith("authors_"))
+             and isinstance(res[k], dict)]
+    tok = [res[k]["real_tokens_per_s"] for k in names]
+    colors = ["tab:blue" if k == "ours" else "tab:gray" for k in names]
+    ax.barh(names[::-1], tok[::-1], color=colors[::-1])
+    for y, k in enumerate(names[::-1]):
+      r = res[k]
+      ax.text(r["real_tokens_per_s"], y, f" {r['real_tokens_per_s']:,.0f}  "
+              f"(pad x{r['padding_overhead']:.2f})", va="center", fontsize=8)
+    ax.set_xlim(0, max(tok) * 1.7)
+    ax.set_xlabel("real tokens / s (fp32, CPU)")
+    ax.set_title(f"{res['config']}, MLM {res['mlm']}: L={res['max_length']}, "
+                 f"{res['pairs']} pairs", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="bench/authors_step.py", description=__doc__.splitlines()[0])
+  p.add_argument("--configs", default="tiny,small", help=f"comma list of {', '.join(CONFIGS)}")
+  p.add_argument("--mlm", default="pair", help="comma list of pair (TLM, their 'bilingual') "
+                                               "and sentence ('monolingual')")
+  p.add_argument("--family", choices=("bert", "xlmr"), default="bert")
+  p.add_argument("--peer", default="hf,gathered", help="peer variants: hf and/or gathered")
+  p.add_argument("--torch_malloc", default="system,retain",
+                 help="one worker per glibc setting: system (as PyTorch users run it), retain")
+  p.add_argument("--torch_threads", default="0",
+                 help="one worker per torch intra-op thread count (comma list); 0 = torch's "
+                      "default (all cores), as users run it")
+  p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention, both sides")
+  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--data", default=MULTI30K,
+                 help="dir with Multi30k train.{en,de}.gz; 'embedded' = the bundled corpus")
+  p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "bepa_authors_step"),
+                 help="where the sentencepiece models are kept between runs")
+  p.add_argument("--host_malloc", default="auto", help="ours: bepa_jax/host_memory.py mode")
+  p.add_argument("--tag", default="", help="suffix of the result files")
+  p.add_argument("--results_dir", default=os.path.join(BENCH, "results"))
+  args = p.parse_args(argv)
+  names = [c for c in args.configs.split(",") if c]
+  modes = [m for m in args.mlm.split(",") if m]
+  for n in names:
+    if n not in CONFIGS:
+      p.error(f"unknown config {n!r} (choose from {', '.join(CONFIGS)})")
+  for m in modes:
+    if m not in MLM_MODES:
+      p.error(f"--mlm: {m!r} is not one of {', '.join(MLM_MODES)}")
+  for v in args.peer.split(","):
+    if v not in VARIANTS:
+      p.error(f"--peer: {v!r} is not one of {', '.join(VARIANTS)}")
+  for m in args.torch_malloc.split(","):
+    if m not in MALLOC_SETTINGS:
+      p.error(f"--torch_malloc: {m!r} is not one of {', '.join(MALLOC_SETTINGS)}")
+  try:
+    if any(t < 0 for t in _ints(args.torch_threads)):
+      raise ValueError
+  except ValueError:
+    p.error(f"--torch_threads: {args.torch_threads!r} is not a comma list of counts >= 0")
+  from bepa_jax import host_memory
+  host_memory.configure(args.host_malloc)  # before XLA starts its threads
+  import logging
+  logging.getLogger("bepa").setLevel(logging.WARNING)
+  import harness
+  source, data_name = data_source(args.data)
+  out = dict(machine=harness.machine_info(), reps=args.reps, warmup=args.warmup,
+             data=data_name, family=args.family, peer=args.peer, torch_malloc=args.torch_malloc,
+             torch_threads=args.torch_threads,
+             host_malloc=args.host_malloc, host_malloc_applied=host_memory.applied(),
+             results=[])
+  print(f"machine: {out['machine']}\ndata: {data_name} ({source})")
+  with tempfile.TemporaryDirectory(prefix="authors_step_") as tmp:
+    for n in names:
+      tok = tokenizer_path(source, CONFIGS[n]["vocab"], args.cache)
+      for m in modes:
+        res = run_config(n, m, args, source, tok, tmp)
+        out["results"].append(res)
+        print(f"== {n}/{m}: compile {res['compile_s']:.1f}s, real tokens/step "
+              f"{res['real_tokens_per_step']:.0f}, step-0 loss "
+              + ", ".join(f"{k} {v[0]:.4f}" for k, v in res["losses"].items()), flush=True)
+  out["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+  table = summary(out["results"])
+  out["table"] = table
+  print("\n" + table)
+  tag = args.tag or "_".join(names + (modes if modes != ["pair"] else [])
+                             + ([args.family] if args.family != "bert" else []))
+  print("saved", harness.save_json(f"authors_step_{tag}.json", out, args.results_dir))
+  png = plot(out, os.path.join(args.results_dir, f"authors_step_{tag}.png"))
+  if png:
+    print("saved", png)
+
+
+if __name__ == "__main__":
+  if "--serve" in sys.argv[1:]:
+    _serve()
+  else:
+    main()
