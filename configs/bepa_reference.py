@@ -5,7 +5,7 @@ global negatives. Continued pretraining of xlm-roberta-base from a local directo
       --config.init.hf_dir=/models/xlm-roberta-base
   bepa-train --config configs/bepa_reference.py:global ...      # only the negative pool changes
 
-What is theirs (../shared/docs/objective.md): xlm-roberta-base; the 14 non-English XNLI
+What is theirs (their public code and paper): xlm-roberta-base; the 14 non-English XNLI
 languages paired with English; max length 256; [CLS] from clean passes over each sentence
 (loss.cls_input=clean) and the bilingual TLM MLM pass (loss.mlm_input=pair); lambda 1,
 tau 0.07, L2-normalised [CLS], no projector/predictor/EMA; candidates concat[z_y, z_x] with
@@ -24,7 +24,8 @@ Variants (the config argument, `configs/bepa_reference.py:VARIANT[,opus100=DIR]`
   authors  (default) their pool: 16 pairs per micro-batch, 4 accumulated
   global   the same 64 pairs per step in ONE pool over the global batch (grad_accum_steps=1)
 """
-from bepa_jax import default_config
+import importlib.util
+import os
 
 LANGS = ("de", "fr", "es", "el", "bg", "ru", "tr", "ar", "vi", "th", "zh", "hi", "sw", "ur")
 PAIRS_PER_LANGUAGE = 10_000
@@ -40,49 +41,30 @@ def _parse(arg):
   return variant, opts.get("opus100", "/data/opus-100-corpus/v1.0/supervised")
 
 
+def _xlmr_base():
+  """configs/bepa_xlmr_base.py's config: the model, dtype and optimizer are the same."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bepa_xlmr_base.py")
+  spec = importlib.util.spec_from_file_location("bepa_xlmr_base", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def get_config(arg=None):
   variant, root = _parse(arg)
-  c = default_config.get_config()
-  c.init.hf_dir = ""                       # required: a local xlm-roberta-base directory
-  # xlm-roberta-base's shape (init.hf_dir's config.json overrides these)
-  c.model.family = "xlmr"
-  c.model.vocab_size = 250_002
-  c.model.hidden_size = 768
-  c.model.num_layers = 12
-  c.model.num_heads = 12
-  c.model.intermediate_size = 3072
-  c.model.max_position_embeddings = 514
-  c.model.type_vocab_size = 1
-  c.model.layer_norm_eps = 1e-5
-  c.model.pad_token_id = 1
-  c.model.hidden_dropout = 0.1
-  c.model.attention_dropout = 0.1
-  c.model.dtype = "bfloat16"
-  c.model.remat = "dots_saveable"
-  c.model.scan_layers = True
-
+  c = _xlmr_base()                         # xlm-roberta-base's shape, lr 2e-5, wd 0.01, ...
   c.loss.cls_input = "clean"
   c.loss.mlm_input = "pair"
-  c.loss.weight = 1.0
-  c.loss.temperature = 0.07
   c.loss.same_language_negatives = True
   c.loss.mask_self = False                 # their constant e^{1/tau} self term
 
   c.data.source = "; ".join(f"aligned:{root}/en-{l}/opus.en-{l}-train.{{en,{l}}}"
                             for l in LANGS)
-  c.data.max_length = 256
-  c.data.max_predictions_per_seq = 40      # 15% of 254 tokens (80 over a pair sequence)
+  c.data.pairs = ""                        # every source is one English-centric pair
   c.data.max_chars = 500
-
-  c.optim.learning_rate = 2e-5
-  c.optim.weight_decay = 0.01
-  c.optim.warmup_steps = 500
-  c.optim.schedule = "linear"
-  c.optim.grad_clip_norm = 1.0
 
   c.train.global_batch = 64
   c.train.grad_accum_steps = 4 if variant == "authors" else 1
   c.train.steps = EPOCHS * len(LANGS) * PAIRS_PER_LANGUAGE // c.train.global_batch
-  c.train.log_every = 50
   c.checkpoint.every_steps = 1000
   return c
