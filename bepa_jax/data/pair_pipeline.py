@@ -34,6 +34,12 @@ CLS_INPUTS = ("masked", "clean")   # loss.cls_input: what the contrastive [CLS] 
 MLM_INPUTS = ("sentence", "pair")  # loss.mlm_input: each side alone, or [CLS] x [SEP] [CLS] y [SEP]
 
 
+def _digest(stream: dict) -> str:
+  import hashlib
+  import json
+  return hashlib.sha1(json.dumps(stream, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class PairPipeline:
   """Sentence pairs from language-pair components mixed by weight and temperature."""
 
@@ -250,15 +256,14 @@ class PairPipeline:
 
   def fingerprint(self) -> str:
     """A short hash of `stream()`."""
-    import hashlib
-    import json
-    return hashlib.sha1(json.dumps(self.stream(), sort_keys=True).encode()).hexdigest()[:16]
+    return _digest(self.stream())
 
   def state_dict(self, step: int) -> dict:
     """The position saved in a checkpoint: the step (a pure function), where this data stream
     started (`continue_on_new_data`), and what the stream depends on."""
+    stream = self.stream()
     return {"next_step": int(step), "start_step": self.start_step,
-            "data_fingerprint": self.fingerprint(), "stream": self.stream()}
+            "data_fingerprint": _digest(stream), "stream": stream}
 
   def verify_state(self, state: dict, *, continue_on_new_data: bool = False) -> list[str]:
     """Checks a checkpoint's data state against this pipeline; returns the changes.

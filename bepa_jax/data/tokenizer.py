@@ -44,7 +44,11 @@ class Tokenizer:
 
   def fingerprint(self) -> str:
     """A hash of what the ids mean (the model file's bytes, or the vocabulary), not of where
-    it lies: a resume checks it (other ids = another data stream and another embedding)."""
+    it lies: a resume checks it (other ids = another data stream and another embedding).
+    Computed once per tokenizer: every checkpoint save asks for it."""
+    cached = getattr(self, "_fingerprint", None)
+    if cached is not None:
+      return cached
     import hashlib
     h = hashlib.sha1(f"{type(self).__name__}:{self.vocab_size}:{sorted(self.special_ids)}"
                      .encode())
@@ -54,7 +58,8 @@ class Tokenizer:
         h.update(f.read())
     else:
       h.update(repr(sorted(self.vocabulary().items())).encode())
-    return h.hexdigest()[:16]
+    self._fingerprint = h.hexdigest()[:16]
+    return self._fingerprint
 
   def vocabulary(self) -> dict[str, int]:
     """piece -> id (for `fingerprint` when there is no single model file)."""
