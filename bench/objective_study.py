@@ -76,6 +76,94 @@ def evaluate(model_cfg, params, tokenizer, sets, max_length):
   return suite.run(embedder, sets, margin="ratio")
 
 
+def parity_texts(m30k: str, per_lang: int = 16) -> list[str]:
+  """Real sentences for the export check: the first `per_lang` of Multi30k test in each language."""
+  import gzip
+  texts = []
+  for lang in LANGS:
+    with gzip.open(os.path.join(m30k, f"test_2016_flickr.{lang}.gz"), "rt") as f:
+      texts += [next(f).strip() for _ in range(per_lang)]
+  return texts
+
+
+def export_parity(workdir: str, out_dir: str, texts: list[str]) -> dict:
+  """bepa-export the run, load it in transformers (and sentence-transformers when installed) and
+  compare with our encoder on `texts`: max |diff| of the last-layer [CLS] and of the mean-pooled,
+  L2-normalised sentence embedding; plus how many texts the exported tokenizer splits differently
+  from ours."""
+  import numpy as np
+  import torch
+  import transformers
+  from bepa_jax.eval import loading
+  from bepa_jax.hf import export
+  from bepa_jax.model import BepaEncoder
+  export.export(workdir, out_dir)
+  transformers.logging.set_verbosity_error()
+  loaded = loading.load_workdir(workdir)
+  tok = transformers.AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+  ours_tok = loaded.tokenizer
+  ids_differ = sum(tok(t)["input_ids"] != [ours_tok.cls_id] + ours_tok.encode_batch([t])[0]
+                   + [ours_tok.sep_id] for t in texts)
+  batch = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="np")
+  out = BepaEncoder(loaded.model_cfg).apply({"params": loaded.params}, batch["input_ids"],
+                                            batch.get("token_type_ids"), batch["attention_mask"])
+  cls, hidden = np.asarray(out["cls"]), np.asarray(out["hidden"], np.float64)
+  m = batch["attention_mask"][..., None]
+  mean = (hidden * m).sum(1) / m.sum(1)
+  mean /= np.linalg.norm(mean, axis=1, keepdims=True)
+  model = transformers.AutoModel.from_pretrained(out_dir, local_files_only=True).eval()
+  with torch.no_grad():
+    theirs = model(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state
+  result = {"texts": len(texts), "tokenizer_ids_differ": int(ids_differ),
+            "transformers_cls_max_abs_diff": float(np.abs(theirs[:, 0].numpy() - cls).max())}
+  try:
+    import sentence_transformers as st
+  except ImportError:
+    result["sentence_transformers"] = "not installed"
+  else:  # the exported modules when the run started from one, else transformers + mean pooling
+    enc = st.SentenceTransformer(out_dir, device="cpu", local_files_only=True)
+    emb = enc.encode(texts, convert_to_numpy=True, batch_size=len(texts), normalize_embeddings=True)
+    result["sentence_transformers_max_abs_diff"] = float(np.abs(emb - mean).max())
+  diffs = [v for k, v in result.items() if k.endswith("max_abs_diff")]
+  result["within_1e-5"] = bool(max(diffs) <= 1e-5)
+  return result
+
+
+def step_costs(configs: dict, root: str, reps: int) -> dict:
+  """ms per step of each variant, timed interleaved on the same real batches (one step of each
+  in turn, so load on a shared machine hits all alike); real tokens = the x and y sentences'
+  tokens incl. [CLS]/[SEP], the same count for every variant."""
+  import jax
+  import harness
+  from bepa_jax import train
+  fns, tokens = {}, {}
+  for name, config in configs.items():
+    job = train.build(config, os.path.join(root, "step_cost", name[1]), jax.devices()[:1])
+    host = [job.pipeline.batch(s) for s in range(reps + 1)]
+    tokens[name] = sum(int(b["attention_mask"].sum()) for b in host) / len(host)
+    device = [train.global_batch(b, job.mesh) for b in host]
+    with jax.set_mesh(job.mesh):
+      compiled = job.step_fn.lower(job.state, device[0]).compile()
+    holder = {"state": job.state, "i": 0}
+
+    def run(holder=holder, device=device, compiled=compiled, mesh=job.mesh):
+      with jax.set_mesh(mesh):
+        holder["state"], metrics = compiled(holder["state"], device[holder["i"] % len(device)])
+      holder["i"] += 1
+      jax.block_until_ready(metrics)
+    fns[name] = run
+  times = harness.interleaved(fns, reps, warmup=1)
+  out = {}
+  for name, ts in times.items():
+    med = harness.median(ts)
+    out[name] = {"ms_median": 1e3 * med, "ms_fastest": 1e3 * min(ts),
+                 "real_tokens_per_s": tokens[name] / med, "reps": len(ts)}
+  ref = out.get("(b) [CLS] of masked input")
+  for r in out.values():
+    r["vs_one_pass"] = r["ms_median"] / ref["ms_median"] if ref else None
+  return out
+
+
 def run_variant(config, workdir, sets, max_length):
   from bepa_jax import train
   from bepa_jax.data import factory
@@ -151,6 +239,10 @@ def main(argv=None):
   p.add_argument("--vocab_size", type=int, default=2000)
   p.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
   p.add_argument("--workdir", default="", help="keep the training workdirs here")
+  p.add_argument("--time_reps", type=int, default=10,
+                 help="interleaved step-cost repetitions after training (0: skip)")
+  p.add_argument("--no_parity", action="store_true",
+                 help="skip exporting each run and checking it in transformers")
   args = p.parse_args(argv)
   args.m30k, tatoeba = os.path.join(args.data, "multi30k"), os.path.join(args.data, "tatoeba")
   if not (os.path.isdir(args.m30k) and os.path.isdir(tatoeba)):
@@ -198,6 +290,8 @@ def main(argv=None):
                                                   before.tokenizer, sets, args.max_length)
     reports["before"]["train"] = {"mlm_loss": float("nan")}
   wanted = {v.strip() for v in args.variants.split(",")}
+  texts = parity_texts(args.m30k)
+  configs = {}
   for name, (weight, cls_input, mlm_input) in VARIANTS.items():
     if name[1] not in wanted:
       continue
@@ -205,10 +299,19 @@ def main(argv=None):
     config.loss.weight, config.loss.cls_input, config.loss.mlm_input = weight, cls_input, \
         mlm_input
     workdir = os.path.join(root, f"variant_{name[1]}")
+    configs[name] = config
     reports[name], plots[name] = run_variant(config, workdir, sets, args.max_length)
+    if not args.no_parity:
+      reports[name]["export_parity"] = export_parity(workdir, workdir + "_hf", texts)
+      logging.info("%s: export parity %s", name, reports[name]["export_parity"])
     logging.info("%s: trained in %.0f s (%.1f ms/step), evaluated", name,
                  reports[name]["train"]["seconds"], reports[name]["train"]["ms_per_step"] or 0)
 
+  if args.time_reps and configs:
+    costs = step_costs({n: c.copy_and_resolve_references() for n, c in configs.items()}, root,
+                       args.time_reps)
+    for name, cost in costs.items():
+      reports[name]["step_cost"] = cost
   tag = {"scratch": "scratch", "hf": os.path.basename(os.path.normpath(value or "")),
          "mlm": f"mlm{value}"}[kind]
   os.makedirs(args.out, exist_ok=True)
@@ -222,8 +325,24 @@ def main(argv=None):
     combine_pngs(pngs, base + ".png")
   cmd = ("python bench/objective_study.py " + " ".join(argv if argv is not None
                                                        else sys.argv[1:])).strip()
-  step_row = "| ms / step | " + " | ".join(
-      f"{r['train'].get('ms_per_step') or float('nan'):.0f}" for r in reports.values()) + " |"
+  def cell(r, *keys, fmt="{:.0f}"):
+    for k in keys[:-1]:
+      r = r.get(k) or {}
+    v = r.get(keys[-1])
+    return "-" if v is None or isinstance(v, str) else fmt.format(v)
+  step_row = "\n".join([
+      "| ms / step (interleaved, median) | " + " | ".join(
+          cell(r, "step_cost", "ms_median") for r in reports.values()) + " |",
+      "| step time vs (b) one pass | " + " | ".join(
+          cell(r, "step_cost", "vs_one_pass", fmt="{:.2f}x") for r in reports.values()) + " |",
+      "| real tokens / s | " + " | ".join(
+          cell(r, "step_cost", "real_tokens_per_s") for r in reports.values()) + " |",
+      "| export vs transformers, [CLS] max abs diff | " + " | ".join(
+          cell(r, "export_parity", "transformers_cls_max_abs_diff", fmt="{:.1e}")
+          for r in reports.values()) + " |",
+      "| export vs sentence-transformers, max abs diff | " + " | ".join(
+          cell(r, "export_parity", "sentence_transformers_max_abs_diff", fmt="{:.1e}")
+          for r in reports.values()) + " |"])
   md = (f"# Objective study ({args.start})\n\n`{cmd}`: {args.steps} steps x "
         f"{args.global_batch} pairs, max_length {args.max_length}, {settings['devices']}; "
         f"total {time.time() - t0:.0f} s.\n\n{table(reports)}\n{step_row}\n")
