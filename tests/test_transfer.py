@@ -17,7 +17,8 @@ from bepa_jax.hf import convert as hf
 from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from bepa_jax.eval import loading
-from bepa_jax.finetune import cli, features, metrics, tasks, trainer
+from bepa_jax.finetune import cli, features, tasks, trainer
+from bepa_jax.finetune import report as report_lib
 from bepa_jax.model import BepaEncoder, EncoderConfig
 from bepa_jax import default_config, mesh as mesh_lib
 
@@ -62,6 +63,10 @@ def nli_record(i, lang="en"):
 
 def mock_sources(builder, split, **kw):
   name = builder.name
+  if name == "glue" and builder.builder_config.name == "stsb":
+    # similarity 0 / 2.5 / 5 by the colour word: a learnable regression
+    return [{"sentence1": nli_record(i)[1], "sentence2": "on the mat", "idx": i,
+             "label": 2.5 * (i % 3)} for i in range(48)]
   if name in ("multi_nli", "glue"):
     out = []
     for i in range(64):
@@ -96,20 +101,7 @@ def mocked():
     yield
 
 
-# ----------------------------------------------------------------------------- metrics
-def test_squad_metrics_by_hand():
-  assert metrics.normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
-  assert metrics.exact_match("the Paris.", "Paris") == 1.0
-  # pred {new, york, city} vs truth {york, city, council}: p = r = 2/3 -> F1 2/3
-  assert metrics.f1("New York City", "York City Council") == pytest.approx(2 / 3)
-  assert metrics.f1("a b", "c") == 0.0
-  # CJK: characters are tokens: 北京市 vs 北京 -> p 2/3, r 1 -> F1 0.8
-  assert metrics.f1("北京市", "北京") == pytest.approx(0.8)
-  s = metrics.squad_scores(["Paris", "New York City"], [["paris", "x"], ["York City Council"]])
-  assert s == {"exact_match": 50.0, "f1": pytest.approx(100 * (1 + 2 / 3) / 2), "count": 2}
-  assert metrics.accuracy([1, 0, 2, 2], [1, 1, 2, 0]) == {"accuracy": 50.0, "count": 4}
-
-
+# ----------------------------------------------------------------------------- features
 def test_span_features_map_answers_both_ways(tiny):
   tok = tiny["loaded"].tokenizer
   assert features.split_words("Hi, 北京 ok") == [(0, 2), (2, 3), (4, 5), (5, 6), (7, 9)]
@@ -148,7 +140,7 @@ def test_xnli_learns_and_reports_every_language(tiny, mocked):
   assert report["results"]["en"]["accuracy"] > 90.0   # learnt the toy task
   for r in report["results"].values():
     assert 0.0 <= r["accuracy"] <= 100.0 and r["count"] == 12
-  md = trainer.markdown(report)
+  md = report_lib.markdown(report)
   assert all(f"\n| {l} | " in md for l in tasks.XNLI_LANGS) and "**average**" in md
 
 
@@ -159,7 +151,7 @@ def test_mlqa_span_extraction(tiny, mocked):
   assert list(report["results"]) == ["en", "de", "zh"] and report["metric"] == "f1"
   en = report["results"]["en"]
   assert en["count"] == 24 and en["exact_match"] == 100.0 and en["f1"] == 100.0
-  assert "| zh |" in trainer.markdown(report)
+  assert "| zh |" in report_lib.markdown(report)
 
 
 def test_glue_and_cli(tiny, mocked, tmp_path):
@@ -205,3 +197,70 @@ def test_jsonl_data_and_cli_errors(tiny, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]   # argparse prints usage first
     assert err.startswith("bepa-transfer: error:") and msg in err, err
+
+
+def test_stsb_regression_head(tiny, mocked):
+  task = tasks.get_task("glue/stsb")
+  assert task.kind == "regression" and task.num_labels == 1
+  rep = _run(tiny, task, steps=60, lr=3e-3)
+  losses = rep["train"]["losses"]      # squared error on a 0 / 2.5 / 5 target
+  assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+  r = rep["results"]["validation"]
+  assert rep["metrics"] == ["pearson", "spearman"] and r["count"] == 48
+  assert r["pearson"] > 50.0 and r["spearman"] > 0.0, r   # learnt the toy similarity
+  assert "| validation |" in report_lib.markdown(rep)
+
+
+def _mlqa_release(folder):
+  """MLQA_V1/test/test-context-<c>-question-<q>.json for en, de (SQuAD v1 JSON)."""
+  words = {"en": ("the cat is {} and sat on the mat.", "what colour is the cat?"),
+           "de": ("die katze ist {} und sass auf der matte.", "welche farbe hat die katze?")}
+  test = folder / "MLQA_V1" / "test"
+  test.mkdir(parents=True)
+  for c, (ctx_fmt, _) in words.items():
+    for q, (_, question) in words.items():
+      paragraphs = []
+      for i in range(6):
+        colour = COLOURS[i % 3]
+        ctx = ctx_fmt.format(colour)
+        answer = {"text": colour, "answer_start": ctx.index(colour)}
+        paragraphs.append({"context": ctx, "qas": [{"id": f"{c}{q}{i}", "question": question,
+                                                    "answers": [answer]}]})
+      (test / f"test-context-{c}-question-{q}.json").write_text(
+          json.dumps({"data": [{"title": "t", "paragraphs": paragraphs}]}))
+  return folder / "MLQA_V1"
+
+
+def test_mlqa_gxlt_cli_and_compare(tiny, tmp_path, capsys):
+  train = tmp_path / "squad.jsonl"
+  rows = []
+  for i in range(24):
+    c = COLOURS[i % 3]
+    ctx = f"the cat is {c} and sat on the mat."
+    rows.append({"id": f"t{i}", "question": "what colour is the cat?", "context": ctx,
+                 "answers": {"text": [c], "answer_start": [ctx.index(c)]}})
+  train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  data = _mlqa_release(tmp_path)
+  out = tmp_path / "run"
+  argv = ["--hf-dir", tiny["hf_dir"], "--task", "mlqa-gxlt", "--mlqa-data", str(data),
+          "--train-jsonl", str(train), "--steps", "30", "--lr", "1e-2", "--batch-size", "16",
+          "--max-length", str(L), "--out", str(out)]
+  assert cli.main(argv) == 0
+  rep = json.loads((out / "mlqa-gxlt.json").read_text())
+  g = rep["gxlt"]
+  assert g["langs"] == ["en", "de"] and list(rep["results"]) == ["de-de", "de-en", "en-de",
+                                                                   "en-en"]
+  assert g["same_language"]["pairs"] == 2 and g["mixed"]["pairs"] == 2
+  assert rep["results"]["en-en"] == {"exact_match": 100.0, "f1": 100.0, "count": 6}
+  assert g["f1"][0][0] == 100.0 and all(0 <= v <= 100 for row in g["f1"] for v in row)
+  md = (out / "mlqa-gxlt.md").read_text()
+  assert "| c=de |" in md and "mixed pairs (2 pairs)" in md
+  capsys.readouterr()
+  assert cli.main(argv) == 2        # the results exist: refused before fine-tuning
+  assert "exists (nothing overwritten)" in capsys.readouterr().err
+  # the run against itself: every difference 0, heatmap written beside the JSON
+  assert cli.main(["--compare", str(out), str(out / "mlqa-gxlt.json"), "--out",
+                   str(tmp_path / "cmp")]) == 0
+  c = json.loads((tmp_path / "cmp" / "compare-mlqa-gxlt.json").read_text())
+  assert c["gxlt"]["f1"]["diff"] == [[0.0, 0.0], [0.0, 0.0]]
+  assert (tmp_path / "cmp" / "compare-mlqa-gxlt-gxlt.png").stat().st_size > 5000

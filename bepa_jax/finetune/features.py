@@ -54,15 +54,16 @@ def _rows(rows, max_length: int, pad_id: int) -> dict:
   return out
 
 
-def classification_features(records, tok, family: str, max_length: int) -> dict:
-  """Records {"texts", "label"} -> arrays [N, L] and labels [N]."""
+def classification_features(records, tok, family: str, max_length: int,
+                            label_dtype=np.int32) -> dict:
+  """Records {"texts", "label"} -> arrays [N, L] and labels [N] (float32 for regression)."""
   firsts = tok.encode_batch([r["texts"][0] for r in records])
   pairs = [r for r in records if len(r["texts"]) > 1]
   seconds = iter(tok.encode_batch([r["texts"][1] for r in pairs]))
   rows = [pack(tok, family, a, next(seconds) if len(r["texts"]) > 1 else None, max_length)
           for a, r in zip(firsts, records)]
   out = _rows(rows, max_length, tok.pad_id)
-  out["labels"] = np.array([r["label"] for r in records], np.int32)
+  out["labels"] = np.array([r["label"] for r in records], label_dtype)
   return out
 
 

@@ -1,15 +1,26 @@
-"""Transfer tasks and where their records come from (TFDS data sources or local JSONL).
+"""Transfer tasks and where their records come from (TFDS data sources, MLQA's release, JSONL).
 
 Every reader yields normalised records, read lazily by index:
-  classification : {"texts": (a,) or (a, b), "label": int}
+  classification : {"texts": (a,) or (a, b), "label": int}   (regression: "label" a float)
   span           : {"id", "question", "context", "answers": [str], "answer_starts": [int]}
 Tasks (train on English, evaluate each language):
-  xnli     multi_nli:train -> xnli:test, 15 languages (premise Translation, hypothesis by language)
-  mlqa     squad/v1.1:train -> mlqa/<lang>:test, 7 languages (context and question in one language)
-  glue/X   glue/X:train -> glue/X:validation (mnli: validation_matched + validation_mismatched)
+  xnli        multi_nli:train -> xnli:test, 15 languages (premise Translation, hypothesis by
+              language); accuracy
+  mlqa        squad/v1.1:train -> mlqa/<lang>:test, 7 languages (context and question in one
+              language); EM / F1 by MLQA's official scoring in the context language
+  mlqa-gxlt   squad/v1.1:train -> MLQA's generalised cross-lingual transfer: every (context
+              language, question language) pair, read from MLQA's release files (TFDS's `mlqa`
+              builder has the 7 same-language configs only)
+  glue/X      glue/X:train -> glue/X:validation (mnli: validation_matched + _mismatched), each
+              task's official metric; stsb a regression (one output, MSE)
 TFDS datasets must be prepared as array_record beforehand (we never download). Instead of TFDS,
 `jsonl` gives local files with the same fields (`premise`, `hypothesis`, `label`; or `context`,
-`question`, `answers: {text: [...], answer_start: [...]}`, `id`).
+`question`, `answers: {text: [...], answer_start: [...]}`, `id`). MLQA's release
+(`--mlqa-data`): a directory with `<split>-context-<c>-question-<q>.json` files (in it or in
+its `<split>/` folder), SQuAD v1 JSON {"data": [{"paragraphs": [{"context", "qas": [{"id",
+"question", "answers": [{"text", "answer_start"}]}]}]}]}, or a JSONL file of records {"id",
+"context", "question", "answers", "context_lang", "question_lang"}, answers either as
+[{"text", "answer_start"}, ...] or as {"text": [...], "answer_start": [...]}.
 """
 from __future__ import annotations
 
@@ -17,6 +28,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from typing import Callable, Sequence
 
 from bepa_jax.errors import ConfigError, InputError
@@ -24,7 +36,9 @@ from bepa_jax.errors import ConfigError, InputError
 XNLI_LANGS = ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi",
               "zh")
 MLQA_LANGS = ("ar", "de", "en", "es", "hi", "vi", "zh")
-GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli")  # stsb: regression
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+GLUE_METRICS = {"cola": "mcc", "mrpc": "f1_accuracy", "qqp": "f1_accuracy",
+                "stsb": "pearson_spearman"}  # the others: accuracy
 NLI_LABELS = 3  # entailment, neutral, contradiction: the same order in multi_nli, xnli, glue/mnli
 
 
@@ -48,21 +62,27 @@ class Records:
 @dataclasses.dataclass
 class Task:
   name: str
-  kind: str                      # "classification" | "span"
-  num_labels: int                # classes; 2 (start, end) for span
+  kind: str                      # "classification" | "regression" | "span"
+  num_labels: int                # classes; 1 for regression; 2 (start, end) for span
   train: Callable[[], Records]   # opened on demand: evaluating needs no training data
-  evals: dict                    # language (or split) -> Callable[[], Records]
+  evals: dict                    # language / split / "c-q" pair -> Callable[[], Records]
+  metric_set: str = "accuracy"   # a key of metrics.METRIC_SETS
+  score_langs: dict = dataclasses.field(default_factory=dict)  # span: eval -> scoring language
+  pairs: dict = dataclasses.field(default_factory=dict)   # mlqa-gxlt: eval -> (context, question)
 
 
 # ----------------------------------------------------------------------------- field mappers
-def classification_fields(text_fields: Sequence[str]):
+def classification_fields(text_fields: Sequence[str], label_type: type = int):
   def fn(r):
-    return {"texts": tuple(_text(r[k]) for k in text_fields), "label": int(r["label"])}
+    return {"texts": tuple(_text(r[k]) for k in text_fields), "label": label_type(r["label"])}
   return fn
 
 
 def span_record(r):
   answers = r["answers"]
+  if isinstance(answers, list):  # SQuAD JSON layout: [{"text", "answer_start"}, ...]
+    answers = {"text": [a["text"] for a in answers],
+               "answer_start": [a["answer_start"] for a in answers]}
   return {"id": _text(r.get("id", "")), "question": _text(r["question"]),
           "context": _text(r["context"]), "answers": [_text(t) for t in answers["text"]],
           "answer_starts": [int(s) for s in answers["answer_start"]]}
@@ -117,7 +137,8 @@ def read_jsonl(path: str) -> list[dict]:
   return out
 
 
-def jsonl_records(path: str, kind: str, text_fields: Sequence[str] | None = None) -> Records:
+def jsonl_records(path: str, kind: str, text_fields: Sequence[str] | None = None,
+                  label_type: type = int) -> Records:
   """A JSONL file with the TFDS fields; classification text fields default to the keys
   of the first record other than label/idx/id, in file order."""
   rows = read_jsonl(path)
@@ -133,15 +154,135 @@ def jsonl_records(path: str, kind: str, text_fields: Sequence[str] | None = None
   fields = list(text_fields or [k for k in rows[0] if k not in ("label", "idx", "id")])
   if not 1 <= len(fields) <= 2:
     raise InputError(f"{path}: need 1 or 2 text fields besides label, found {fields}")
-  return Records(rows, classification_fields(fields))
+  return Records(rows, classification_fields(fields, label_type))
+
+
+# ----------------------------------------------------------------------------- MLQA release
+MLQA_FILE = re.compile(r"^(dev|test)-context-([a-z]+)-question-([a-z]+)\.json$")
+_LANG_FIELDS = ("context_lang", "question_lang")
+
+
+def _check_answers(where: str, answers):
+  """SQuAD JSON answers: a non-empty list of {"text", "answer_start"}."""
+  if not isinstance(answers, list) or not answers:
+    raise InputError(f"{where}: 'answers' must be a non-empty list of {{text, answer_start}}")
+  for j, a in enumerate(answers):
+    if not (isinstance(a, dict) and isinstance(a.get("text"), str)
+            and isinstance(a.get("answer_start"), int)):
+      raise InputError(f"{where}: answers[{j}] needs 'text' (string) and 'answer_start' (int)")
+
+
+def read_squad_json(path: str) -> list[dict]:
+  """One SQuAD v1 JSON file (MLQA's release format) -> span records, in file order."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      doc = json.load(f)
+  except json.JSONDecodeError as e:
+    raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+  if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+    raise InputError(f"{path}: not SQuAD JSON (no 'data' list at the top)")
+  out = []
+  for a, article in enumerate(doc["data"]):
+    paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+    if not isinstance(paragraphs, list):
+      raise InputError(f"{path}: data[{a}] lacks a 'paragraphs' list")
+    for p, para in enumerate(paragraphs):
+      where = f"{path}: data[{a}].paragraphs[{p}]"
+      if not isinstance(para, dict) or not isinstance(para.get("context"), str):
+        raise InputError(f"{where} lacks 'context'")
+      if not isinstance(para.get("qas"), list):
+        raise InputError(f"{where} lacks a 'qas' list")
+      for q, qa in enumerate(para["qas"]):
+        w = f"{where}.qas[{q}]"
+        missing = [k for k in ("id", "question", "answers") if k not in qa]
+        if missing:
+          raise InputError(f"{w} lacks {missing[0]!r}")
+        _check_answers(w, qa["answers"])
+        out.append(span_record({"id": qa["id"], "question": qa["question"],
+                                "context": para["context"], "answers": qa["answers"]}))
+  if not out:
+    raise InputError(f"{path}: no questions")
+  return out
+
+
+def _mlqa_jsonl(path: str) -> dict:
+  """A JSONL of MLQA records -> {(context_lang, question_lang): [span records]}."""
+  groups = {}
+  for n, r in enumerate(read_jsonl(path), 1):
+    missing = [k for k in ("id", "context", "question", "answers") + _LANG_FIELDS
+               if k not in r]
+    if missing:
+      raise InputError(f"{path}:{n}: record lacks field {missing[0]!r}")
+    if isinstance(r["answers"], list):
+      _check_answers(f"{path}:{n}", r["answers"])
+    elif not (isinstance(r["answers"], dict) and r["answers"].get("text")
+              and len(r["answers"]["text"]) == len(r["answers"].get("answer_start", ()))):
+      raise InputError(f"{path}:{n}: 'answers' must be [{{text, answer_start}}, ...] or "
+                       f"{{text: [...], answer_start: [...]}} of one length")
+    groups.setdefault((str(r["context_lang"]), str(r["question_lang"])), []).append(
+        span_record(r))
+  if not groups:
+    raise InputError(f"{path}: no records")
+  return groups
+
+
+def mlqa_pairs(path: str, split: str = "test") -> dict:
+  """MLQA's data at `path` -> {(context lang, question lang): () -> records}, sorted.
+
+  path: a directory holding `<split>-context-<c>-question-<q>.json` (itself or in `<split>/`,
+  as in the release's MLQA_V1/), or a .jsonl file (fields in the module docstring)."""
+  if os.path.isfile(path) and path.endswith(".jsonl"):
+    groups = _mlqa_jsonl(path)
+    return {k: (lambda v=v: v) for k, v in sorted(groups.items())}
+  if not os.path.isdir(path):
+    raise InputError(f"--mlqa-data {path}: not found (a directory of MLQA's release files, "
+                     f"or a .jsonl file)")
+  found = {}
+  for folder in (path, os.path.join(path, split)):
+    if not os.path.isdir(folder):
+      continue
+    for name in sorted(os.listdir(folder)):
+      m = MLQA_FILE.match(name)
+      if m and m.group(1) == split:
+        found.setdefault((m.group(2), m.group(3)), os.path.join(folder, name))
+    if found:
+      break
+  if not found:
+    raise InputError(f"--mlqa-data {path}: no {split}-context-<c>-question-<q>.json files "
+                     f"(in it or in {split}/)")
+  cache = {}
+  def reader(key):
+    def read():
+      if key not in cache:
+        cache[key] = read_squad_json(found[key])
+      return cache[key]
+    return read
+  return {k: reader(k) for k in sorted(found)}
+
+
+def _span_score_lang(key: str, where: str):
+  """The scoring language of a span evaluation set: an MLQA language, or 'squad' -> None
+  (SQuAD v1.1's English normalisation)."""
+  from bepa_jax.finetune.metrics import MLQA_SCORING_LANGS
+  if key == "squad":
+    return None
+  if key not in MLQA_SCORING_LANGS:
+    raise ConfigError(f"{where}: span answers are scored in their language, one of "
+                      f"{', '.join(MLQA_SCORING_LANGS)}, or 'squad' (SQuAD v1.1); got {key!r}")
+  return key
 
 
 # ----------------------------------------------------------------------------- tasks
 def get_task(name: str, data_dir: str | None = None, langs: Sequence[str] | None = None,
              train_jsonl: str | None = None, eval_jsonl: dict | None = None,
-             num_labels: int = 0) -> Task:
-  """The task called `name`; JSONL files, where given, replace the TFDS train / eval data."""
+             num_labels: int = 0, mlqa_data: str | None = None,
+             mlqa_split: str = "test") -> Task:
+  """The task called `name`; JSONL files, where given, replace the TFDS train / eval data,
+  and mlqa_data (MLQA's release files) replaces TFDS's mlqa."""
   eval_jsonl = dict(eval_jsonl or {})
+  metric_set, label_type, pairs, score_langs = "accuracy", int, {}, {}
+  if mlqa_data and name not in ("mlqa", "mlqa-gxlt"):
+    raise ConfigError(f"--mlqa-data is for --task mlqa or mlqa-gxlt, not {name}")
   if name == "xnli":
     kind, n = "classification", NLI_LABELS
     train = lambda: Records(tfds_source("multi_nli", "train", data_dir)[1],
@@ -151,38 +292,72 @@ def get_task(name: str, data_dir: str | None = None, langs: Sequence[str] | None
       return lambda: Records(test(), xnli_record(lang))
     all_langs = XNLI_LANGS
     evals = {l: xnli_eval(l) for l in all_langs}
-  elif name == "mlqa":
-    kind, n = "span", 2
+  elif name in ("mlqa", "mlqa-gxlt"):
+    kind, n, metric_set = "span", 2, "span"
     train = lambda: Records(tfds_source("squad/v1.1", "train", data_dir)[1], span_record)
-    all_langs = MLQA_LANGS
-    evals = {l: (lambda l=l: Records(tfds_source(f"mlqa/{l}", "test", data_dir)[1], span_record))
-             for l in all_langs}
+    if name == "mlqa-gxlt" and not mlqa_data:
+      raise ConfigError("--task mlqa-gxlt reads MLQA's release files: pass --mlqa-data DIR "
+                        "(TFDS's mlqa builder has the same-language pairs only)")
+    if name == "mlqa-gxlt" and eval_jsonl:
+      raise ConfigError("--task mlqa-gxlt takes its data from --mlqa-data (a directory or a "
+                        ".jsonl with context_lang / question_lang), not --eval-jsonl")
+    if mlqa_data:
+      found = mlqa_pairs(mlqa_data, mlqa_split)
+      if name == "mlqa":
+        found = {k: v for k, v in found.items() if k[0] == k[1]}
+        if not found:
+          raise InputError(f"--mlqa-data {mlqa_data}: no same-language pair "
+                           f"(context-<l>-question-<l>)")
+      all_langs = tuple(dict.fromkeys(l for pair in found for l in pair))
+      keys = {pair: (pair[0] if name == "mlqa" else f"{pair[0]}-{pair[1]}") for pair in found}
+      evals = {keys[p]: fn for p, fn in found.items()}
+      pairs = {keys[p]: p for p in found} if name == "mlqa-gxlt" else {}
+    else:
+      all_langs = MLQA_LANGS
+      evals = {l: (lambda l=l: Records(tfds_source(f"mlqa/{l}", "test", data_dir)[1],
+                                       span_record)) for l in all_langs}
   elif name.startswith("glue/"):
     sub = name.split("/", 1)[1]
     if sub not in GLUE_TASKS:
       raise ConfigError(f"--task {name}: unknown or unsupported GLUE task (one of "
-                        f"{', '.join(GLUE_TASKS)}; stsb is regression)")
-    kind = "classification"
-    fields, n = glue_layout(name)
+                        f"{', '.join(GLUE_TASKS)})")
+    metric_set = GLUE_METRICS.get(sub, "accuracy")
+    if sub == "stsb":  # a similarity score in [0, 5]: one output, squared error
+      kind, n, label_type, fields = "regression", 1, float, ["sentence1", "sentence2"]
+    else:
+      kind = "classification"
+      fields, n = glue_layout(name)
     def glue(split):
-      return lambda: Records(tfds_source(name, split, data_dir)[1], classification_fields(fields))
+      return lambda: Records(tfds_source(name, split, data_dir)[1],
+                             classification_fields(fields, label_type))
     train = glue("train")
     all_langs = (("validation_matched", "validation_mismatched") if sub == "mnli"
                  else ("validation",))
     evals = {s: glue(s) for s in all_langs}
   else:
-    raise ConfigError(f"--task {name!r}: unknown (xnli, mlqa or glue/<task>)")
+    raise ConfigError(f"--task {name!r}: unknown (xnli, mlqa, mlqa-gxlt or glue/<task>)")
+  data_kind = "span" if kind == "span" else "classification"
   if train_jsonl:
-    train = lambda: jsonl_records(train_jsonl, kind)
+    train = lambda: jsonl_records(train_jsonl, data_kind, label_type=label_type)
   if eval_jsonl:  # local files replace the TFDS evaluation sets entirely
-    evals = {l: (lambda p=p: jsonl_records(p, kind)) for l, p in eval_jsonl.items()}
+    evals = {l: (lambda p=p: jsonl_records(p, data_kind, label_type=label_type))
+             for l, p in eval_jsonl.items()}
   elif langs:
     unknown = [l for l in langs if l not in all_langs]
     if unknown:
       raise ConfigError(f"--langs: {name} has no {unknown[0]!r} (has {', '.join(all_langs)})")
-    evals = {l: evals[l] for l in langs}
+    if pairs:  # mlqa-gxlt: the pairs whose two languages are both asked for
+      evals = {k: v for k, v in evals.items() if all(l in langs for l in pairs[k])}
+      pairs = {k: pairs[k] for k in evals}
+    else:
+      evals = {l: evals[l] for l in langs}
+  if kind == "span":
+    where = "--eval-jsonl" if eval_jsonl else f"--task {name}"
+    score_langs = {k: _span_score_lang(pairs[k][0] if pairs else k, where) for k in evals}
   if num_labels:
+    if kind == "regression" and int(num_labels) != 1:
+      raise ConfigError(f"--num-labels: {name} is a regression (one output), got {num_labels}")
     n = int(num_labels)
   if kind == "classification" and n < 2:
     raise ConfigError(f"--task {name}: number of labels unknown; pass --num-labels")
-  return Task(name, kind, n, train, evals)
+  return Task(name, kind, n, train, evals, metric_set, score_langs, pairs)

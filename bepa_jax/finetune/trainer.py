@@ -19,7 +19,7 @@ from bepa_jax import model as model_lib
 from bepa_jax import mesh as mesh_lib
 from bepa_jax import train_state
 from bepa_jax.errors import InputError
-from bepa_jax.finetune import features, metrics
+from bepa_jax.finetune import features, metrics, report
 from bepa_jax.model import BepaEncoder, EncoderConfig, _init, _zeros
 
 log = logging.getLogger("bepa.transfer")
@@ -29,7 +29,8 @@ ENCODER_KEYS = tuple(k for k in model_lib.ENCODER_KEYS if k != "mlm_head")
 
 class TaskHead(nn.Module):
   """classification: dropout -> dense+tanh on [CLS] -> dropout -> C logits (RoBERTa's head);
-  span: one dense layer on every token -> (start, end) logits."""
+  regression: the same head with one output (HF's num_labels=1); span: one dense layer on
+  every token -> (start, end) logits."""
   cfg: EncoderConfig
   kind: str
   num_labels: int
@@ -70,7 +71,8 @@ def _apply(model, params, batch, deterministic, rng=None):
 
 
 def loss_fn(model, params, batch, rng):
-  """Mean cross-entropy over the real rows (weight 1; padding rows of a last batch weigh 0)."""
+  """Mean cross-entropy (regression: squared error of the one output) over the real rows
+  (weight 1; padding rows of a last batch weigh 0)."""
   logits = _apply(model, params, batch, False, rng)
   w = batch["weight"].astype(jnp.float32)
   if model.kind == "span":
@@ -78,6 +80,8 @@ def loss_fn(model, params, batch, rng):
     logits = jnp.where(valid[..., None], logits, -1e9)
     ce = sum(optax.softmax_cross_entropy_with_integer_labels(logits[..., k], batch[key])
              for k, key in ((0, "start_positions"), (1, "end_positions"))) / 2
+  elif model.kind == "regression":
+    ce = jnp.square(logits[:, 0] - batch["labels"].astype(jnp.float32))
   else:
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
   return (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
@@ -145,10 +149,19 @@ class Runner:
 
 
 def _check_labels(task, labels: np.ndarray):
+  if task.kind == "regression":
+    bad = labels[~np.isfinite(labels)]
+    if bad.size:
+      raise InputError(f"{task.name}: label {bad[0]} is not a finite number")
+    return
   bad = labels[(labels < 0) | (labels >= task.num_labels)]
   if bad.size:
     raise InputError(f"{task.name}: label {int(bad[0])} outside 0..{task.num_labels - 1} "
                      f"(set --num-labels?)")
+
+
+def _label_dtype(task):
+  return np.float32 if task.kind == "regression" else np.int32
 
 
 def _take(arrays: dict, idx, keys) -> dict:
@@ -169,7 +182,8 @@ def train_batches(task, records, tok, family, max_length, batch_size, steps, see
   """Yields `steps` batches of features from shuffled records (epochs repeat as needed)."""
   rng = np.random.default_rng(seed)
   label_keys = ("start_positions", "end_positions") if task.kind == "span" else ("labels",)
-  buf = {k: np.zeros((0, max_length) if k in features.KEYS else (0,), np.int32)
+  buf = {k: np.zeros((0, max_length) if k in features.KEYS else (0,),
+                     _label_dtype(task) if k == "labels" else np.int32)
          for k in features.KEYS + label_keys}
   order, pos, done = rng.permutation(len(records)), 0, 0
   chunk = max(batch_size, 256)
@@ -182,7 +196,8 @@ def train_batches(task, records, tok, family, max_length, batch_size, steps, see
       if task.kind == "span":
         feats, _ = features.span_features(recs, tok, family, max_length, doc_stride)
       else:
-        feats = features.classification_features(recs, tok, family, max_length)
+        feats = features.classification_features(recs, tok, family, max_length,
+                                                 _label_dtype(task))
         _check_labels(task, feats["labels"])
       buf = {k: np.concatenate([buf[k], feats[k]]) for k in buf}
     yield {k: v[:batch_size] for k, v in buf.items()}, None
@@ -218,18 +233,21 @@ def _predict_all(runner, params, arrays, keys, batch_size) -> np.ndarray:
 
 
 def evaluate(runner, params, task, records, tok, family, max_length, batch_size,
-             doc_stride=128) -> dict:
-  """Accuracy (classification) or SQuAD EM / F1 (span) of one evaluation set."""
+             doc_stride=128, score_lang=None) -> dict:
+  """The task's official metrics of one evaluation set: EM / F1 (span, scored in
+  `score_lang`), or metrics.classification_scores(task.metric_set) of the predictions."""
   if task.kind == "span":
     arrays, windows = features.span_features(records, tok, family, max_length, doc_stride)
     logits = _predict_all(runner, params, arrays, features.KEYS, batch_size)
     preds = features.best_spans(logits[..., 0], logits[..., 1], windows, arrays["example"],
                                 records)
-    return metrics.squad_scores(preds, [r["answers"] for r in records])
-  arrays = features.classification_features(records, tok, family, max_length)
+    return metrics.span_scores(preds, [r["answers"] for r in records], score_lang)
+  arrays = features.classification_features(records, tok, family, max_length,
+                                            _label_dtype(task))
   _check_labels(task, arrays["labels"])
   logits = _predict_all(runner, params, arrays, features.KEYS, batch_size)
-  return metrics.accuracy(logits.argmax(-1), arrays["labels"])
+  preds = logits[:, 0] if task.kind == "regression" else logits.argmax(-1)
+  return metrics.classification_scores(task.metric_set, preds, arrays["labels"])
 
 
 def fit_batch(batch_size: int, shards: int) -> int:
@@ -252,7 +270,7 @@ def run(task, loaded, mesh, mesh_cfg, *, steps: int, batch_size: int = 32, lr: f
         log_every: int = 50) -> dict:
   """Fine-tunes on the task's English training data, evaluates every evaluation set.
 
-  -> {"task", "metric", "results": {lang: {...}}, "train": {"steps", "losses", ...}}
+  -> the report of finetune.report.build: results per evaluation set, averages, train.
   """
   cfg, tok = loaded.model_cfg, loaded.tokenizer
   # Open every data set first: a missing one fails now, not after hours of fine-tuning.
@@ -270,34 +288,12 @@ def run(task, loaded, mesh, mesh_cfg, *, steps: int, batch_size: int = 32, lr: f
                            batch_size, steps, seed, log_every, doc_stride)
   train_s = time.time() - t0
   results = {}
-  for lang, recs in eval_sets.items():
+  for key, recs in eval_sets.items():
     n = len(recs) if not max_eval else min(max_eval, len(recs))
     recs = [recs[i] for i in range(n)]
-    results[lang] = evaluate(runner, state.params, task, recs, tok, cfg.family, max_length,
-                             batch_size, doc_stride)
-    log.info("%s %s: %s", task.name, lang, results[lang])
-  metric = "f1" if task.kind == "span" else "accuracy"
-  scores = [r[metric] for r in results.values()]
-  return {"task": task.name, "kind": task.kind, "metric": metric,
-          "average": float(np.mean(scores)) if scores else 0.0, "results": results,
-          "train": {"steps": steps, "batch_size": batch_size, "learning_rate": lr,
-                    "max_length": max_length, "losses": losses, "seconds": train_s}}
-
-
-def markdown(report: dict) -> str:
-  """One table: a row per language (or split), and the average."""
-  res = report["results"]
-  if report["kind"] == "span":
-    head = "| language | exact match | F1 | questions |\n|---|---:|---:|---:|\n"
-    rows = [f"| {l} | {r['exact_match']:.1f} | {r['f1']:.1f} | {r['count']} |"
-            for l, r in res.items()]
-    avg = [f"| **average** | {np.mean([r['exact_match'] for r in res.values()]):.1f} | "
-           f"{report['average']:.1f} | |"]
-  else:
-    head = "| language | accuracy | examples |\n|---|---:|---:|\n"
-    rows = [f"| {l} | {r['accuracy']:.1f} | {r['count']} |" for l, r in res.items()]
-    avg = [f"| **average** | {report['average']:.1f} | |"]
-  t = report["train"]
-  return (f"### {report['task']} (zero-shot from English; {t['steps']} steps of "
-          f"{t['batch_size']}, lr {t['learning_rate']:g})\n\n" + head
-          + "\n".join(rows + avg) + "\n")
+    results[key] = evaluate(runner, state.params, task, recs, tok, cfg.family, max_length,
+                            batch_size, doc_stride, task.score_langs.get(key))
+    log.info("%s %s: %s", task.name, key, results[key])
+  return report.build(task, results, {
+      "steps": steps, "batch_size": batch_size, "learning_rate": lr, "max_length": max_length,
+      "losses": losses, "seconds": train_s})
