@@ -272,6 +272,9 @@ def test_mlqa_data_errors(tmp_path):
     tasks.get_task("mlqa-gxlt", mlqa_data=str(j))
   with pytest.raises(BepaError, match="scored in their language"):
     tasks.get_task("mlqa", eval_jsonl={"xx": str(j)})
+  # local span sets: an MLQA language scores in it, "squad" by SQuAD v1.1 (None)
+  local = tasks.get_task("mlqa", eval_jsonl={"squad": str(j), "zh": str(j)})
+  assert local.score_langs == {"squad": None, "zh": "zh"}
 
 
 # ----------------------------------------------------------------------------- compare
