@@ -202,6 +202,9 @@ def test_jsonl_data_and_cli_errors(tiny, tmp_path, capsys):
 def test_stsb_regression_head(tiny, mocked):
   task = tasks.get_task("glue/stsb")
   assert task.kind == "regression" and task.num_labels == 1
+  metric_sets = {t: tasks.get_task(f"glue/{t}").metric_set for t in ("cola", "mrpc", "qqp", "rte")}
+  assert metric_sets == {"cola": "mcc", "mrpc": "f1_accuracy", "qqp": "f1_accuracy",
+                         "rte": "accuracy"}
   rep = _run(tiny, task, steps=60, lr=3e-3)
   losses = rep["train"]["losses"]      # squared error on a 0 / 2.5 / 5 target
   assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses

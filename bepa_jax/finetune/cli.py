@@ -45,7 +45,8 @@ def parse_args(argv):
   p.add_argument("--data-dir", help="TFDS data_dir with the prepared (array_record) datasets")
   p.add_argument("--train-jsonl", help="local training records instead of TFDS")
   p.add_argument("--eval-jsonl", action="append", default=[], metavar="LANG=FILE",
-                 help="local evaluation records instead of TFDS (repeat per language)")
+                 help="local evaluation records instead of TFDS (repeat per language; span "
+                 "tasks score in LANG, an MLQA language, or 'squad' for SQuAD v1.1)")
   p.add_argument("--num-labels", type=int, default=0, help="classes, if not known from TFDS")
   p.add_argument("--fsdp", type=int, default=1, help="mesh fsdp axis (data = the rest)")
   p.add_argument("--tensor", type=int, default=1, help="mesh tensor axis")
@@ -127,6 +128,8 @@ def _transfer(args) -> int:
   with open(os.path.join(out, f"{stem}.md"), "w") as f:
     f.write(md)
   print(md)
+  print(f"{PROG}: wrote {os.path.join(out, stem)}.json and .md; put two runs side by side with "
+        f"`{PROG} --compare A B --out DIR`")
   return 0
 
 
