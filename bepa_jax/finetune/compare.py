@@ -235,6 +235,11 @@ def run(a_path: str, b_path: str, out: str, task: str | None = None) -> list[str
   for t, c in comparisons.items():
     stem = os.path.join(out, _OUTPUT_PREFIX + t.replace("/", "_"))
     planned[t] = [stem + ".json", stem + ".md"] + ([stem + "-gxlt.png"] if "gxlt" in c else [])
+  if any("gxlt" in c for c in comparisons.values()):
+    try:
+      import matplotlib  # noqa: F401 -- checked before anything is written
+    except ImportError:
+      raise InputError("the G-XLT heatmap needs matplotlib: pip install 'bepa-jax[plots]'") from None
   taken = [p for paths in planned.values() for p in paths if os.path.exists(p)]
   if taken:
     raise InputError(f"{taken[0]} exists (nothing overwritten): pick another --out")
