@@ -239,7 +239,8 @@ def run(a_path: str, b_path: str, out: str, task: str | None = None) -> list[str
     try:
       import matplotlib  # noqa: F401 -- checked before anything is written
     except ImportError:
-      raise InputError("the G-XLT heatmap needs matplotlib: pip install 'bepa-jax[plots]'") from None
+      hint = "pip install 'bepa-jax[plots]'"
+      raise InputError(f"the G-XLT heatmap needs matplotlib: {hint}") from None
   taken = [p for paths in planned.values() for p in paths if os.path.exists(p)]
   if taken:
     raise InputError(f"{taken[0]} exists (nothing overwritten): pick another --out")
