@@ -353,6 +353,10 @@ def test_compare_languages_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("bepa-transfer: error:"), err
     assert msg in err[0], err
+  with pytest.raises(SystemExit) as e:  # a training flag with --compare is refused, not ignored
+    cli.main(["--compare", str(pa), str(pb), "--steps", "5"])
+  assert e.value.code == 2
+  assert "--steps would be ignored" in capsys.readouterr().err
   (tmp_path / "notreport.json").write_text('{"a": 1}')
   with pytest.raises(BepaError, match="not a bepa-transfer result"):
     compare.load_reports(str(tmp_path / "notreport.json"))

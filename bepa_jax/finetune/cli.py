@@ -57,6 +57,10 @@ def parse_args(argv):
   if args.compare:
     if args.workdir or args.hf_dir:
       p.error("--compare reads two runs' results: it takes no --workdir / --hf-dir")
+    given = [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] not in
+             ("--compare", "--task", "--out")]
+    if given:  # a training flag here would do nothing: say so rather than ignore it
+      p.error(f"--compare only takes --task and --out; {', '.join(given)} would be ignored")
     args.evals = {}
     return args
   if not (args.workdir or args.hf_dir):
