@@ -125,19 +125,21 @@ def build_ours(config, workdir: str, devices=None):
 
 
 # ---------------------------------------------------------------------------- the peer's inputs
-def peer_batch(batch: dict, mlm: str) -> dict:
+def peer_batch(batch: dict, mlm: str, pad_to: int | None = None) -> dict:
   """Our pipeline's batch -> the authors' tensors (numpy): padding cut to the longest per pass.
 
   Their collator pads clean x and clean y to one length, the longest sentence of the batch on
   either side (so that monolingual MLM can stack them); the pair sequences to the longest pair.
+  `pad_to` (data.max_length): every pass padded to that length instead, as a static-shape
+  PyTorch step would (bench/packing.py's HF column).
   """
   am = batch["attention_mask"]                       # [B, 2, L]
-  Lc = int(am.sum(-1).max())
+  Lc = pad_to or int(am.sum(-1).max())
   out = {"x_ids": batch["input_ids"][:, 0, :Lc], "x_mask": am[:, 0, :Lc],
          "y_ids": batch["input_ids"][:, 1, :Lc], "y_mask": am[:, 1, :Lc]}
   if mlm == "pair":
     mask = batch["mlm_attention_mask"]
-    Lm = int(mask.sum(-1).max())
+    Lm = pad_to or int(mask.sum(-1).max())
     ids, mask = batch["mlm_input_ids"][:, :Lm], mask[:, :Lm]
     pos, lab, w = batch["mlm_positions"], batch["mlm_ids"], batch["mlm_weights"]
   else:  # x-batch then y-batch, as their collator concatenates them
