@@ -33,7 +33,8 @@ The repetitions interleave: one step of ours, one of each peer, on the same batc
 median and fastest ms/step (the fastest is robust to a loaded machine); real tokens/s = (sum of
 the x and y sentence lengths incl. their [CLS]/[SEP], the same count for both) / median step
 time; tokens processed per step (padding included, over the three passes); padding overhead =
-processed / non-padding tokens of the passes (1.00 = no padding).
+processed / non-padding tokens of the passes (1.00 = no padding) and padding fraction = 1 -
+non-padding / processed (ours: bepa_jax/throughput.py, the count bepa-train logs).
 Results: bench/results/authors_step_<tag>.json and .png.
 """
 from __future__ import annotations
@@ -124,19 +125,21 @@ def build_ours(config, workdir: str, devices=None):
 
 
 # ---------------------------------------------------------------------------- the peer's inputs
-def peer_batch(batch: dict, mlm: str) -> dict:
+def peer_batch(batch: dict, mlm: str, pad_to: int | None = None) -> dict:
   """Our pipeline's batch -> the authors' tensors (numpy): padding cut to the longest per pass.
 
   Their collator pads clean x and clean y to one length, the longest sentence of the batch on
   either side (so that monolingual MLM can stack them); the pair sequences to the longest pair.
+  `pad_to` (data.max_length): every pass padded to that length instead, as a static-shape
+  PyTorch step would (bench/packing.py's HF column).
   """
   am = batch["attention_mask"]                       # [B, 2, L]
-  Lc = int(am.sum(-1).max())
+  Lc = pad_to or int(am.sum(-1).max())
   out = {"x_ids": batch["input_ids"][:, 0, :Lc], "x_mask": am[:, 0, :Lc],
          "y_ids": batch["input_ids"][:, 1, :Lc], "y_mask": am[:, 1, :Lc]}
   if mlm == "pair":
     mask = batch["mlm_attention_mask"]
-    Lm = int(mask.sum(-1).max())
+    Lm = pad_to or int(mask.sum(-1).max())
     ids, mask = batch["mlm_input_ids"][:, :Lm], mask[:, :Lm]
     pos, lab, w = batch["mlm_positions"], batch["mlm_ids"], batch["mlm_weights"]
   else:  # x-batch then y-batch, as their collator concatenates them
@@ -398,6 +401,7 @@ def run_config(name: str, mlm: str, args, source: str, tok: str, tmp: str) -> di
     res[k] = dict(step_s=med[k], best_step_s=min(times[k]), real_tokens_per_s=real / med[k],
                   processed_tokens_per_step=processed / len(timed),
                   padding_overhead=processed / nonpad,
+                  padding_fraction=1.0 - nonpad / processed,
                   processed_per_real_token=processed / (real * len(timed)),
                   ratio_this_over_ours=med[k] / med["ours"])
   return res
@@ -426,7 +430,7 @@ def _interleaved_with_progress(fns: dict, reps: int, warmup: int, name: str, mlm
 def summary(results: list) -> str:
   """The final table: one row per framework and config."""
   lines = ["| config | MLM | step | ms / step (median) | fastest rep | real tokens/s "
-           "| tokens processed / step | padding overhead | this ÷ ours (time) |",
+           "| tokens processed / step | padding fraction | this ÷ ours (time) |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|"]
   for res in results:
     for k in [k for k in res if k == "ours" or k.startswith("authors_")]:
@@ -435,7 +439,7 @@ def summary(results: list) -> str:
       r = res[k]
       lines.append(f"| {res['config']} | {res['mlm']} | {k} | {r['step_s'] * 1e3:,.0f} | "
                    f"{r['best_step_s'] * 1e3:,.0f} | {r['real_tokens_per_s']:,.0f} | {r['processed_tokens_per_step']:,.0f} | "
-                   f"{r['padding_overhead']:.2f} | {r['ratio_this_over_ours']:.2f} |")
+                   f"{100 * r['padding_fraction']:.0f}% | {r['ratio_this_over_ours']:.2f} |")
   return "\n".join(lines)
 
 

@@ -146,6 +146,56 @@ def jax_matmul(n: int = 2048):
   return (lambda: f(a, b).block_until_ready()), 2 * n ** 3
 
 
+class MatmulPeak:
+  """The XLA fp32 matmul peak, measured robustly: each call runs jitted n x n x n matmuls of
+  several sizes, `reps` times each; the peak is the best rate of any of them over all calls.
+
+  Put it among the interleaved fns, so that it samples the machine between steps all run long:
+  one size, timed once per repetition, can land in a stall every time (a base-config run here
+  once measured 38 GFLOP/s on a machine that reaches 190) and inflate MFU past 100%.
+  """
+
+  def __init__(self, sizes=(512, 1024, 2048), reps: int = 2):
+    self.reps, self.samples, self.fns = reps, [], []
+    for n in sizes:
+      fn, flops = jax_matmul(n)
+      self.fns.append((fn, flops))
+
+  def __call__(self):
+    for fn, flops in self.fns:
+      for _ in range(self.reps):
+        t0 = time.perf_counter()
+        fn()
+        self.samples.append((flops, time.perf_counter() - t0))
+
+  @property
+  def best(self) -> float:
+    return peak_rate(self.samples)
+
+
+def peak_rate(samples) -> float:
+  """The best FLOP/s of (flops, seconds) samples: a stall only slows a sample down."""
+  return max(flops / seconds for flops, seconds in samples if seconds > 0)
+
+
+def mfu_peak(measured: float, achieved: dict) -> dict:
+  """The MFU denominator: the measured matmul peak, unless a step ran faster than it.
+
+  `achieved`: {step name: model FLOP/s at its fastest repetition}. A step cannot beat the
+  machine's peak, so if one does, the measurement was disturbed: the peak is reported as
+  unreliable and the fastest achieved rate is used instead, a lower bound of the true peak
+  (the MFU figures are then upper bounds). Every MFU = FLOPs / median step time / peak <= 1.
+  """
+  name, top = max(achieved.items(), key=lambda kv: kv[1]) if achieved else ("", 0.0)
+  reliable = top <= measured
+  note = "" if reliable else (
+      f"matmul peak unreliable: measured {measured / 1e9:.0f} GFLOP/s, but {name} reached "
+      f"{top / 1e9:.0f} GFLOP/s of model FLOPs; that rate is used as a lower bound of the "
+      f"peak, so the MFU figures are upper bounds")
+  return dict(peak=measured if reliable else top, measured=measured, reliable=reliable,
+              bound_by=None if reliable else name, note=note)
+
+
 def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict:
   """Runs every fn once per repetition, in turn; returns {name: [seconds, ...]}.
 

@@ -26,6 +26,7 @@ from bepa_jax import host_memory
 from bepa_jax import mesh as mesh_lib
 from bepa_jax import profiling
 from bepa_jax import step as step_lib
+from bepa_jax import throughput
 from bepa_jax import train_state
 from bepa_jax.data import factory as data_factory
 from bepa_jax.data import pipeline as pipeline_lib
@@ -162,10 +163,10 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   if steps == 0:
     return save_initial_state(job, ckpt, workdir), {}
   evaluator = periodic_eval.from_config(config, job.model, job.tokenizer, mesh)  # None: eval off
-  tokens_per_step = int(config.train.global_batch) * 2 * int(config.data.max_length)
+  tokens = throughput.TokenMeter(config.loss)  # real / processed tokens, counted on the host
   log_every = max(int(config.train.log_every), 1)
   pid, pcount = jax.process_index(), jax.process_count()
-  metrics, t_start, step_start = {}, None, 0
+  metrics, t_start, step_start, since_start = {}, None, 0, throughput.TokenCounts()
   window, window_steps = None, 0
   profiler = profiling.StepProfiler(config.train, workdir)
   first = int(jax.device_get(state.step))
@@ -173,7 +174,9 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   with jax.set_mesh(mesh):
     for step in range(first, steps):
       profiler.before(step)
-      batch = global_batch(pipeline.batch(step, pid, pcount), mesh)
+      local = pipeline.batch(step, pid, pcount)
+      tokens.add(local)
+      batch = global_batch(local, mesh)
       state, step_metrics = step_fn(state, batch)
       done = step + 1
       profiler.after(done, step_metrics)
@@ -185,23 +188,28 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         if "learning_rate" in step_metrics:  # the current value, not the window's mean
           metrics["learning_rate"] = float(step_metrics["learning_rate"])
         window, window_steps = None, 0
+        window_tokens = tokens.take()  # global: summed over processes (3 ints, log steps only)
+        metrics["padding_fraction"] = window_tokens.padding_fraction
         ckpt.check(metrics, done)
         now = time.perf_counter()
         if t_start is None:  # the first step includes compilation: start the clock after it
           t_start, step_start = now, done
           rate = float("nan")
         else:
+          since_start = since_start + window_tokens
           rate = (done - step_start) / (now - t_start)
         if rate == rate:  # not NaN: throughput is known from the second log on
           metrics["steps_per_sec"] = rate
-          metrics["tokens_per_sec"] = rate * tokens_per_step
+          metrics["real_tokens_per_sec"] = since_start.real / (now - t_start)
+          metrics["processed_tokens_per_sec"] = since_start.processed / (now - t_start)
         writer.write(done, metrics)
         eta = format_eta((steps - done) / rate) if rate == rate and rate > 0 else "?"
         log.info("step %d/%d | loss %.4f | mlm %.4f acc %.3f | con %.4f | x->y %.3f y->x %.3f "
-                 "| cos+ %.3f cos- %.3f | %.0f tok/s | ETA %s",
+                 "| cos+ %.3f cos- %.3f | %.0f real tok/s, %.0f%% pad | ETA %s",
                  done, steps, metrics["loss"], metrics["mlm_loss"], metrics["mlm_accuracy"],
                  metrics["contrastive_loss"], metrics["acc_x2y"], metrics["acc_y2x"],
-                 metrics["pos_cos"], metrics["neg_cos"], metrics.get("tokens_per_sec", 0.0), eta)
+                 metrics["pos_cos"], metrics["neg_cos"], metrics.get("real_tokens_per_sec", 0.0),
+                 100 * metrics["padding_fraction"], eta)
       if evaluator is not None and evaluator.due(done, steps):
         t_eval = time.perf_counter()
         eval_metrics = evaluator(state.params)

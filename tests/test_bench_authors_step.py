@@ -90,6 +90,9 @@ def test_peer_batch_is_ours_without_padding(tokenizer, tmp_path):
     assert picked.sum() == b["mlm_weights"].sum()    # the same masked positions and labels
     assert sorted(p["mlm_labels"][picked]) == sorted(b["mlm_ids"][b["mlm_weights"] > 0])
     c = authors_step.token_counts(b, mlm, p)
+    from bepa_jax import throughput  # what bepa-train logs: the same passes, the same count
+    ours = throughput.count(b, authors_step.make_config("micro", mlm).loss)
+    assert (ours.real, ours.nonpad, ours.processed) == (c["real"], c["nonpad"], c["ours"])
     assert c["real"] == lengths.sum() and c["peer"] <= c["ours"]
     assert c["nonpad"] == c["real"] + (b["mlm_attention_mask"].sum() if mlm == "pair"
                                        else c["real"])
@@ -117,6 +120,7 @@ def test_script_runs_ours_and_a_peer_worker(tmp_path):
     assert res[k]["real_tokens_per_s"] == pytest.approx(res["real_tokens_per_step"]
                                                         / res[k]["step_s"])
     assert res[k]["padding_overhead"] >= 1.0
+    assert res[k]["padding_fraction"] == pytest.approx(1 - 1 / res[k]["padding_overhead"])
   # same weights and batches, dropout 0.1 on both: step-0 losses close, not equal
   assert res["losses"]["ours"][0] == pytest.approx(res["losses"]["authors_gathered/retain"][0],
                                                    abs=0.5)

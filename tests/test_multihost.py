@@ -17,25 +17,28 @@ from bepa_jax import distributed
 distributed.initialize(timeout_s=120)
 import jax
 from jax.experimental import multihost_utils
-from bepa_jax import train
+from bepa_jax import throughput, train
 from tests.helpers import tiny_config
 
 out, workdir = sys.argv[1], sys.argv[2]
 config = tiny_config(**{"train.steps": 4, "train.log_every": 1, "train.global_batch": 16})
 job = train.build(config, workdir)
-losses, shards = [], []
+losses, shards, tokens = [], [], []
 with jax.set_mesh(job.mesh):
   state = job.state
   for step in range(4):
     local = job.pipeline.batch(step, jax.process_index(), jax.process_count())
     shards.append(local["input_ids"].tolist())
+    local_counts = throughput.count(local, config.loss)
+    tokens.append([local_counts.real, throughput.global_counts(local_counts).real,
+                   throughput.global_counts(local_counts).processed])
     state, metrics = job.step_fn(state, train.global_batch(local, job.mesh))
     losses.append(float(metrics["loss"]))
 params = multihost_utils.process_allgather(state.params, tiled=True)
 flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
 tag = f"{out}/p{jax.process_index()}"
 np.savez(tag + ".npz", **flat)
-json.dump({"losses": losses, "shards": shards, "process_count": jax.process_count(),
+json.dump({"losses": losses, "shards": shards, "tokens": tokens, "process_count": jax.process_count(),
            "device_count": jax.device_count()}, open(tag + ".json", "w"))
 '''
 
@@ -78,3 +81,16 @@ def test_process_shards_are_disjoint_and_form_the_global_batch(runs):
     np.testing.assert_array_equal(np.concatenate([s0, s1]), np.array(single["shards"][step]))
     rows0 = {r.tobytes() for r in s0}
     assert not any(r.tobytes() in rows0 for r in s1)
+
+
+def test_token_counts_are_summed_over_processes(runs):
+  """Each process counts its own rows; throughput.global_counts makes them the global batch's."""
+  single = json.load(open(runs["single"] / "p0.json"))
+  multi = [json.load(open(runs["multi"] / f"p{i}.json")) for i in range(2)]
+  for step in range(4):
+    local_real, global_real, processed = single["tokens"][step]
+    assert global_real == local_real and processed == 16 * 2 * 16  # one pass over [2B, L]
+    for p in multi:
+      assert p["tokens"][step][1:] == [global_real, processed]
+    assert multi[0]["tokens"][step][0] + multi[1]["tokens"][step][0] == global_real
+    assert multi[0]["tokens"][step][0] != global_real  # the shards are each only a part
