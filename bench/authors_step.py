@@ -110,6 +110,7 @@ def make_config(name: str, mlm: str = "pair", family: str = "bert", dropout: flo
   c.data.source, c.data.languages = source, "en,de"
   c.data.max_length = s["max_length"]
   c.data.max_predictions_per_seq = harness.n_predictions(s["max_length"])
+  c.data.packing = False  # the padded step (and its [B, 2, L] layout) is what this compares
   c.tokenizer.path, c.tokenizer.kind, c.tokenizer.vocab_size = tokenizer, "spm", s["vocab"]
   c.train.global_batch = s["pairs"]
   c.optim.schedule, c.optim.warmup_steps = "constant", 0  # the peer's lr is constant too

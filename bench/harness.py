@@ -48,6 +48,7 @@ def make_config(name: str, **model_overrides):
     c.model[k] = v
   c.data.max_length = s["seq"]
   c.data.max_predictions_per_seq = n_predictions(s["seq"])
+  c.data.packing = False  # the padded step (and its [B, 2, L] layout) is what this compares
   c.train.global_batch = s["pairs"]
   c.mesh.data = 1
   return c

@@ -96,6 +96,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     raise ConfigError(
         f"data.max_length={d.max_length} needs {positions_needed} position embeddings but "
         f"model.max_position_embeddings={m.max_position_embeddings}")
+  if not isinstance(d.packing, bool):
+    raise ConfigError(f"data.packing must be True or False, got {d.packing!r}")
+  for key in ("packed_rows", "packed_pair_rows"):
+    if int(d[key]) < 0:
+      raise ConfigError(f"data.{key} must be >= 0 (0 = chosen from the data), got {d[key]}")
   if not 0.0 < float(d.mask_prob) < 1.0:
     raise ConfigError(f"data.mask_prob must be in (0, 1), got {d.mask_prob}")
   if int(d.max_predictions_per_seq) < 1:
@@ -141,9 +146,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
       raise ConfigError(f"loss.contrastive_chunk={chunk} must divide the {pool} candidates each "
                         f"device scores (train.global_batch={t.global_batch}, grad_accum_steps="
                         f"{t.grad_accum_steps}, loss.negatives={config.loss.negatives})")
+  if bool(d.packing):  # a packing group: one batch shard's share of one micro-batch
+    group = int(t.global_batch) // (shards * packing_micro_batches(t))
+    for key, most in (("packed_rows", 2 * group), ("packed_pair_rows", group)):
+      if int(d[key]) > most:
+        raise ConfigError(f"data.{key}={d[key]} exceeds the {most} sequences of a packing group "
+                          f"({group} pairs = train.global_batch / batch shards / micro-batches): "
+                          f"one per row is the padded layout")
   if m.num_heads % tensor:
     raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={tensor}")
   return data, fsdp, tensor
+
+
+def packing_micro_batches(train_cfg) -> int:
+  """The k micro-batches (or GradCache chunks) a step splits into; packing groups follow them."""
+  return max(int(train_cfg.grad_accum_steps), int(train_cfg.gradcache_chunks), 1)
 
 
 # Smallest tau: the logits cos/tau span +-1/tau. Beyond +-1000 bfloat16 (8 significant bits)

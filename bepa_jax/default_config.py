@@ -85,7 +85,13 @@ def get_config() -> ml_collections.ConfigDict:
       long_lines="skip",             # skip | truncate (over-long lines; counted and logged)
       invalid_utf8="error",          # error (file:line) | skip (counted and logged)
       tfds_data_dir="",              # TFDS data_dir ("" = TFDS default); array_record, prepared
-      max_length=48,                 # tokens per sentence incl. [CLS] and [SEP]
+      max_length=48,                 # tokens per sentence incl. [CLS] and [SEP]; the row length
+      packing=True,                  # several sentences per row of max_length (block-diagonal
+                                     # attention, exact; bepa_jax/data/packing.py); False = one
+                                     # sentence per row, padded
+      packed_rows=0,                 # rows per packing group (one batch shard's share of one
+                                     # micro-batch); 0 = from the data's lengths at start-up
+      packed_pair_rows=0,            # the same for the TLM pair sequences (loss.mlm_input=pair)
       mask_prob=0.15,
       max_predictions_per_seq=5,
       seed=0,

@@ -83,12 +83,47 @@ def layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
                       scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)), name=name)
 
 
-def position_ids(cfg: EncoderConfig, input_ids):
-  """BERT counts from 0; XLM-R counts non-pad tokens from pad+1 (HF's create_position_ids)."""
+def position_ids(cfg: EncoderConfig, input_ids, segment_ids=None):
+  """BERT counts from 0; XLM-R counts non-pad tokens from pad+1 (HF's create_position_ids).
+
+  With `segment_ids` (packed rows, 0 = pad) both restart at each segment's first token, so a
+  packed sentence gets the positions it has alone.
+  """
+  if segment_ids is not None:
+    idx = jax.lax.broadcasted_iota(jnp.int32, segment_ids.shape, 1)
+    first = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start = jax.lax.cummax(jnp.where(first, idx, 0), axis=1)
+    pos = idx - start
+    if cfg.family == "xlmr":
+      return jnp.where(segment_ids > 0, pos + cfg.pad_token_id + 1, cfg.pad_token_id)
+    return pos
   if cfg.family == "xlmr":
     not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
     return jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
   return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+
+
+def attention(q, k, v, segment_ids, dropout=None):
+  """Softmax attention of q, k, v [N, L, heads, d] within segments; the XLA form.
+
+  Query i sees key j iff segment_ids[j] != 0 and segment_ids[i] == segment_ids[j]: a block-
+  diagonal mask for packed rows (segments 1, 2, ...; 0 = pad) and the usual key-padding mask
+  for one sentence per row (segment_ids = attention_mask). Pad queries (0) see every real key,
+  as in HF; no loss reads them. This signature is the one of segment-id kernels, which can
+  replace the body on accelerators: TPU splash attention (jax.experimental.pallas.ops.tpu.
+  splash_attention with SegmentIds(q=segment_ids, kv=segment_ids)), or on GPU
+  jax.nn.dot_product_attention(q, k, v, mask=..., implementation="cudnn"). `dropout`: a function
+  applied to the probabilities (training), or None.
+  """
+  seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+  visible = (seg_k != 0) & ((seg_q == seg_k) | (seg_q == 0))
+  bias = jnp.where(visible[:, None], 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  if dropout is not None:
+    probs = dropout(probs)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 class Embeddings(nn.Module):
@@ -107,9 +142,9 @@ class Embeddings(nn.Module):
     self.LayerNorm = layer_norm(cfg, "LayerNorm")
     self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-  def __call__(self, input_ids, token_type_ids, deterministic: bool):
+  def __call__(self, input_ids, token_type_ids, deterministic: bool, segment_ids=None):
     x = (self.word_embeddings(input_ids)
-         + self.position_embeddings(position_ids(self.cfg, input_ids))
+         + self.position_embeddings(position_ids(self.cfg, input_ids, segment_ids))
          + self.token_type_embeddings(token_type_ids))
     return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
@@ -149,7 +184,7 @@ class SelfAttention(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x, bias, deterministic: bool):
+  def __call__(self, x, segment_ids, deterministic: bool):
     cfg = self.cfg
     heads = (cfg.num_heads, cfg.head_dim)
     proj = functools.partial(HeadsDense, cfg, (cfg.hidden_size,), heads, ("embed", "heads", "kv"),
@@ -163,10 +198,8 @@ class SelfAttention(nn.Module):
     else:
       q, k, v = (proj(name=n)(x) for n in ("query", "key", "value"))
     q = q / jnp.sqrt(cfg.head_dim).astype(cfg.compute_dtype)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    drop = nn.Dropout(cfg.attention_dropout)
+    ctx = attention(q, k, v, segment_ids, lambda p: drop(p, deterministic=deterministic))
     return HeadsDense(cfg, heads, (cfg.hidden_size,), ("heads", "kv", "embed"), ("embed",),
                       name="output")(ctx)
 
@@ -176,10 +209,10 @@ class Layer(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x, bias, deterministic: bool):
+  def __call__(self, x, segment_ids, deterministic: bool):
     cfg = self.cfg
     drop = nn.Dropout(cfg.hidden_dropout)
-    h = SelfAttention(cfg, name="attention")(x, bias, deterministic)
+    h = SelfAttention(cfg, name="attention")(x, segment_ids, deterministic)
     x = layer_norm(cfg, "attention_LayerNorm")(x + drop(h, deterministic=deterministic))
     h = nn.Dense(cfg.intermediate_size, dtype=cfg.compute_dtype,
                  kernel_init=_init(cfg, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
@@ -202,21 +235,21 @@ class Encoder(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x, bias, deterministic: bool):
+  def __call__(self, x, segment_ids, deterministic: bool):
     cfg = self.cfg
     layer_cls = Layer
     if cfg.remat != "none":
       layer_cls = nn.remat(Layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
-                           static_argnums=(3,))  # (self, x, bias, deterministic)
+                           static_argnums=(3,))  # (self, x, segment_ids, deterministic)
     if cfg.scan_layers:
       scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                              "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(cfg, name="layers")(x, bias, deterministic)
+      x, _ = scanned(cfg, name="layers")(x, segment_ids, deterministic)
     else:
       for i in range(cfg.num_layers):
-        x, _ = layer_cls(cfg, name=f"layer_{i}")(x, bias, deterministic)
+        x, _ = layer_cls(cfg, name=f"layer_{i}")(x, segment_ids, deterministic)
     return x
 
 
@@ -256,20 +289,35 @@ class BepaEncoder(nn.Module):
     self.mlm_head = MLMHead(self.cfg)
 
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None, mlm_positions=None,
-               deterministic: bool = True) -> dict[str, Any]:
+               deterministic: bool = True, segment_ids=None, cls_index=None) -> dict[str, Any]:
+    """One sentence per row: input_ids [N, L], mlm_positions [N, P] index each row.
+
+    Packed (bepa_jax/data/packing.py): input_ids, token_type_ids, segment_ids [G, R, L]; each
+    group's R x L tokens form one grid, and cls_index [G, n] / mlm_positions [G, m] are flat
+    indices r * L + t into it: "cls" [G, n, H], "mlm_logits" [G, m, V].
+    """
+    packed = segment_ids is not None
+    grid = input_ids.shape[:-1]
+    if packed:  # encode the G x R rows as one batch; gather from each group's grid
+      rows = lambda a: a.reshape((-1, a.shape[-1]))
+      input_ids, segment_ids = rows(input_ids), rows(segment_ids).astype(jnp.int32)
+      token_type_ids = None if token_type_ids is None else rows(token_type_ids)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    if attention_mask is None:
-      attention_mask = (input_ids != self.cfg.pad_token_id)
-    bias = jnp.where(attention_mask[:, None, None, :].astype(bool), 0.0,
-                     jnp.finfo(jnp.float32).min).astype(jnp.float32)
-    x = self.embeddings(input_ids, token_type_ids, deterministic)
+    if not packed:
+      if attention_mask is None:
+        attention_mask = (input_ids != self.cfg.pad_token_id)
+      segment_ids = attention_mask.astype(jnp.int32)  # one segment per row: key padding
+    x = self.embeddings(input_ids, token_type_ids, deterministic,
+                        segment_ids if packed else None)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-    hidden = self.encoder(x, bias, deterministic)
-    out = {"hidden": hidden, "cls": hidden[:, 0].astype(jnp.float32)}
+    hidden = self.encoder(x, segment_ids, deterministic)
+    flat = hidden.reshape(grid[:1] + (-1, hidden.shape[-1])) if packed else hidden
+    pick = lambda idx: jnp.take_along_axis(flat, idx[..., None].astype(jnp.int32), axis=1)
+    cls = hidden[:, 0] if cls_index is None else pick(cls_index)
+    out = {"hidden": hidden, "cls": cls.astype(jnp.float32)}
     if mlm_positions is not None:
-      picked = jnp.take_along_axis(hidden, mlm_positions[..., None].astype(jnp.int32), axis=1)
-      out["mlm_logits"] = self.mlm_head(picked, self.embeddings.word_embeddings)
+      out["mlm_logits"] = self.mlm_head(pick(mlm_positions), self.embeddings.word_embeddings)
     return out
 
   def mlm_logits_all(self, input_ids, token_type_ids=None, attention_mask=None):

@@ -7,6 +7,9 @@ Batch layout (numpy on the host, global arrays on device), B = sentence pairs:
   text_hash (optional)                      : [B, 2]      id of each sentence's text
 Both sides go through the encoder as one [2B, L] batch: the reshape keeps every
 device's rows local, so no data moves. Each sentence is still encoded on its own.
+Packed (data.packing, bepa_jax/data/packing.py): the token arrays are [G, R, L] (G groups =
+batch shards x micro-batches) with segment_ids, and cls_index [B, 2] / mlm_positions index
+each group's R x L grid; the per-pair keys keep [B, ...]. Both split over the same leading axis.
 """
 from __future__ import annotations
 

@@ -52,6 +52,20 @@ def global_batch(local: dict, mesh) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+def local_batch(pipeline, step: int, pid: int, pcount: int) -> dict:
+  """This process's rows at `step`. Packed: a step that does not fit the packed rows on some
+  process is packed into the fallback rows on every process (the global shape must agree)."""
+  local = pipeline.batch(step, pid, pcount)
+  if pcount > 1 and getattr(pipeline, "packing", False):
+    from jax.experimental import multihost_utils
+    rows = (local["input_ids"].shape[1],
+            local["mlm_input_ids"].shape[1] if "mlm_segment_ids" in local else 0)
+    agreed = tuple(int(r) for r in np.max(multihost_utils.process_allgather(np.array(rows)), 0))
+    if agreed != rows:
+      local = pipeline.batch(step, pid, pcount, rows=agreed)
+  return local
+
+
 def format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -93,7 +107,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=No
       f.write(config.to_json_best_effort(indent=2))
 
   tokenizer = data_factory.load_tokenizer(config, workdir)
-  pipeline = data_factory.build_pipeline(config, tokenizer)
+  pipeline = data_factory.build_pipeline(config, tokenizer, shape[0] * shape[1])
   if pipeline.truncated:
     log.info("%d sentences are longer than data.max_length=%d and are truncated",
              pipeline.truncated, config.data.max_length)
@@ -174,7 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   with jax.set_mesh(mesh):
     for step in range(first, steps):
       profiler.before(step)
-      local = pipeline.batch(step, pid, pcount)
+      local = local_batch(pipeline, step, pid, pcount)
       tokens.add(local)
       batch = global_batch(local, mesh)
       state, step_metrics = step_fn(state, batch)

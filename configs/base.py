@@ -26,6 +26,8 @@ def get_config():
   c.data.source = "tfds:xnli:test;tfds:xnli:validation"
   c.data.max_length = 128
   c.data.max_predictions_per_seq = 20
+  c.data.packing = True                            # several sentences per row, exact (README,
+                                                   # "Sequence packing"); False = padded
   c.optim.learning_rate = 1e-4
   c.optim.warmup_steps = 1000
   c.train.global_batch = 4096

@@ -14,6 +14,7 @@ def tiny_config(**overrides):
   c.model.attention_dropout = 0.0
   c.data.max_length = 16
   c.data.max_predictions_per_seq = 3
+  c.data.packing = False   # the padded layout; tests/test_packing.py checks the packed one
   c.tokenizer.vocab_size = 400
   c.train.global_batch = 16
   c.train.steps = 10

@@ -60,8 +60,15 @@ def load_tokenizer(config, workdir: str, train_if_missing: bool = True) -> token
   return tokenizer_lib.SentencePieceTokenizer(path)
 
 
-def build_pipeline(config, tokenizer) -> pair_pipeline.PairPipeline:
+def build_pipeline(config, tokenizer, batch_shards: int | None = None
+                   ) -> pair_pipeline.PairPipeline:
+  """`batch_shards`: data x fsdp of the run's mesh (default: the mesh on every device); the
+  packing groups (data.packing) are one shard's share of one micro-batch."""
+  import jax
   d = config.data
+  if batch_shards is None:
+    data, fsdp, _ = config_lib.resolve_mesh_shape(config.mesh, jax.device_count())
+    batch_shards = data * fsdp
   comps, weights, stats = open_configured_sources(d)
   pipe = pair_pipeline.PairPipeline(
       comps, weights, tokenizer, global_batch=int(config.train.global_batch),
@@ -69,7 +76,10 @@ def build_pipeline(config, tokenizer) -> pair_pipeline.PairPipeline:
       max_predictions=int(d.max_predictions_per_seq), seed=int(d.seed),
       temperature=float(d.temperature), dedup=bool(d.dedup),
       load_stats=stats, cls_input=str(config.loss.cls_input),
-      mlm_input=str(config.loss.mlm_input), stream_extra={  # which records are usable depends on these too
+      mlm_input=str(config.loss.mlm_input), packing=bool(d.packing),
+      packed_rows=int(d.packed_rows), packed_pair_rows=int(d.packed_pair_rows),
+      batch_shards=batch_shards, micro_batches=config_lib.packing_micro_batches(config.train),
+      stream_extra={  # which records are usable depends on these too
           f"data.{k}": d[k] for k in ("max_chars", "long_lines", "invalid_utf8")})
   if pipe.mlm_only and float(config.loss.weight) != 0.0:
     from bepa_jax.errors import ConfigError
@@ -78,4 +88,5 @@ def build_pipeline(config, tokenizer) -> pair_pipeline.PairPipeline:
   log.info("data: %d language pairs, %d pairs; mixture %s%s; %s", len(comps),
            sum(len(c) for c in comps), ", ".join(f"{k} {v:.3f}" for k, v in top),
            " ..." if len(comps) > 8 else "", stats.report())
+  log.info("%s", pipe.packing_summary())
   return pipe

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from bepa_jax.data import packing
 from bepa_jax.data.masking import mask_batch
 from bepa_jax.data.mixture import Mixture
 from bepa_jax.data.records import Component, LoadStats
@@ -47,7 +48,9 @@ class PairPipeline:
                tokenizer: Tokenizer, *, global_batch: int, max_length: int, mask_prob: float,
                max_predictions: int, seed: int, temperature: float = 1.0, dedup: bool = True,
                load_stats: LoadStats | None = None, stream_extra: dict | None = None,
-               cls_input: str = "masked", mlm_input: str = "sentence"):
+               cls_input: str = "masked", mlm_input: str = "sentence", packing: bool = False,
+               packed_rows: int = 0, packed_pair_rows: int = 0, batch_shards: int = 1,
+               micro_batches: int = 1):
     if not components:
       raise ConfigError("data.source yields no language pairs")
     mono = [bool(getattr(c, "monolingual", False)) for c in components]
@@ -77,6 +80,27 @@ class PairPipeline:
     self._resolved = None
     self.stream_extra = dict(stream_extra or {})  # more keys the records depend on (text policy)
     self.start_step = 0  # the train step at which this data stream's position 0 was used
+    # packing (bepa_jax/data/packing.py): groups of one shard's share of one micro-batch
+    self.packing = bool(packing)
+    self.batch_shards, self.micro_batches = int(batch_shards), int(micro_batches)
+    self.packed_rows, self.packed_pair_rows = int(packed_rows), int(packed_pair_rows)
+    self.rows_config = (self.packed_rows, self.packed_pair_rows)  # as configured (0 = auto)
+    self.packing_probe = None   # what the start-up probe measured (auto rows), for the log
+    if self.packing:
+      groups = self.batch_shards * self.micro_batches
+      if self.global_batch % groups:
+        raise ConfigError(f"data.packing: train.global_batch={self.global_batch} is not "
+                          f"divisible by {self.batch_shards} batch shards x "
+                          f"{self.micro_batches} micro-batches")
+      self.group_pairs = self.global_batch // groups
+      for key, rows, most in (("data.packed_rows", self.packed_rows, 2 * self.group_pairs),
+                              ("data.packed_pair_rows", self.packed_pair_rows,
+                               self.group_pairs)):
+        if rows > most:
+          raise ConfigError(f"{key}={rows} exceeds the {most} sequences of a packing group "
+                            f"({self.group_pairs} pairs): one per row is the padded layout")
+      if not self.packed_rows or (mlm_input == "pair" and not self.packed_pair_rows):
+        self._probe_packing()
 
   # -------------------------------------------------------------------- plan
   @property
@@ -149,8 +173,19 @@ class PairPipeline:
             for r in range(self.global_batch)]
 
   # -------------------------------------------------------------------- batch
-  def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
-    """This process's rows of the global batch at `step`, as numpy arrays [b, 2, ...]."""
+  def batch(self, step: int, process_index: int = 0, process_count: int = 1,
+            rows: tuple[int, int] | None = None) -> dict:
+    """This process's rows of the global batch at `step`: numpy arrays [b, 2, ...], or packed
+    (data.packing) into `rows` = (sentence rows, pair rows) per group (default: the configured
+    or probed rows; a step that does not fit takes the fallback, see `pack_batch`)."""
+    out, lengths, pair_lengths = self._padded_batch(step, process_index, process_count)
+    if not self.packing:
+      return out
+    return self.pack_batch(out, lengths, pair_lengths, process_count, rows)
+
+  def _padded_batch(self, step: int, process_index: int, process_count: int):
+    """(batch [b, 2, ...] padded to max_length, sentence lengths [b, 2] with [CLS]/[SEP],
+    pair-sequence lengths [b] or None)."""
     if self.global_batch % process_count:
       raise ConfigError(f"train.global_batch={self.global_batch} is not divisible by "
                         f"{process_count} processes")
@@ -182,10 +217,12 @@ class PairPipeline:
     out = {"token_type_ids": np.zeros((b, 2, L), np.int32),
            "attention_mask": shape((np.arange(L)[None] < (n + 2)[:, None]).astype(np.int32)),
            "text_hash": shape(hashes)}
+    lengths = shape(n + 2)
     if self.mlm_input == "pair":
       out["input_ids"] = shape(seq)
-      out.update(self._pair_mlm(ids, u.reshape(b, -1)))
-      return out
+      pair_mlm, pair_lengths = self._pair_mlm(ids, u.reshape(b, -1))
+      out.update(pair_mlm)
+      return out, lengths, pair_lengths
     masked, pos, lab, w = mask_batch(
         seq, n, u.reshape(2 * b, -1), mask_prob=self.mask_prob, max_predictions=P,
         mask_id=tok.mask_id, vocab_size=tok.vocab_size,
@@ -195,14 +232,15 @@ class PairPipeline:
     else:
       out["input_ids"] = shape(masked)
     out.update(mlm_positions=shape(pos), mlm_ids=shape(lab), mlm_weights=shape(w))
-    return out
+    return out, lengths, None
 
   def _pair_mlm(self, ids: list, u: np.ndarray) -> dict:
     """TLM (XLM; the authors' `bilingual` MLM): one `[CLS] x [SEP] [CLS] y [SEP]` sequence per
     pair, each side cut to (max_length - 4) // 2 tokens, positions running on across both
     halves, masked jointly (2 * max_predictions positions over both sides).
 
-    -> mlm_input_ids, mlm_attention_mask [b, L]; mlm_positions, mlm_ids, mlm_weights [b, 2P].
+    -> ({mlm_input_ids, mlm_attention_mask [b, L]; mlm_positions, mlm_ids, mlm_weights
+    [b, 2P]}, sequence lengths [b]).
     """
     L, tok = self.max_length, self.tok
     half = (L - 4) // 2
@@ -225,7 +263,119 @@ class PairPipeline:
         random_token_low=max(tok.special_ids) + 1, maskable=maskable)
     return {"mlm_input_ids": masked,
             "mlm_attention_mask": (np.arange(L)[None] < total[:, None]).astype(np.int32),
-            "mlm_positions": pos, "mlm_ids": lab, "mlm_weights": w}
+            "mlm_positions": pos, "mlm_ids": lab, "mlm_weights": w}, total
+
+  # -------------------------------------------------------------------- packing
+  @property
+  def rows(self) -> tuple[int, int]:
+    """(rows per packing group for the sentence passes, for the TLM pair pass or 0)."""
+    pair = self.packed_pair_rows if self.mlm_input == "pair" else 0
+    return self.packed_rows, pair
+
+  @property
+  def fallback_rows(self) -> tuple[int, int]:
+    """Rows that always fit: one sequence per row (the padded layout's cost)."""
+    return 2 * self.group_pairs, self.group_pairs if self.mlm_input == "pair" else 0
+
+  def pack_batch(self, out: dict, lengths: np.ndarray, pair_lengths, process_count: int = 1,
+                 rows: tuple[int, int] | None = None) -> dict:
+    """The padded batch `out` packed group by group (bepa_jax/data/packing.py).
+
+    A step whose sentences do not fit the rows of some group is never cut: the whole step
+    (every group of this process) is packed into `fallback_rows`, one sequence per row, which
+    always fits; it is counted (`packing fallback steps` in the report). With several processes
+    the train loop makes every process take the same rows (the largest any process needs).
+    """
+    b = lengths.shape[0]
+    if self.batch_shards % process_count:
+      raise ConfigError(f"data.packing: the {self.batch_shards} batch shards do not split over "
+                        f"{process_count} processes")
+    groups = packing.pairs_by_group(b, self.batch_shards // process_count, self.micro_batches)
+    G, g = groups.shape
+    L, tok = self.max_length, self.tok
+    want = self.rows if rows is None else rows
+    by_group = lambda a: a[groups].reshape((G, 2 * g) + a.shape[2:])
+    seq_keys = ["input_ids"] + (["mlm_input_ids"] if "mlm_input_ids" in out and
+                                self.mlm_input == "sentence" else [])
+    seqs = [by_group(out[k]) for k in seq_keys]
+    packed = packing.pack(seqs, by_group(lengths), L, want[0], tok.pad_id)
+    pair = None
+    if self.mlm_input == "pair":
+      pair = packing.pack([out["mlm_input_ids"][groups]], pair_lengths[groups], L, want[1],
+                          tok.pad_id)
+    if packed is None or (self.mlm_input == "pair" and pair is None):
+      if rows is not None and tuple(rows) == self.fallback_rows:
+        raise AssertionError("the fallback layout always fits")  # one sequence per row
+      self.counters["packing_fallback_steps"] += 1
+      return self.pack_batch(out, lengths, pair_lengths, process_count, self.fallback_rows)
+    arrays, segment_ids, start = packed
+    res = {k: a for k, a in zip(seq_keys, arrays)}
+    res["token_type_ids"] = np.zeros_like(segment_ids)
+    res["segment_ids"] = segment_ids
+    res["attention_mask"] = (segment_ids > 0).astype(np.int32)
+    cls_index = np.zeros((b, 2), np.int32)
+    cls_index[groups.reshape(-1)] = start.reshape(G * g, 2)
+    res["cls_index"] = cls_index
+    if pair is None:  # MLM positions of each sentence, in its group's grid
+      res["mlm_positions"] = (cls_index[..., None] + out["mlm_positions"]).astype(np.int32)
+    else:
+      (pair_ids,), pair_segments, pair_start = pair
+      pair_first = np.zeros(b, np.int64)
+      pair_first[groups.reshape(-1)] = pair_start.reshape(-1)
+      res.update(mlm_input_ids=pair_ids, mlm_segment_ids=pair_segments,
+                 mlm_attention_mask=(pair_segments > 0).astype(np.int32),
+                 mlm_positions=(pair_first[:, None] + out["mlm_positions"]).astype(np.int32))
+    for k in ("mlm_ids", "mlm_weights", "text_hash"):
+      res[k] = out[k]
+    return res
+
+  def _probe_packing(self, min_sentences: int = 4096, max_steps: int = 16):
+    """Auto rows (data.packed_rows=0): the most rows any group of the first steps of the
+    stream needs (a later step needing more takes the counted fallback). Deterministic: a
+    function of the data and the config, the same on every process (the probe reads the
+    global batch)."""
+    steps = max(1, min(max_steps, -(-min_sentences // (2 * self.global_batch))))
+    counters = self.counters.copy()
+    groups = packing.pairs_by_group(self.global_batch, self.batch_shards, self.micro_batches)
+    L, half = self.max_length, (self.max_length - 4) // 2
+    need, need_pair, real = [], [], 0
+    for step in range(self.start_step, self.start_step + steps):
+      flat = [t for x, y in self.texts_of(step) for t in (x, y)]
+      n = np.array([min(len(t), L - 2) for t in self.tok.encode_batch(flat)]).reshape(-1, 2)
+      real += int((n + 2).sum())
+      need += list(packing.rows_needed((n + 2)[groups].reshape(len(groups), -1), L))
+      pair = np.minimum(n, half).sum(1) + 4
+      need_pair += list(packing.rows_needed(pair[groups], L))
+    self.counters = counters
+    self._resolved = None
+    most, most_pair = self.fallback_rows
+    if not self.packed_rows:
+      self.packed_rows = min(most, max(need))
+    if self.mlm_input == "pair" and not self.packed_pair_rows:
+      self.packed_pair_rows = min(most_pair, max(need_pair))
+    self.packing_probe = {
+        "steps": steps, "groups": len(need), "sentences_per_group": 2 * self.group_pairs,
+        "mean_tokens_per_sentence": real / (2 * self.global_batch * steps),
+        "rows_needed_max": int(max(need)), "rows_needed_mean": float(np.mean(need)),
+        **({"pair_rows_needed_max": int(max(need_pair))} if self.mlm_input == "pair" else {})}
+
+  def packing_summary(self) -> str:
+    """One log line: the packed layout and what it saves."""
+    if not self.packing:
+      return "packing off (data.packing=False): every sentence padded to data.max_length"
+    R, R2 = self.rows
+    G = self.batch_shards * self.micro_batches
+    line = (f"packing: {G} groups of {self.group_pairs} pairs, each {2 * self.group_pairs} "
+            f"sentences in {R} rows of {self.max_length} tokens")
+    if R2:
+      line += f", TLM pair sequences in {R2} rows"
+    line += f" ({2 * self.group_pairs / R:.1f}x fewer rows than padded)"
+    p = self.packing_probe
+    if p:
+      line += (f"; rows chosen from {p['groups']} groups of the first {p['steps']} steps: "
+               f"{p['mean_tokens_per_sentence']:.1f} tokens per sentence, rows needed "
+               f"mean {p['rows_needed_mean']:.1f} max {p['rows_needed_max']}")
+    return line
 
   def _uniforms(self, step: int, first_row: int, count: int) -> np.ndarray:
     """[count, 2, D] uniforms of global rows first_row.. at `step`; D = L + 2P (padded to 4).
@@ -252,7 +402,11 @@ class PairPipeline:
         "tokenizer": self.tok.fingerprint(), **self.stream_extra,
         # what the batch holds besides the order (listed when not the default)
         **({"loss.cls_input": self.cls_input} if self.cls_input != "masked" else {}),
-        **({"loss.mlm_input": self.mlm_input} if self.mlm_input != "sentence" else {})}
+        **({"loss.mlm_input": self.mlm_input} if self.mlm_input != "sentence" else {}),
+        # the packed layout: the same pairs and masks, other dropout draws (listed when on)
+        # (config values, 0 = auto: a mesh change, which changes the groups, still resumes)
+        **({"data.packing": True, "data.packed_rows": self.rows_config[0],
+            "data.packed_pair_rows": self.rows_config[1]} if self.packing else {})}
 
   def fingerprint(self) -> str:
     """A short hash of `stream()`."""

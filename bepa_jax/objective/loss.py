@@ -9,6 +9,11 @@ from bepa_jax.objective import infonce
 from bepa_jax.objective.mlm import mlm_loss
 
 
+def _flat(a):
+  """[B, 2, ...] -> [2B, ...]: both sides as one batch (each device's rows stay local)."""
+  return a.reshape((2 * a.shape[0],) + a.shape[2:])
+
+
 class Objective:
   """The BEPA loss in the pieces GradCache needs: encode -> [CLS] -> contrastive on [CLS].
 
@@ -32,45 +37,67 @@ class Objective:
     its own pass over `mlm_input_ids`: the masked sentences [B, 2, L] (mlm_input=sentence) or
     one masked pair sequence per row [B, L] (mlm_input=pair, TLM). The two passes draw
     dropout from independent keys split off `rng`, so GradCache's re-run is exact.
+    Packed batches (batch["segment_ids"], data.packing) hold the same sentences in [G, R, L]
+    rows; [CLS] and MLM positions are gathered by index, in the pairs' order.
     """
-    B = batch["input_ids"].shape[0]
-    flat = lambda a: a.reshape((2 * B,) + a.shape[2:])
     enc = {"params": heads.encoder_params(params)}
     if self.cls_input == "masked":
-      out = self.model.apply(enc, flat(batch["input_ids"]), flat(batch["token_type_ids"]),
-                             flat(batch["attention_mask"]),
-                             flat(batch["mlm_positions"]) if with_mlm else None,
-                             deterministic=False, rngs={"dropout": rng})
+      out = self._apply(enc, batch, "input_ids", "sentence", with_mlm, rng, False)
       mlm = None
       if with_mlm:
-        mlm = mlm_loss(out["mlm_logits"], flat(batch["mlm_ids"]), flat(batch["mlm_weights"]))
-      return out["cls"].reshape(B, 2, -1), mlm
+        mlm = mlm_loss(out["mlm_logits"], _flat(batch["mlm_ids"]), _flat(batch["mlm_weights"]))
+      return out["cls"], mlm
     rng_cls, rng_mlm = jax.random.split(rng)
-    cls = self.model.apply(enc, flat(batch["input_ids"]), flat(batch["token_type_ids"]),
-                           flat(batch["attention_mask"]), None, deterministic=False,
-                           rngs={"dropout": rng_cls})["cls"].reshape(B, 2, -1)
+    cls = self._apply(enc, batch, "input_ids", "sentence", False, rng_cls, False)["cls"]
     if not with_mlm:
       return cls, None
-    if self.mlm_input == "pair":
-      ids = batch["mlm_input_ids"]
-      args = (ids, jnp.zeros_like(ids), batch["mlm_attention_mask"], batch["mlm_positions"])
-      labels, weights = batch["mlm_ids"], batch["mlm_weights"]
-    else:
-      args = (flat(batch["mlm_input_ids"]), flat(batch["token_type_ids"]),
-              flat(batch["attention_mask"]), flat(batch["mlm_positions"]))
-      labels, weights = flat(batch["mlm_ids"]), flat(batch["mlm_weights"])
-    out = self.model.apply(enc, *args, deterministic=False, rngs={"dropout": rng_mlm})
+    mode = "pair" if self.mlm_input == "pair" else "sentence"
+    out = self._apply(enc, batch, "mlm_input_ids", mode, True, rng_mlm, False)
+    labels, weights = batch["mlm_ids"], batch["mlm_weights"]
+    if mode == "sentence":
+      labels, weights = _flat(labels), _flat(weights)
     return cls, mlm_loss(out["mlm_logits"], labels, weights)
+
+  def _apply(self, enc, batch, ids_key, mode, with_mlm, rng, deterministic):
+    """One encoder pass over batch[ids_key] -> {"cls" [B, 2, H], "mlm_logits" [N, P, V]}.
+
+    mode sentence: both sides [B, 2, L] as [2B, L] (or packed [G, R, L] with
+    batch["segment_ids"]); pair: the TLM sequences [B, L] (or packed with mlm_segment_ids).
+    """
+    B = batch["mlm_weights"].shape[0]
+    ids = batch[ids_key]
+    rngs = None if deterministic else {"dropout": rng}
+    seg_key, mask_key = (("segment_ids", "attention_mask") if mode == "sentence" else
+                         ("mlm_segment_ids", "mlm_attention_mask"))
+    if seg_key in batch:  # packed: per-pair indices -> per-group indices, pairs in order
+      G = ids.shape[0]
+      group = lambda a: a.reshape((G, -1))
+      pos = group(batch["mlm_positions"]) if with_mlm else None
+      out = self.model.apply(enc, ids, jnp.zeros_like(ids), None, pos,
+                             deterministic=deterministic, rngs=rngs,
+                             segment_ids=batch[seg_key], cls_index=group(batch["cls_index"]))
+      if with_mlm:  # [G, n, V] -> the unpacked layout [2B, P, V] or [B, 2P, V]
+        rows = 2 * B if mode == "sentence" else B
+        out["mlm_logits"] = out["mlm_logits"].reshape((rows, -1, out["mlm_logits"].shape[-1]))
+    elif mode == "pair":
+      out = self.model.apply(enc, ids, jnp.zeros_like(ids), batch[mask_key],
+                             batch["mlm_positions"] if with_mlm else None,
+                             deterministic=deterministic, rngs=rngs)
+    else:
+      out = self.model.apply(enc, _flat(ids), _flat(batch["token_type_ids"]),
+                             _flat(batch[mask_key]),
+                             _flat(batch["mlm_positions"]) if with_mlm else None,
+                             deterministic=deterministic, rngs=rngs)
+    out["cls"] = out["cls"].reshape(B, 2, -1)
+    return out
 
   def target(self, ema_params, batch):
     """Projected [CLS] [B, 2, D] of the EMA target encoder (no dropout, no gradient)."""
     ema_params = jax.lax.stop_gradient(ema_params)
-    B = batch["input_ids"].shape[0]
-    flat = lambda a: a.reshape((2 * B,) + a.shape[2:])
-    out = self.model.apply({"params": heads.encoder_params(ema_params)}, flat(batch["input_ids"]),
-                           flat(batch["token_type_ids"]), flat(batch["attention_mask"]),
-                           deterministic=True)
-    z = out["cls"]
+    B = batch["mlm_weights"].shape[0]
+    out = self._apply({"params": heads.encoder_params(ema_params)}, batch, "input_ids",
+                      "sentence", False, None, True)
+    z = out["cls"].reshape(2 * B, -1)
     if self.head is not None and self.head.projector:
       proj = heads.head_params(ema_params)["proj"]
       z = heads.MLP(self.head.projector).apply({"params": proj}, z)
