@@ -183,7 +183,9 @@ def role(c: hlo_stats.Collective, B: int, D: int) -> str:
   """What a collective is for, from the JAX op it came from and its shapes."""
   elems = [math.prod(s) for _, s in c.arrays]
   if c.kind == "all-gather" and "all_gather" in c.op_name:
-    return "[CLS] all-gather (fwd)" if sum(elems) == B * D else "all-gather (shard_map)"
+    if sum(elems) != B * D:
+      return "all-gather (shard_map)"
+    return "[CLS] all-gather (bwd)" if "transpose(" in c.op_name else "[CLS] all-gather (fwd)"
   if c.kind == "reduce-scatter" and sum(elems) * c.group == B * D:
     return "[CLS] reduce-scatter (bwd)"
   if c.kind == "all-gather":

@@ -74,6 +74,23 @@ class Module:
         comps[current].append(Instr(*m.groups()))
     return cls(comps, entry)
 
+  def trip_count(self, ins: Instr) -> int:
+    """A while loop's trip count: XLA's known_trip_count, else the loop condition's
+    `i < N` with a constant N (a scan's counter starts at 0); 1 when neither is there."""
+    found = _TRIP.search(ins.rest)
+    if found:
+      return int(found.group(1))
+    cond = re.search(r"condition=%([\w.\-]+)", ins.rest)
+    body = self.computations.get(cond.group(1), []) if cond else []
+    consts = {i.name: i.rest for i in body if i.opcode == "constant"}
+    for i in body:
+      if i.opcode == "compare" and "direction=LT" in i.rest:
+        for name in re.findall(r"%([\w.\-]+)", i.rest.split(")")[0]):
+          value = re.match(r"\s*(\d+)\)", consts.get(name, ""))
+          if value:
+            return int(value.group(1))
+    return 1
+
   def multiplicities(self) -> dict:
     """computation -> times it runs per execution of the entry (while trip counts multiply;
     a loop of unknown trip count counts once; fusions and reductions inherit their caller's)."""
@@ -86,8 +103,7 @@ class Module:
       for ins in self.computations[name]:
         trip = 1
         if ins.opcode == "while":
-          found = _TRIP.search(ins.rest)
-          trip = int(found.group(1)) if found else 1
+          trip = self.trip_count(ins)
         for kind, callee in _CALLS.findall(ins.rest):
           visit(callee, times * (trip if kind == "body" else 1))
         for group in _BRANCHES.findall(ins.rest):
