@@ -75,9 +75,15 @@ def topology_devices(topo: tpu_specs.Topology, slices: int) -> list:
   # libtpu warns about a missing TPU environment unless told what it would run on
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.accelerator_type)
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  desc = topologies.get_topology_desc(
-      platform="tpu", topology_name=topo.topology_name, chip_config_name=topo.chip.chip_config,
-      chips_per_host_bounds=topo.chips_per_host_bounds, num_slices=slices)
+  # compile-only: no TPU is opened, so several processes (pytest -n 2, a sweep) may load libtpu
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    desc = topologies.get_topology_desc(
+        platform="tpu", topology_name=topo.topology_name, chip_config_name=topo.chip.chip_config,
+        chips_per_host_bounds=topo.chips_per_host_bounds, num_slices=slices)
+  except (jax.errors.JaxRuntimeError, RuntimeError) as e:
+    raise BepaError(f"libtpu could not describe {topo.name} ({topo.topology_name}): "
+                    f"{cli.one_line(e)}") from None
   return list(desc.devices)
 
 
@@ -179,7 +185,7 @@ def compile_step(config, topo: tpu_specs.Topology, slices: int = 1, hlo_path: st
 
 
 # ----------------------------------------------------------------------------- report
-def role(c: hlo_stats.Collective, B: int, D: int) -> str:
+def role(c: hlo_stats.Collective, B: int, D: int, fsdp: int = 1) -> str:
   """What a collective is for, from the JAX op it came from and its shapes."""
   elems = [math.prod(s) for _, s in c.arrays]
   if c.kind == "all-gather" and "all_gather" in c.op_name:
@@ -188,10 +194,10 @@ def role(c: hlo_stats.Collective, B: int, D: int) -> str:
     return "[CLS] all-gather (bwd)" if "transpose(" in c.op_name else "[CLS] all-gather (fwd)"
   if c.kind == "reduce-scatter" and sum(elems) * c.group == B * D:
     return "[CLS] reduce-scatter (bwd)"
-  if c.kind == "all-gather":
-    return "parameter all-gather (fsdp)"
+  if c.kind == "all-gather":  # without fsdp: XLA split an all-reduce (multislice, combiner)
+    return "parameter all-gather (fsdp)" if fsdp > 1 else "all-gather (split all-reduce)"
   if c.kind == "reduce-scatter":
-    return "gradient reduce-scatter (fsdp)"
+    return "gradient reduce-scatter (fsdp)" if fsdp > 1 else "reduce-scatter (split all-reduce)"
   if c.kind == "all-reduce":
     cls = " + [CLS] grad" if any(s == (B, D) and d == "f32" for d, s in c.arrays) else ""
     if len(c.arrays) > 2 or "transpose(" in c.op_name:
@@ -247,7 +253,7 @@ def report(info: dict, config, topo: tpu_specs.Topology, compiled, model_cfg) ->
   module = hlo_stats.Module.parse(compiled.as_text())
   B, D = info["global_batch"], model_cfg.hidden_size
   colls = hlo_stats.collectives(module, info["chips"])
-  coll_rows = [dict(role=role(c, B, D), **c.as_dict()) for c in colls]
+  coll_rows = [dict(role=role(c, B, D, info["mesh"]["fsdp"]), **c.as_dict()) for c in colls]
   ici_bytes = sum(r["wire_bytes_per_chip"] for r in coll_rows)
   cost = _cost(compiled)
   timing = step_time(cost, topo.chip, ici_bytes)

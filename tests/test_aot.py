@@ -84,6 +84,29 @@ ENTRY %main (a: f32[8,4]) -> f32[8,4] {
   assert ag.wire_bytes == pytest.approx(7 / 8 * 256)
 
 
+def test_while_trip_count_from_the_loop_condition():
+  """XLA:TPU's optimised HLO drops known_trip_count: a scan's `i < N` gives it."""
+  text = """HloModule m
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %constant.7 = s32[]{:T(128)} constant(12)
+  %p = (s32[], f32[4]) parameter(0)
+  %gte = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt.1 = pred[]{:T(512)} compare(%gte, %constant.7), direction=LT
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %ar = bf16[4,4]{1,0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %w = (s32[], f32[4]) while(%t), condition=%cond, body=%body
+}
+"""
+  (c,) = hlo_stats.collectives(hlo_stats.Module.parse(text), 2)
+  assert (c.times, c.group, c.buffer_bytes) == (12, 2, 32)
+
+
 def test_out_of_hbm_compile_errors_are_parsed():
   msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
          "temporaries (19.32G) exceeds available HBM (15.75G).")
@@ -168,6 +191,16 @@ def test_tiny_model_on_v5e_8_compiles_and_reports(capsys, tmp_path):
   assert len(gathers) == 2 and all(c["buffer_bytes"] == B * D * 2 for c in gathers), gathers
   assert any(c["role"].startswith("gradient all-reduce") for c in rep["collectives"])
   assert "[CLS] all-gather" in out and "fits" in out
+
+
+@needs_libtpu
+def test_multislice_spans_data_over_slices(capsys, tmp_path):
+  code, out, err = run_cli(capsys, "--topology", "v5e-8", "--slices", "2", *TINY,
+                           "--config.train.global_batch=64", "--config.mesh.dcn_data=2",
+                           "--out", str(tmp_path / "r.json"))
+  assert code == 0, err
+  rep = json.loads((tmp_path / "r.json").read_text())
+  assert rep["chips"] == 16 and rep["mesh"]["data"] == 16 and rep["slices"] == 2
 
 
 @needs_libtpu
