@@ -24,6 +24,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 OUT = os.path.join(REPO, "bench", "results", "aot")
+HLO_DIR = os.environ.get("BEPA_AOT_HLO_DIR", "")  # large: kept out of bench/results
 CONFIGS = {"base": "configs/base.py", "xlmr": "configs/bepa_xlmr_base.py"}
 COMMON = ["--config.data.max_length=128", "--config.data.max_predictions_per_seq=20",
           "--config.model.dtype=bfloat16"]
@@ -85,6 +86,9 @@ def compile_cell(cell, deadline: float, timeout_s: float) -> None:
         return
       cmd = [sys.executable, "-m", "bepa_jax.aot", *args_for(config, B, topo, chunk, remat, gc),
              "--out", os.path.join(OUT, name + ".json")]
+      if HLO_DIR:  # the optimised HLO, to re-read a cell without compiling it again
+        os.makedirs(HLO_DIR, exist_ok=True)
+        cmd += ["--hlo", os.path.join(HLO_DIR, name + ".hlo")]
       t0 = time.time()
       print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
       try:
@@ -157,7 +161,7 @@ def table() -> dict:
                  ici_ms=rep["time"]["ici_s"] * 1e3, compile_s=rep["compile_s"],
                  flops_total=rep["cost"]["flops_total"],
                  cls_gather_bytes=sum(c["buffer_bytes"] for c in rep["collectives"]
-                                      if c["role"].startswith("[CLS] all-gather")),
+                                      if c["role"].startswith("[CLS] all-gather (fwd")),
                  b_by_B=len(rep["b_by_B_buffers"]))
     rows.append(row)
   return dict(rows=rows)

@@ -185,25 +185,47 @@ def compile_step(config, topo: tpu_specs.Topology, slices: int = 1, hlo_path: st
 
 
 # ----------------------------------------------------------------------------- report
-def role(c: hlo_stats.Collective, B: int, D: int, fsdp: int = 1) -> str:
-  """What a collective is for, from the JAX op it came from and its shapes."""
-  elems = [math.prod(s) for _, s in c.arrays]
-  if c.kind == "all-gather" and "all_gather" in c.op_name:
-    if sum(elems) != B * D:
-      return "all-gather (shard_map)"
-    return "[CLS] all-gather (bwd)" if "transpose(" in c.op_name else "[CLS] all-gather (fwd)"
-  if c.kind == "reduce-scatter" and sum(elems) * c.group == B * D:
-    return "[CLS] reduce-scatter (bwd)"
-  if c.kind == "all-gather":  # without fsdp: XLA split an all-reduce (multislice, combiner)
-    return "parameter all-gather (fsdp)" if fsdp > 1 else "all-gather (split all-reduce)"
+def carries_cls(c: hlo_stats.Collective, B: int, D: int) -> bool:
+  """Whether the collective moves the [B, D] [CLS] embeddings (or their cotangent)."""
+  if c.kind == "all-gather":
+    return any(math.prod(s) == B * D for _, s in c.arrays) and "all_gather" in c.op_name
   if c.kind == "reduce-scatter":
-    return "gradient reduce-scatter (fsdp)" if fsdp > 1 else "reduce-scatter (split all-reduce)"
-  if c.kind == "all-reduce":
-    cls = " + [CLS] grad" if any(s == (B, D) and d == "f32" for d, s in c.arrays) else ""
-    if len(c.arrays) > 2 or "transpose(" in c.op_name:
-      return "gradient all-reduce" + cls
-    return "metrics all-reduce" + cls
-  return c.kind
+    return any(math.prod(s) * c.group == B * D for _, s in c.arrays)
+  return any(s == (B, D) for _, s in c.arrays)
+
+
+def roles(colls: list, B: int, D: int, fsdp: int = 1) -> list[str]:
+  """What each collective is for, from the JAX op it came from, its shapes and its order.
+
+  XLA:TPU may turn the [CLS] all-gather into an all-reduce (each chip adds its rows into a
+  zero [B, D]) and fold the backward reduce-scatter into the gradient all-reduce; both lose
+  their op_name when combined. The first such collective in the schedule is the forward one.
+  """
+  out, seen_cls = [], False
+  for c in colls:
+    if carries_cls(c, B, D):
+      fwd = "transpose(" not in c.op_name and (bool(c.op_name) or not seen_cls)
+      seen_cls = True
+      if fwd:
+        out.append("[CLS] all-gather (fwd)" + (" as all-reduce" if c.kind == "all-reduce"
+                                               else ""))
+      elif c.kind == "all-gather":
+        out.append("[CLS] all-gather (bwd, again)")
+      else:
+        extra = len([s for _, s in c.arrays if s not in ((B, D), ())])
+        out.append("[CLS] reduce-scatter (bwd)" + (" as all-reduce" if c.kind == "all-reduce"
+                                                   else "") + (" + grads" if extra else ""))
+    elif c.kind == "all-gather":  # without fsdp: XLA split an all-reduce (multislice, combiner)
+      out.append("parameter all-gather (fsdp)" if fsdp > 1 else "all-gather (split all-reduce)")
+    elif c.kind == "reduce-scatter":
+      out.append("gradient reduce-scatter (fsdp)" if fsdp > 1
+                 else "reduce-scatter (split all-reduce)")
+    elif c.kind == "all-reduce":
+      grad = len(c.arrays) > 2 or "transpose(" in c.op_name
+      out.append("gradient all-reduce" if grad else "metrics all-reduce")
+    else:
+      out.append(c.kind)
+  return out
 
 
 def _cost(compiled) -> dict:
@@ -253,9 +275,18 @@ def report(info: dict, config, topo: tpu_specs.Topology, compiled, model_cfg) ->
   module = hlo_stats.Module.parse(compiled.as_text())
   B, D = info["global_batch"], model_cfg.hidden_size
   colls = hlo_stats.collectives(module, info["chips"])
-  coll_rows = [dict(role=role(c, B, D, info["mesh"]["fsdp"]), **c.as_dict()) for c in colls]
+  coll_rows = [dict(role=r, **c.as_dict())
+               for r, c in zip(roles(colls, B, D, info["mesh"]["fsdp"]), colls)]
   ici_bytes = sum(r["wire_bytes_per_chip"] for r in coll_rows)
   cost = _cost(compiled)
+  raw = dict(cost)
+  # cost_analysis() counts a while body once: rescale by the loop-counted HLO sums
+  once_f, loop_f = hlo_stats.matmul_flops(module)
+  once_b, loop_b = hlo_stats.memory_traffic(module)
+  flops_scale = loop_f / once_f if once_f else 1.0
+  bytes_scale = loop_b / once_b if once_b else 1.0
+  cost["flops"] *= flops_scale
+  cost["bytes accessed"] *= bytes_scale
   timing = step_time(cost, topo.chip, ici_bytes)
   tokens = 2 * B * info["max_length"]
   mfu = cost["flops"] / (topo.chip.peak_bf16_flops * timing["step_s"])
@@ -263,6 +294,8 @@ def report(info: dict, config, topo: tpu_specs.Topology, compiled, model_cfg) ->
       info, memory=memory(compiled, info["state_bytes_per_chip"], topo.chip),
       cost=dict(flops_per_chip=cost["flops"], flops_total=cost["flops"] * info["chips"],
                 bytes_accessed_per_chip=cost["bytes accessed"],
+                xla_flops_per_chip=raw["flops"], xla_bytes_accessed_per_chip=raw["bytes accessed"],
+                loop_scale_flops=flops_scale, loop_scale_bytes=bytes_scale,
                 transcendentals_per_chip=cost["transcendentals"]),
       time=timing, tokens_per_step=tokens, tokens_per_s=tokens / timing["step_s"],
       pairs_per_s=B / timing["step_s"], mfu=mfu, peak_bf16_flops=topo.chip.peak_bf16_flops,
@@ -341,6 +374,9 @@ def format_report(rep: dict) -> str:
   lines += ["", "per step, per chip",
             f"  XLA flops {c['flops_per_chip']:.3g} (x {rep['chips']} = "
             f"{c['flops_total']:.3g}), bytes accessed {c['bytes_accessed_per_chip']:.3g}",
+            f"  (cost_analysis() gave {c['xla_flops_per_chip']:.3g} flops, "
+            f"{c['xla_bytes_accessed_per_chip']:.3g} bytes: while bodies counted once; x "
+            f"{c['loop_scale_flops']:.2f} / x {c['loop_scale_bytes']:.2f} for the trip counts)",
             f"  compute {t['compute_s'] * 1e3:.2f} ms at the bf16 peak "
             f"({rep['peak_bf16_flops'] / 1e12:.0f} TFLOP/s, {rep['chip_source']}), HBM "
             f"{t['hbm_s'] * 1e3:.2f} ms, collectives over ICI {t['ici_s'] * 1e3:.3f} ms",

@@ -270,3 +270,95 @@ def oom_bytes(message: str) -> tuple[float, float] | None:
   if np.isnan(needed) or np.isnan(available):
     return None
   return needed, available
+
+
+def _operands(ins: Instr) -> list[str]:
+  return re.findall(r"%([\w.\-]+)", ins.rest.split(")")[0])
+
+
+def _matmul_flops(ins: Instr, shapes: dict) -> float:
+  """2 x MACs of a dot or convolution (XLA:TPU writes many dot_generals as convolutions)."""
+  out = arrays(ins.shape)
+  ops = [shapes.get(n) for n in _operands(ins)[:2]]
+  if not out or len(ops) < 2 or not ops[0] or not ops[1]:
+    return 0.0
+  out_elems, (_, lhs), (_, rhs) = math.prod(out[0][1]), ops[0][0], ops[1][0]
+  if ins.opcode == "dot":
+    m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.rest)
+    dims = [int(d) for d in m.group(1).split(",") if d] if m else []
+    return 2.0 * out_elems * math.prod(lhs[d] for d in dims)
+  labels = re.search(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)", ins.rest)
+  if not labels or len(labels.group(1)) != len(lhs) or len(labels.group(3)) != len(out[0][1]):
+    return 0.0
+  lhs_l, rhs_l, out_l = labels.groups()
+  out_dims = out[0][1]
+  spatial = sorted(c for c in out_l if c.isdigit())
+  non_spatial = math.prod(out_dims[i] for i, c in enumerate(out_l) if not c.isdigit())
+  groups = re.search(r"feature_group_count=(\d+)", ins.rest)
+  in_features = lhs[lhs_l.index("f")] / (int(groups.group(1)) if groups else 1)
+  window = _window(ins.rest, len(spatial))
+  pairs = 1.0
+  for n, c in enumerate(spatial):  # (output, kernel) position pairs that read a real input
+    size, stride, (lo, _), lhs_dil, rhs_dil = (w[n] for w in window)
+    o = np.arange(out_dims[out_l.index(c)])[:, None]
+    k = np.arange(rhs[rhs_l.index(c)])[None, :]
+    idx = o * stride + k * rhs_dil - lo
+    pairs *= float(np.sum((idx % lhs_dil == 0) & (idx >= 0) & (idx < lhs[lhs_l.index(c)] * lhs_dil)
+                          & (idx // lhs_dil < lhs[lhs_l.index(c)])))
+  return 2.0 * non_spatial * in_features * pairs
+
+
+def _window(rest: str, n: int):
+  """Per spatial dim: (size, stride, (pad lo, hi), lhs_dilate, rhs_dilate) of a convolution."""
+  m = re.search(r"window=\{([^}]*)\}", rest)
+  attrs = dict(kv.split("=") for kv in m.group(1).split()) if m else {}
+  def ints(key, default):
+    return [int(x) for x in attrs[key].split("x")] if key in attrs else [default] * n
+  pads = ([tuple(int(v) for v in p.split("_")) for p in attrs["pad"].split("x")]
+          if "pad" in attrs else [(0, 0)] * n)
+  return (ints("size", 1), ints("stride", 1), pads, ints("lhs_dilate", 1), ints("rhs_dilate", 1))
+
+
+def matmul_flops(module: Module) -> tuple[float, float]:
+  """(matmul FLOPs with every computation counted once, with while trip counts applied).
+
+  XLA's cost_analysis() counts a while body once (its HloCostAnalysis cannot know the trip
+  count): with nn.scan over 12 layers it reports the encoder's FLOPs / 12. The ratio of these
+  two sums rescales it (bepa_jax/aot.py)."""
+  mult = module.multiplicities()
+  once = looped = 0.0
+  for cname, comp in module.computations.items():
+    if cname not in mult:
+      continue
+    shapes = {i.name: arrays(i.shape) for i in comp}
+    for ins in comp:
+      if ins.opcode in ("dot", "convolution"):
+        f = _matmul_flops(ins, shapes)
+        once += f
+        looped += f * mult[cname]
+  return once, looped
+
+
+_NO_TRAFFIC = ("parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while",
+               "conditional", "call", "after-all", "partition-id", "replica-id")
+
+
+def memory_traffic(module: Module) -> tuple[float, float]:
+  """(operand + result bytes of the top-level ops, every computation once / with trip counts):
+  the same loop correction for XLA's `bytes accessed` as matmul_flops is for its flops."""
+  mult = module.multiplicities()
+  fused = {c for comp in module.computations.values() for i in comp if i.opcode == "fusion"
+           for k, c in _CALLS.findall(i.rest) if k == "calls"}
+  once = looped = 0.0
+  for cname, comp in module.computations.items():
+    if cname not in mult or cname in fused:
+      continue
+    shapes = {i.name: arrays(i.shape) for i in comp}
+    for ins in comp:
+      if ins.opcode in _NO_TRAFFIC:
+        continue
+      b = sum(nbytes(d, s) for d, s in arrays(ins.shape))
+      b += sum(nbytes(d, s) for n in _operands(ins) for d, s in shapes.get(n, []))
+      once += b
+      looped += b * mult[cname]
+  return once, looped

@@ -211,3 +211,16 @@ def test_oversized_config_is_one_line_does_not_fit(capsys, tmp_path):
   assert code == 1 and len(err) == 1, err
   assert "does not fit" in err[0] and "--config.mesh.fsdp" in err[0]
   assert json.loads((tmp_path / "r.json").read_text())["memory"]["fits"] is False
+
+
+@needs_libtpu
+def test_flops_count_every_scanned_layer():
+  """cost_analysis() counts a while body once; the report's flops count all 3 layers."""
+  topo = tpu_specs.parse("v5e-8")
+  flops = {}
+  for scan in (True, False):
+    config = tiny("--config.model.num_layers=3", f"--config.model.scan_layers={scan}")
+    flops[scan] = aot.compile_step(config, topo)["cost"]
+  assert flops[False]["loop_scale_flops"] == pytest.approx(1.0)
+  assert flops[True]["xla_flops_per_chip"] < 0.7 * flops[False]["flops_per_chip"]
+  assert flops[True]["flops_per_chip"] == pytest.approx(flops[False]["flops_per_chip"], rel=0.05)
