@@ -80,9 +80,14 @@ def compile_cell(cell, deadline: float, timeout_s: float) -> None:
   for remat, gc in attempts:
     name = cell_name(config, B, topo, chunk, remat, gc)
     rep = load(name)
+    lock = os.path.join(OUT, name + ".lock")
+    if rep is None and os.path.exists(lock):  # another sweep process is compiling it
+      return
     if rep is None:
+      open(lock, "w").close()
       left = deadline - time.time()
       if left < 60:
+        os.remove(lock)
         return
       cmd = [sys.executable, "-m", "bepa_jax.aot", *args_for(config, B, topo, chunk, remat, gc),
              "--out", os.path.join(OUT, name + ".json")]
@@ -99,6 +104,7 @@ def compile_cell(cell, deadline: float, timeout_s: float) -> None:
       except subprocess.TimeoutExpired:
         status, tail = "timeout", ""
       print(f"  {status} in {time.time() - t0:.0f} s {tail[:200]}", flush=True)
+      os.remove(lock)
       rep = load(name)
       if rep is None:  # crashed or timed out: record it, do not retry the same setting
         with open(os.path.join(OUT, name + ".json"), "w") as f:
