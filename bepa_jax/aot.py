@@ -431,18 +431,20 @@ def run_cli(argv) -> int:
   rep = compile_step(config, topo, args.slices, args.hlo)
   rep["config"] = args.config
   rep["overrides"] = list(overrides)
-  print(format_report(rep))
-  if args.out:
+  if args.out:  # first: the report survives a closed stdout
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
       json.dump(rep, f, indent=2, default=str)
+  print(format_report(rep))
+  if args.out:
     print(f"\nwrote {args.out}")
   if not rep["memory"]["fits"]:
     m = rep["memory"]
+    temps = "" if m["temporaries"] is None else f", temporaries {gib(m['temporaries'])}"
     print(f"{PROG}: error: does not fit: {gib(m['total'])} GiB per chip needed, "
           f"{topo.chip.kind} has {gib(m['hbm'])} GiB (params + optimizer "
-          f"{gib(m['params_and_optimizer'])}, temporaries {gib(m['temporaries'])}): try "
-          f"{advice(rep, config)}", file=sys.stderr)
+          f"{gib(m['params_and_optimizer'])}{temps}): try {advice(rep, config)}",
+          file=sys.stderr)
     return cli.EXIT_FAILED
   return cli.EXIT_OK
 
