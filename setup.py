@@ -45,7 +45,11 @@ setup(
       "pyyaml",
       "tensorflow-datasets",
       "array_record",
+      # XLA:TPU for bepa-compile (bepa_jax/aot.py) and tests/test_aot.py: compiles for TPU
+      # topologies on a CPU-only machine; the version jax's own `tpu` extra pins
+      "libtpu==0.0.42.*",
     ],
+    "tpu-compile": ["libtpu==0.0.42.*"],  # bepa-compile alone
   },
   entry_points={
     "console_scripts": [
@@ -56,6 +60,7 @@ setup(
       "bepa-ckpt=bepa_jax.checkpoint.cli:run",
       "bepa-sweep=bepa_jax.sweep:run",
       "bepa-transfer=bepa_jax.finetune.cli:run",
+      "bepa-compile=bepa_jax.aot:run",
     ],
   },
   classifiers=[

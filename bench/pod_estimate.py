@@ -27,6 +27,9 @@ import harness  # noqa: E402
 SLICES = {
     "v4-32": dict(chips=16, peak=275e12, hbm_gib=32, allreduce_pod=1.1e15, pod_chips=4096),
     "v5e-64": dict(chips=64, peak=197e12, hbm_gib=16, allreduce_pod=51.2e12, pod_chips=256),
+    "v5e-256": dict(chips=256, peak=197e12, hbm_gib=16, allreduce_pod=51.2e12, pod_chips=256),
+    # v5p (cloud.google.com/tpu/docs/v5p): 459 TFLOP/s, 95 GiB, ICI 4800 Gbps = 600 GB/s per chip
+    "v5p-128": dict(chips=64, peak=459e12, hbm_gib=95, allreduce_pod=600e9 * 8960, pod_chips=8960),
 }
 
 

@@ -88,6 +88,29 @@ class Job:
   step_fn: Any
 
 
+@dataclasses.dataclass
+class ModelParts:
+  """The model, its optimizer and schedule, and the arguments of train_state's state builders."""
+  model: BepaEncoder
+  schedule: Any
+  tx: Any
+  init_args: tuple
+  init_kwargs: dict
+
+
+def model_parts(config: ml_collections.ConfigDict, model_cfg: EncoderConfig, mesh) -> ModelParts:
+  """What `build` and bepa-compile (bepa_jax/aot.py) share: one definition of the state."""
+  model = BepaEncoder(model_cfg)
+  steps = int(config.train.steps)
+  schedule = train_state.learning_rate_schedule(config.optim, steps)
+  tx = train_state.create_optimizer(config.optim, steps)
+  init_args = (model, tx, example_inputs(config), jax.random.key(int(config.train.seed)), mesh,
+               config.mesh)
+  init_kwargs = dict(head=heads_lib.from_config(config.loss, model_cfg.hidden_size),
+                     ema=heads_lib.uses_ema(config.loss))
+  return ModelParts(model, schedule, tx, init_args, init_kwargs)
+
+
 def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=None) -> Job:
   """Config -> mesh -> tokenizer and data -> model and sharded state -> jitted step.
 
@@ -115,15 +138,9 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=No
   if model_cfg.vocab_size < tokenizer.vocab_size:
     raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                       f"{tokenizer.vocab_size} pieces")
-  model = BepaEncoder(model_cfg)
-
-  steps = int(config.train.steps)
-  schedule = train_state.learning_rate_schedule(config.optim, steps)
-  tx = train_state.create_optimizer(config.optim, steps)
-  init_args = (model, tx, example_inputs(config), jax.random.key(int(config.train.seed)), mesh,
-               config.mesh)
-  init_kwargs = dict(head=heads_lib.from_config(config.loss, model_cfg.hidden_size),
-                     ema=heads_lib.uses_ema(config.loss))
+  parts = model_parts(config, model_cfg, mesh)
+  model, schedule, init_args, init_kwargs = (parts.model, parts.schedule, parts.init_args,
+                                             parts.init_kwargs)
   restored = None
   if ckpt is not None:  # abstract arrays carry this mesh's shardings: any saved mesh restores
     abstract, shardings = train_state.abstract_state(*init_args, **init_kwargs)

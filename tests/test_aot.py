@@ -1,0 +1,226 @@
+"""bepa-compile: the real step compiled by XLA:TPU for a TPU topology on this CPU (libtpu's
+compile-only devices), what it reports, and its one-line failures."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bepa_jax import aot, hlo_stats, tpu_specs
+from bepa_jax.data import corpus as corpus_lib
+from bepa_jax.data import factory
+from bepa_jax.data import tokenizer as tokenizer_lib
+from bepa_jax.errors import ConfigError
+from tests.conftest import REPO
+
+needs_libtpu = pytest.mark.skipif(not aot.libtpu_available(),
+                                  reason="libtpu not installed (pip install -e '.[test]')")
+QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
+B, D = 40, 64  # B differs from every other dimension, so a B x B buffer is unambiguous
+TINY = [f"--config.train.global_batch={B}", f"--config.model.hidden_size={D}",
+        "--config.model.num_layers=1", "--config.model.num_heads=2",
+        "--config.model.intermediate_size=128", "--config.model.vocab_size=128",
+        "--config.data.max_length=16", "--config.model.max_position_embeddings=24",
+        "--config.data.max_predictions_per_seq=2", "--config.mesh.data=-1"]
+
+
+def tiny(*extra):
+  from bepa_jax import train
+  return train.load_config(QUICKSTART, TINY[:] + list(extra))
+
+
+def run_cli(capsys, *args):
+  code = aot.main(["--config", QUICKSTART, *args])
+  out, err = capsys.readouterr()
+  return code, out, [line for line in err.splitlines() if "error" in line]
+
+
+# ----------------------------------------------------------------------------- no libtpu needed
+def test_topology_names_map_to_libtpu_grids_and_chip_counts():
+  v4 = tpu_specs.parse("v4-32")  # v4 names count TensorCores: 16 chips
+  assert (v4.chips, v4.topology_name, v4.chip.chip_config) == (16, "v4:2x2x4", "megacore")
+  assert tpu_specs.parse("v5e-64").topology_name == "v5e:8x8"
+  assert tpu_specs.parse("v5e-256").chips == 256
+  assert tpu_specs.parse("v5p-128").topology_name == "v5p:4x4x4"
+  assert tpu_specs.parse("v5e-64").accelerator_type == "v5litepod-64"
+  for bad in ("v9-8", "v5e-48", "v4-33", "tpu"):
+    with pytest.raises(ConfigError, match="--topology"):
+      tpu_specs.parse(bad)
+
+
+def test_hlo_collectives_count_loops_groups_and_async_fusions():
+  text = """HloModule m
+
+%body (p: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %ar = f32[8,4]{1,0} all-reduce(%x), replica_groups=[2,4]<=[8], to_apply=%add
+  %rs = f32[2,4]{1,0} reduce-scatter(%x), replica_groups={{0,1,2,3}}, dimensions={0}
+}
+
+%cond (p: (s32[], f32[8,4])) -> pred[] {
+  %c = pred[] constant(true)
+}
+
+%agf (p0: bf16[2,8]) -> (bf16[2,8], bf16[16,8]) {
+  %ag = bf16[16,8]{1,0:T(8,128)} all-gather(%p0), replica_groups=mesh['a'=8,'b'=1] {'a'}, frontend_attributes={chain_id="0"}, metadata={op_name="jit(step)/shard_map/all_gather"}
+}
+
+%cont (p0: bf16[2,8]) -> (bf16[2,8], bf16[16,8]) {
+  %ag2 = bf16[16,8]{1,0:T(8,128)S(1)} all-gather(%p0), replica_groups=mesh['a'=8,'b'=1] {'a'}, frontend_attributes={chain_id="0"}, metadata={op_name="jit(step)/shard_map/all_gather"}
+}
+
+ENTRY %main (a: f32[8,4]) -> f32[8,4] {
+  %w = (s32[], f32[8,4]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"12"}}
+  %start = (bf16[2,8], bf16[16,8]) fusion(%y), kind=kCustom, calls=%agf
+  %f = (f32[4], bf16[16,8]) fusion(%start), kind=kOutput, calls=%cont
+}
+"""
+  colls = hlo_stats.collectives(hlo_stats.Module.parse(text), 8)
+  by_kind = {c.kind: c for c in colls}
+  assert sorted(by_kind) == ["all-gather", "all-reduce", "reduce-scatter"] and len(colls) == 3
+  assert (by_kind["all-reduce"].times, by_kind["all-reduce"].group) == (12, 4)
+  assert by_kind["reduce-scatter"].buffer_bytes == 4 * 2 * 4 * 4  # the input: result x group
+  ag = by_kind["all-gather"]  # the start and its copy in the overlapped fusion: once
+  assert (ag.fused, ag.group, ag.buffer_bytes, ag.times) == (True, 8, 16 * 8 * 2, 1)
+  assert ag.wire_bytes == pytest.approx(7 / 8 * 256)
+
+
+def test_while_trip_count_from_the_loop_condition():
+  """XLA:TPU's optimised HLO drops known_trip_count: a scan's `i < N` gives it."""
+  text = """HloModule m
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %constant.7 = s32[]{:T(128)} constant(12)
+  %p = (s32[], f32[4]) parameter(0)
+  %gte = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt.1 = pred[]{:T(512)} compare(%gte, %constant.7), direction=LT
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %ar = bf16[4,4]{1,0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %w = (s32[], f32[4]) while(%t), condition=%cond, body=%body
+}
+"""
+  (c,) = hlo_stats.collectives(hlo_stats.Module.parse(text), 2)
+  assert (c.times, c.group, c.buffer_bytes) == (12, 2, 32)
+
+
+def test_out_of_hbm_compile_errors_are_parsed():
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (19.32G) exceeds available HBM (15.75G).")
+  assert hlo_stats.oom_bytes(msg) == (pytest.approx(19.32 * 2 ** 30), 15.75 * 2 ** 30)
+  assert hlo_stats.oom_bytes("Used 20.5G of 15.75G hbm. Ran out of memory")[1] == 15.75 * 2 ** 30
+  assert hlo_stats.oom_bytes("INVALID_ARGUMENT: something else") is None
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("tok"))
+  return tokenizer_lib.SentencePieceTokenizer(
+      tokenizer_lib.train_sentencepiece(corpus_lib.load_embedded().texts(), out, 400))
+
+
+@pytest.mark.parametrize("cls_input,mlm_input", [("masked", "sentence"), ("clean", "sentence"),
+                                                 ("clean", "pair")])
+def test_abstract_batch_is_what_the_pipeline_yields(tok, cls_input, mlm_input):
+  config = tiny(f"--config.loss.cls_input={cls_input}", f"--config.loss.mlm_input={mlm_input}",
+                "--config.train.global_batch=8")
+  real = factory.build_pipeline(config, tok).batch(0)
+  spec = aot.batch_shapes(config)
+  assert sorted(spec) == sorted(real)
+  for k, v in real.items():
+    assert (spec[k][0], spec[k][1]) == (v.shape, np.asarray(v).dtype), k
+
+
+def test_without_libtpu_one_line_says_how_to_install(capsys, monkeypatch):
+  monkeypatch.setattr(aot, "libtpu_available", lambda: False)
+  code, out, err = run_cli(capsys, "--topology", "v5e-8", *TINY)
+  assert code == 2 and len(err) == 1
+  assert "libtpu is not installed" in err[0] and "pip install 'libtpu==" in err[0]
+
+
+def test_vocab_size_from_a_tokenizer_file_must_be_given():
+  config = tiny("--config.model.vocab_size=0", "--config.tokenizer.path=/some/spm.model")
+  with pytest.raises(ConfigError, match="--config.model.vocab_size"):
+    aot.vocab_size(config)
+  assert aot.vocab_size(tiny("--config.model.vocab_size=0"))[0] == 1000  # tokenizer.vocab_size
+
+
+# ----------------------------------------------------------------------------- with libtpu
+@needs_libtpu
+def test_v4_topologies_have_one_device_per_chip():
+  devices = aot.topology_devices(tpu_specs.parse("v4-32"), 1)
+  assert len(devices) == 16 and devices[0].device_kind == "TPU v4"
+
+
+@needs_libtpu
+@pytest.mark.parametrize("args,message", [
+    (["--topology", "v5e-48"], "known sizes"),
+    (["--topology", "v5e-8", "--config.mesh.data=3"], "does not match the 8 devices"),
+    (["--topology", "v5e-8", "--slices", "2"], "--config.mesh.dcn_data=2"),
+    (["--topology", "v5e-8", "--config.train.global_batch=44"], "not divisible"),
+    (["--topology", "v5e-8", "stray"], "unexpected argument"),
+])
+def test_bad_input_is_one_line(capsys, args, message):
+  code, out, err = run_cli(capsys, *TINY, *args)
+  assert code == 2 and len(err) == 1 and message in err[0], err
+  assert "Traceback" not in out
+
+
+@needs_libtpu
+def test_tiny_model_on_v5e_8_compiles_and_reports(capsys, tmp_path):
+  out_json = tmp_path / "report.json"
+  code, out, err = run_cli(capsys, "--topology", "v5e-8", *TINY, "--out", str(out_json))
+  assert code == 0 and not err, err
+  rep = json.loads(out_json.read_text())
+  assert rep["chips"] == 8 and rep["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  m = rep["memory"]
+  assert m["fits"] and 0 < m["total"] < m["hbm"] == 16 * 2 ** 30
+  # params + Adam's m and v, replicated: 3 x 4 bytes x params on every chip
+  assert m["params_and_optimizer"] == pytest.approx(12 * rep["params"], rel=0.01)
+  assert m["arguments"] >= m["params_and_optimizer"] + m["batch"]
+  assert rep["cost"]["flops_per_chip"] > 0 and rep["time"]["step_s"] > 0
+  assert 0 < rep["mfu"] <= 1.0
+  # the b x B claim on XLA:TPU: no B x B buffer anywhere in the compiled step
+  assert rep["b_by_B_buffers"] == []
+  # the [CLS] gather of each side: B x D, gathered in bf16 (XLA:TPU feeds the similarity
+  # matmul bf16 operands at default precision and moves the cast before the gather)
+  gathers = [c for c in rep["collectives"] if c["role"] == "[CLS] all-gather (fwd)"]
+  assert len(gathers) == 2 and all(c["buffer_bytes"] == B * D * 2 for c in gathers), gathers
+  assert any(c["role"].startswith("gradient all-reduce") for c in rep["collectives"])
+  assert "[CLS] all-gather" in out and "fits" in out
+
+
+@needs_libtpu
+def test_multislice_spans_data_over_slices(capsys, tmp_path):
+  code, out, err = run_cli(capsys, "--topology", "v5e-8", "--slices", "2", *TINY,
+                           "--config.train.global_batch=64", "--config.mesh.dcn_data=2",
+                           "--out", str(tmp_path / "r.json"))
+  assert code == 0, err
+  rep = json.loads((tmp_path / "r.json").read_text())
+  assert rep["chips"] == 16 and rep["mesh"]["data"] == 16 and rep["slices"] == 2
+
+
+@needs_libtpu
+def test_oversized_config_is_one_line_does_not_fit(capsys, tmp_path):
+  # a 16M-piece vocabulary: 1.0B parameters, params + Adam state 11.6 GiB on every chip
+  code, out, err = run_cli(capsys, "--topology", "v5e-8", *TINY,
+                           "--config.model.vocab_size=16000000", "--out", str(tmp_path / "r.json"))
+  assert code == 1 and len(err) == 1, err
+  assert "does not fit" in err[0] and "--config.mesh.fsdp" in err[0]
+  assert json.loads((tmp_path / "r.json").read_text())["memory"]["fits"] is False
+
+
+@needs_libtpu
+def test_flops_count_every_scanned_layer():
+  """cost_analysis() counts a while body once; the report's flops count all 3 layers."""
+  topo = tpu_specs.parse("v5e-8")
+  flops = {}
+  for scan in (True, False):
+    config = tiny("--config.model.num_layers=3", f"--config.model.scan_layers={scan}")
+    flops[scan] = aot.compile_step(config, topo)["cost"]
+  assert flops[False]["loop_scale_flops"] == pytest.approx(1.0)
+  assert flops[True]["xla_flops_per_chip"] < 0.7 * flops[False]["flops_per_chip"]
+  assert flops[True]["flops_per_chip"] == pytest.approx(flops[False]["flops_per_chip"], rel=0.05)
