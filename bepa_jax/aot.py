@@ -136,7 +136,18 @@ def bytes_per_device(tree) -> int:
 
 # ----------------------------------------------------------------------------- compile
 def compile_step(config, topo: tpu_specs.Topology, slices: int = 1, hlo_path: str = "") -> dict:
-  """Compiles the configured train step for `slices` x `topo`; returns the report dict."""
+  """Compiles the configured train step for `slices` x `topo`; returns the report dict.
+
+  With data.packing the step is compiled in its padded layout: the packed rows are chosen from
+  the data at start-up (data.packed_rows=0), which an ahead-of-time compile does not read. The
+  padded step bounds the packed one (the packing fallback is that shape); the report says so.
+  """
+  layout = "padded"
+  if bool(config.data.get("packing", False)):
+    config = config.copy_and_resolve_references()
+    config.data.packing = False
+    layout = "padded (data.packing=True compiled as its padded layout: an upper bound)"
+    log.info("bepa-compile: %s", layout)
   devices = topology_devices(topo, slices)
   if slices > 1 and int(config.mesh.dcn_data) != slices:
     raise ConfigError(f"--slices={slices} needs --config.mesh.dcn_data={slices} (the data axis "
@@ -174,7 +185,7 @@ def compile_step(config, topo: tpu_specs.Topology, slices: int = 1, hlo_path: st
               global_batch=int(config.train.global_batch),
               max_length=int(config.data.max_length), compile_s=compile_s,
               dtype=str(config.model.dtype), remat=str(config.model.remat),
-              contrastive_chunk=int(config.loss.contrastive_chunk),
+              contrastive_chunk=int(config.loss.contrastive_chunk), layout=layout,
               state_bytes_per_chip=sizes)
   if compiled is None:
     return report_oom(info, topo, oom)

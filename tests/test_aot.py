@@ -126,7 +126,7 @@ def tok(tmp_path_factory):
                                                  ("clean", "pair")])
 def test_abstract_batch_is_what_the_pipeline_yields(tok, cls_input, mlm_input):
   config = tiny(f"--config.loss.cls_input={cls_input}", f"--config.loss.mlm_input={mlm_input}",
-                "--config.train.global_batch=8")
+                "--config.train.global_batch=8", "--config.data.packing=False")
   real = factory.build_pipeline(config, tok).batch(0)
   spec = aot.batch_shapes(config)
   assert sorted(spec) == sorted(real)

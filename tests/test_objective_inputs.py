@@ -145,7 +145,10 @@ def test_gradcache_equals_the_plain_step(mode, tmp_path):
     s2, m2 = cached.step_fn(cached.state, train.global_batch(batch, cached.mesh))
   for k in ("loss", "mlm_loss", "contrastive_loss", "grad_norm"):
     np.testing.assert_allclose(float(m1[k]), float(m2[k]), rtol=1e-5, err_msg=k)
-  assert_params_close(jax.device_get(s2.params), jax.device_get(s1.params))
+  # One Adam step from a ~0 gradient can move an element by up to ~lr (see assert_params_close);
+  # the TLM case's position embeddings reached 0.24 x lr (2.4e-4) on a loaded box: bound 0.5 x lr.
+  # The loss, MLM, contrastive and gradient-norm agreement above is the tight check.
+  assert_params_close(jax.device_get(s2.params), jax.device_get(s1.params), loose=5e-4)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
