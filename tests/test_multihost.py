@@ -20,14 +20,16 @@ from jax.experimental import multihost_utils
 from bepa_jax import throughput, train
 from tests.helpers import tiny_config
 
-out, workdir = sys.argv[1], sys.argv[2]
-config = tiny_config(**{"train.steps": 4, "train.log_every": 1, "train.global_batch": 16})
+out, workdir, packed = sys.argv[1], sys.argv[2], sys.argv[3] == "packed"
+config = tiny_config(**{"train.steps": 4, "train.log_every": 1, "train.global_batch": 16,
+                        "data.packing": packed, "data.max_length": 128 if packed else 16,
+                        "model.max_position_embeddings": 130 if packed else 64})
 job = train.build(config, workdir)
 losses, shards, tokens = [], [], []
 with jax.set_mesh(job.mesh):
   state = job.state
   for step in range(4):
-    local = job.pipeline.batch(step, jax.process_index(), jax.process_count())
+    local = train.local_batch(job.pipeline, step, jax.process_index(), jax.process_count())
     shards.append(local["input_ids"].tolist())
     local_counts = throughput.count(local, config.loss)
     tokens.append([local_counts.real, throughput.global_counts(local_counts).real,
@@ -49,10 +51,13 @@ def runs(tmp_path_factory):
   script = root / "job.py"
   script.write_text(SCRIPT)
   results = {}
-  for name, (nproc, ndev) in {"single": (1, 4), "multi": (2, 2)}.items():
+  for name, (nproc, ndev) in {"single": (1, 4), "multi": (2, 2), "single_packed": (1, 4),
+                               "multi_packed": (2, 2)}.items():
     out = root / name
     out.mkdir()
-    rc = run_local([sys.executable, str(script), str(out), str(root / "wd")], num_processes=nproc,
+    layout = "packed" if name.endswith("packed") else "padded"
+    rc = run_local([sys.executable, str(script), str(out), str(root / "wd"), layout],
+                   num_processes=nproc,
                    devices_per_process=ndev, log_dir=str(root / f"logs_{name}"), stream=open(os.devnull, "w"),
                    cwd=REPO, timeout_s=300)
     assert rc == 0, open(root / f"logs_{name}" / "worker_0.log").read()[-3000:]
@@ -60,14 +65,16 @@ def runs(tmp_path_factory):
   return results
 
 
-def test_two_processes_equal_one_process(runs):
-  single = json.load(open(runs["single"] / "p0.json"))
-  multi = [json.load(open(runs["multi"] / f"p{i}.json")) for i in range(2)]
+@pytest.mark.parametrize("layout", ["", "_packed"], ids=["padded", "packed"])
+def test_two_processes_equal_one_process(runs, layout):
+  """Packed: each process packs its own groups and they agree on the rows (train.local_batch)."""
+  single = json.load(open(runs["single" + layout] / "p0.json"))
+  multi = [json.load(open(runs["multi" + layout] / f"p{i}.json")) for i in range(2)]
   assert single["device_count"] == 4 and multi[0]["device_count"] == 4
   assert multi[0]["process_count"] == 2
   np.testing.assert_allclose(multi[0]["losses"], single["losses"], rtol=1e-5)
   np.testing.assert_allclose(multi[1]["losses"], single["losses"], rtol=1e-5)
-  a, b = np.load(runs["single"] / "p0.npz"), np.load(runs["multi"] / "p0.npz")
+  a, b = np.load(runs["single" + layout] / "p0.npz"), np.load(runs["multi" + layout] / "p0.npz")
   assert set(a.files) == set(b.files)
   assert_params_close({k: b[k] for k in sorted(b.files)}, {k: a[k] for k in sorted(a.files)})
 
