@@ -31,6 +31,7 @@ TINY = {
     "train.global_batch": 16, "train.log_every": 1, "optim.warmup_steps": 2,
     "optim.schedule": "linear", "checkpoint.every_steps": EVERY, "checkpoint.every_minutes": 0,
     "checkpoint.keep": 10,
+    "data.packing": True,  # the default layout, also for the in-process runs of tiny_config
 }
 
 

@@ -23,6 +23,7 @@ def _embedded_pipeline(tok, languages="en,de,fr,es,ru,el"):
   c.data.source, c.data.languages, c.data.seed = "embedded", languages, 3
   c.data.max_length, c.data.mask_prob, c.data.max_predictions_per_seq = 24, 0.15, 6
   c.train.global_batch = 32
+  c.data.packing = False  # the padded layout; tests/test_packing.py checks the packed one
   return factory.build_pipeline(c, tok)
 
 

@@ -152,7 +152,10 @@ class Restored:
 @contextlib.contextmanager
 def quiet_reads():
   """Silences the loggers that print a traceback per file of a damaged checkpoint while Orbax
-  tries it (asyncio, absl): its failure is reported once, by the caller."""
+  tries it (asyncio, absl): its failure is reported once, by the caller. The failed read's
+  asyncio tasks log "exception was never retrieved" when they are collected, so they are
+  collected here, while the loggers are still quiet."""
+  import gc
   loggers = [logging.getLogger(n) for n in ("asyncio", "absl")]
   levels = [lg.level for lg in loggers]
   for lg in loggers:
@@ -160,6 +163,7 @@ def quiet_reads():
   try:
     yield
   finally:
+    gc.collect()
     for lg, level in zip(loggers, levels):
       lg.setLevel(level)
 
