@@ -382,7 +382,7 @@ def run_config(name: str, mlm: str, args, source: str, tok: str, tmp: str) -> di
           w = PeerWorker(spec_path, inputs_path, v, m, t)
           workers.append(w)
           fns[w.name] = w
-    times = _interleaved_with_progress(fns, args.reps, args.warmup, name, mlm)
+    times = harness.interleaved(fns, args.reps, args.warmup, label=f"{name}/{mlm}")
   finally:
     for w in workers:
       w.close()
@@ -410,22 +410,6 @@ def run_config(name: str, mlm: str, args, source: str, tok: str, tmp: str) -> di
 
 def _ints(csv: str) -> list[int]:
   return [int(x) for x in csv.split(",") if x]
-
-
-def _interleaved_with_progress(fns: dict, reps: int, warmup: int, name: str, mlm: str) -> dict:
-  """harness.interleaved, one round at a time, with a progress line per repetition."""
-  import harness
-  for _ in range(warmup):
-    for f in fns.values():
-      f()
-  times = {k: [] for k in fns}
-  for r in range(reps):
-    one = harness.interleaved(fns, 1, warmup=0)
-    for k, v in one.items():
-      times[k] += v
-    print(f"  [{name}/{mlm}] rep {r + 1}/{reps}: "
-          + ", ".join(f"{k} {v[0] * 1e3:.0f} ms" for k, v in one.items()), flush=True)
-  return times
 
 
 def summary(results: list) -> str:

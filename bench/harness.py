@@ -197,22 +197,25 @@ def mfu_peak(measured: float, achieved: dict) -> dict:
               bound_by=None if reliable else name, note=note)
 
 
-def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict:
+def interleaved(fns: dict, reps: int, warmup: int = 1, label: str | None = None) -> dict:
   """Runs every fn once per repetition, in turn; returns {name: [seconds, ...]}.
 
   A fn with `reports_seconds = True` (a worker process) returns its own measured time, so
-  the pipe round trip is not counted.
+  the pipe round trip is not counted. With `label`, one progress line per repetition.
   """
   for _ in range(warmup):
     for f in fns.values():
       f()
   times = {k: [] for k in fns}
-  for _ in range(reps):
+  for rep in range(reps):
     for k, f in fns.items():
       t0 = time.perf_counter()
       r = f()
       elapsed = time.perf_counter() - t0
       times[k].append(float(r) if getattr(f, "reports_seconds", False) else elapsed)
+    if label is not None:
+      print(f"  [{label}] rep {rep + 1}/{reps}: "
+            + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()), flush=True)
   return times
 
 

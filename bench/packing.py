@@ -22,8 +22,7 @@ authors' PyTorch step, in real tokens/s.
 
 Then the loss of ours packed and padded over --steps steps on the same batches (from the same
 initial weights; dropout --curve_dropout, 0 by default so that the two must coincide: packing is
-exact). Until data.packing exists (the `pack` branch), the packed column and curve are skipped
-and the script says so. Results: bench/results/packing_<tag>.json and .png.
+exact). Results: bench/results/packing_<tag>.json and .png.
 """
 from __future__ import annotations
 
@@ -48,14 +47,8 @@ MICRO = dict(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, pa
 TARGETS = {"ours_padded": 3.0, "authors_torch": 2.0}  # packed real tokens/s >= this x column's
 
 
-def packing_available() -> bool:
-  """Whether this checkout has data.packing (the packing branch)."""
-  from bepa_jax import default_config
-  return "packing" in default_config.get_config().data
-
-
 def make_config(name: str, max_length: int, vocab: int, dropout: float, source: str,
-                tokenizer: str, packed: bool | None):
+                tokenizer: str, packed: bool):
   """The authors' step (authors_step.make_config) at `name`'s model shape and `max_length`."""
   import harness
   c = authors_step.make_config("small", "pair", "bert", dropout, source, tokenizer)
@@ -67,8 +60,7 @@ def make_config(name: str, max_length: int, vocab: int, dropout: float, source: 
   c.data.max_predictions_per_seq = harness.n_predictions(max_length)
   c.tokenizer.vocab_size = vocab
   c.train.global_batch = shape["pairs"]
-  if packed is not None:
-    c.data.packing = packed
+  c.data.packing = packed
   return c
 
 
@@ -110,17 +102,15 @@ def peer_processed(peer: dict) -> int:
   return int(peer["x_ids"].size + peer["y_ids"].size + peer["mlm_ids"].size)
 
 
-def run_config(name: str, args, source: str, tok: str, tmp: str, packed_ok: bool) -> dict:
+def run_config(name: str, args, source: str, tok: str, tmp: str) -> dict:
   import harness
   from bepa_jax import throughput
   from bepa_jax import train
   n = args.warmup + args.reps
   cfg = lambda packed: make_config(name, args.max_length, args.vocab, args.dropout, source, tok,
-                                   packed if packed_ok else None)
-  jobs = {"ours_padded": train.build(cfg(False), os.path.join(tmp, f"{name}_padded"),
-                                     _devices())}
-  if packed_ok:
-    jobs["ours_packed"] = train.build(cfg(True), os.path.join(tmp, f"{name}_packed"), _devices())
+                                   packed)
+  jobs = {k: train.build(cfg(k == "ours_packed"), os.path.join(tmp, f"{name}_{k}"), _devices())
+          for k in ("ours_packed", "ours_padded")}
   padded = jobs["ours_padded"]
   host = {k: [j.pipeline.batch(s) for s in range(n)] for k, j in jobs.items()}
   loss_cfg = padded.config.loss
@@ -139,10 +129,9 @@ def run_config(name: str, args, source: str, tok: str, tmp: str, packed_ok: bool
   with open(os.path.join(tmp, f"{name}_spec.json"), "w") as f:
     json.dump(spec, f)
   fns, compile_s, workers = {}, {}, []
-  for k in ("ours_packed", "ours_padded"):
-    if k in jobs:
-      fns[k] = ours_runner(jobs[k], host[k])
-      compile_s[k] = fns[k].compile_all()
+  for k, job in jobs.items():
+    fns[k] = ours_runner(job, host[k])
+    compile_s[k] = fns[k].compile_all()
   try:
     for k, ps in peers.items():
       path = os.path.join(tmp, f"{name}_{k}.npz")
@@ -151,7 +140,7 @@ def run_config(name: str, args, source: str, tok: str, tmp: str, packed_ok: bool
                                   args.torch_malloc, args.torch_threads)
       workers.append(w)
       fns[k] = w
-    times = _interleaved_with_progress(fns, args.reps, args.warmup, name)
+    times = harness.interleaved(fns, args.reps, args.warmup, label=name)
   finally:
     for w in workers:
       w.close()
@@ -161,7 +150,7 @@ def run_config(name: str, args, source: str, tok: str, tmp: str, packed_ok: bool
   res = dict(config=name, max_length=args.max_length, pairs=int(padded.config.train.global_batch),
              vocab_size=padded.model_cfg.vocab_size, dropout=args.dropout,
              shape=MICRO if name == "micro" else harness.SHAPES[name], compile_s=compile_s,
-             packed_executables=fns["ours_packed"].executables() if "ours_packed" in fns else 0,
+             packed_executables=fns["ours_packed"].executables(),
              real_tokens_per_step=real_step, times_s=times, median_s=med,
              losses={k: getattr(f, "losses", []) for k, f in fns.items()}, columns=list(fns))
   for k in fns:
@@ -170,14 +159,13 @@ def run_config(name: str, args, source: str, tok: str, tmp: str, packed_ok: bool
                   best_real_tokens_per_s=real_step / min(times[k]),
                   processed_tokens_per_step=proc / args.reps,
                   padding_fraction=1.0 - float(np.sum(nonpad[timed])) / proc)
-  if "ours_packed" in fns:
-    res["targets"] = {k: dict(target=t, ratio=res["ours_packed"]["real_tokens_per_s"]
-                              / res[k]["real_tokens_per_s"],
-                              best_ratio=res["ours_packed"]["best_real_tokens_per_s"]
-                              / res[k]["best_real_tokens_per_s"])
-                      for k, t in TARGETS.items()}
-    for v in res["targets"].values():
-      v["met"] = v["ratio"] >= v["target"]
+  res["targets"] = {k: dict(target=t, ratio=res["ours_packed"]["real_tokens_per_s"]
+                            / res[k]["real_tokens_per_s"],
+                            best_ratio=res["ours_packed"]["best_real_tokens_per_s"]
+                            / res[k]["best_real_tokens_per_s"])
+                    for k, t in TARGETS.items()}
+  for v in res["targets"].values():
+    v["met"] = v["ratio"] >= v["target"]
   return res
 
 
@@ -186,31 +174,16 @@ def _devices():
   return jax.devices()[:1]
 
 
-def _interleaved_with_progress(fns: dict, reps: int, warmup: int, name: str) -> dict:
-  import harness
-  for _ in range(warmup):
-    for f in fns.values():
-      f()
-  times = {k: [] for k in fns}
-  for r in range(reps):
-    one = harness.interleaved(fns, 1, warmup=0)
-    for k, v in one.items():
-      times[k] += v
-    print(f"  [{name}] rep {r + 1}/{reps}: "
-          + ", ".join(f"{k} {v[0] * 1e3:.0f} ms" for k, v in one.items()), flush=True)
-  return times
-
-
-def loss_curves(name: str, args, source: str, tok: str, tmp: str, packed_ok: bool) -> dict:
+def loss_curves(name: str, args, source: str, tok: str, tmp: str) -> dict:
   """Loss of ours padded (and packed) over args.steps steps on the same batches."""
   import jax
   from bepa_jax import train
-  layouts = [False, True] if packed_ok else [False]
+  layouts = [False, True]
   curves, t0 = {}, time.perf_counter()
   for packed in layouts:
     key = "packed" if packed else "padded"
     config = make_config(name, args.max_length, args.vocab, args.curve_dropout, source, tok,
-                         packed if packed_ok else None)
+                         packed)
     job = train.build(config, os.path.join(tmp, f"curve_{name}_{key}"), _devices())
     state, rec = job.state, {"loss": [], "mlm_loss": [], "contrastive_loss": []}
     with jax.set_mesh(job.mesh):
@@ -227,9 +200,8 @@ def loss_curves(name: str, args, source: str, tok: str, tmp: str, packed_ok: boo
                 f"| {rate:.2f} steps/s | ETA {left / rate:.0f}s", flush=True)
     curves[key] = rec
   out = dict(config=name, steps=args.steps, dropout=args.curve_dropout, curves=curves)
-  if "packed" in curves:
-    diff = np.abs(np.array(curves["packed"]["loss"]) - np.array(curves["padded"]["loss"]))
-    out.update(max_abs_loss_diff=float(diff.max()), mean_abs_loss_diff=float(diff.mean()))
+  diff = np.abs(np.array(curves["packed"]["loss"]) - np.array(curves["padded"]["loss"]))
+  out.update(max_abs_loss_diff=float(diff.max()), mean_abs_loss_diff=float(diff.mean()))
   return out
 
 
@@ -243,14 +215,10 @@ def report(res: dict) -> list[str]:
     lines.append(f"| {k} | {r['step_s'] * 1e3:,.0f} | {r['best_step_s'] * 1e3:,.0f} | "
                  f"{r['real_tokens_per_s']:,.0f} | {r['processed_tokens_per_step']:,.0f} | "
                  f"{100 * r['padding_fraction']:.0f}% |")
-  if "targets" in res:
-    for k, v in res["targets"].items():
-      lines.append(f"   packed / {k}: {v['ratio']:.2f}x real tokens/s (fastest reps "
-                   f"{v['best_ratio']:.2f}x), target >= {v['target']:.0f}x: "
-                   f"{'met' if v['met'] else 'NOT met'}")
-  else:
-    lines.append("   packing is not available yet (no data.packing in this checkout: the "
-                 "`pack` branch is not merged): packed column and targets skipped")
+  for k, v in res["targets"].items():
+    lines.append(f"   packed / {k}: {v['ratio']:.2f}x real tokens/s (fastest reps "
+                 f"{v['best_ratio']:.2f}x), target >= {v['target']:.0f}x: "
+                 f"{'met' if v['met'] else 'NOT met'}")
   r = {k: res[k]["real_tokens_per_s"] for k in res["columns"]}
   lines.append(f"   padded / authors_torch: {r['ours_padded'] / r['authors_torch']:.2f}x, "
                f"authors_torch / hf_max_length: {r['authors_torch'] / r['hf_max_length']:.2f}x")
@@ -334,32 +302,23 @@ def main(argv=None):
   import logging
   logging.getLogger("bepa").setLevel(logging.WARNING)
   source, data_name = authors_step.data_source(args.data)
-  packed_ok = packing_available()
   out = dict(machine=harness.machine_info(), reps=args.reps, warmup=args.warmup, data=data_name,
-             packing_available=packed_ok, torch_malloc=args.torch_malloc,
+             torch_malloc=args.torch_malloc,
              torch_threads=args.torch_threads, results=[], curves=[])
   print(f"machine: {out['machine']}\ndata: {data_name} ({source})")
-  if not packed_ok:
-    print("packing is not available yet (no data.packing in this checkout): running the "
-          "padded, authors' PyTorch and HF columns only")
   lines = []
   with tempfile.TemporaryDirectory(prefix="packing_") as tmp:
     tok = authors_step.tokenizer_path(source, args.vocab, args.cache)
     for n in names:
-      res = run_config(n, args, source, tok, tmp, packed_ok)
+      res = run_config(n, args, source, tok, tmp)
       out["results"].append(res)
       lines += report(res)
       print("\n".join(report(res)), flush=True)
     for n in curve_names:
-      c = loss_curves(n, args, source, tok, tmp, packed_ok)
+      c = loss_curves(n, args, source, tok, tmp)
       out["curves"].append(c)
-      if "max_abs_loss_diff" in c:
-        lines.append(f"   loss curve {n}: packed vs padded over {c['steps']} steps, max |diff| "
-                     f"{c['max_abs_loss_diff']:.2e} (mean {c['mean_abs_loss_diff']:.2e})")
-      else:
-        lines.append(f"   loss curve {n}: padded only over {c['steps']} steps (no packing), "
-                     f"loss {c['curves']['padded']['loss'][0]:.3f} -> "
-                     f"{c['curves']['padded']['loss'][-1]:.3f}")
+      lines.append(f"   loss curve {n}: packed vs padded over {c['steps']} steps, max |diff| "
+                   f"{c['max_abs_loss_diff']:.2e} (mean {c['mean_abs_loss_diff']:.2e})")
       print(lines[-1], flush=True)
   out["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
   out["summary"] = "\n".join(lines)

@@ -57,3 +57,32 @@ def assert_params_close(actual, desired, *, tight=1e-6, loose=2e-4, max_loose_fr
     n_off += int((diff > tight).sum())
     n_total += a.size
   assert n_off <= max_loose_fraction * n_total, f"{n_off}/{n_total} elements differ by > {tight}"
+
+
+def assert_gradcache_matches_end_to_end(job, step=1, chunks=2, seed=3):
+  """GradCache's loss and gradient equal those of the same stochastic loss differentiated end
+  to end (the chunks encoded with the same keys, their [CLS] merged, one contrastive loss)."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from bepa_jax import train
+  from bepa_jax.objective import gradcache
+  from bepa_jax.objective.loss import Objective
+  obj, rng = Objective(job.model, job.config.loss, job.mesh), jax.random.key(seed)
+
+  def end_to_end(p, batch):
+    parts = gradcache.split(batch, chunks, job.mesh)
+    outs = [obj.encode(p, jax.tree.map(lambda a: a[i], parts), jax.random.fold_in(rng, i))
+            for i in range(chunks)]
+    cls = gradcache.merge(jnp.stack([c for c, _ in outs]), job.mesh)
+    ce, correct, count = (sum(m[j] for _, m in outs) for j in range(3))
+    return obj.combine(ce, correct, count, obj.contrastive(p, cls, None, batch))
+
+  with jax.set_mesh(job.mesh):
+    batch = train.global_batch(job.pipeline.batch(step), job.mesh)
+    (l1, _), g1 = jax.jit(jax.value_and_grad(end_to_end, has_aux=True))(job.state.params, batch)
+    (l2, _), g2 = jax.jit(lambda p, b: gradcache.value_and_grad(obj, p, b, rng, chunks,
+                                                                job.mesh))(job.state.params, batch)
+  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.device_get(g1)), jax.tree.leaves(jax.device_get(g2))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -1,5 +1,4 @@
-"""bench/packing.py end to end on a micro config: ours padded (and packed, once data.packing
-exists), the authors' PyTorch step with dynamic padding and padded to max_length, interleaved,
+"""bench/packing.py end to end on a micro config: ours packed and padded, the authors' PyTorch step with dynamic padding and padded to max_length, interleaved,
 then the loss curves; and a clear skip without Multi30k."""
 import importlib.util
 import json
@@ -38,8 +37,7 @@ def test_script_runs_every_column_and_the_curves(tmp_path):
   out = json.loads((tmp_path / "packing_t.json").read_text())
   assert (tmp_path / "packing_t.png").stat().st_size > 0
   res = out["results"][0]
-  packed = out["packing_available"]
-  want = (["ours_packed"] if packed else []) + ["ours_padded", "authors_torch", "hf_max_length"]
+  want = ["ours_packed", "ours_padded", "authors_torch", "hf_max_length"]
   assert res["columns"] == want and set(res["times_s"]) == set(want)
   for k in want:
     assert len(res["times_s"][k]) == 2 and all(t > 0 for t in res["times_s"][k])
@@ -52,12 +50,9 @@ def test_script_runs_every_column_and_the_curves(tmp_path):
   assert res["authors_torch"]["processed_tokens_per_step"] <= 3 * 8 * 32
   curve = out["curves"][0]
   assert len(curve["curves"]["padded"]["loss"]) == 3
-  if packed:
-    assert res["targets"]["ours_padded"]["target"] == 3.0
-    # <=: with this smoke run's 8 pairs on one shard the rows chosen at start-up may be one per
-    # sentence (packing then costs what padding does); bench/packing.py's real figures are not.
-    assert res["ours_packed"]["padding_fraction"] <= res["ours_padded"]["padding_fraction"]
-    assert curve["max_abs_loss_diff"] < 1e-4  # dropout 0: packing is exact
-  else:
-    assert "packing is not available yet" in r.stdout
+  assert res["targets"]["ours_padded"]["target"] == 3.0
+  # <=: with this smoke run's 8 pairs on one shard the rows chosen at start-up may be one per
+  # sentence (packing then costs what padding does); bench/packing.py's real figures are not.
+  assert res["ours_packed"]["padding_fraction"] <= res["ours_padded"]["padding_fraction"]
+  assert curve["max_abs_loss_diff"] < 1e-4  # dropout 0: packing is exact
   assert "| ours_padded |" in r.stdout and "rep 2/2" in r.stdout

@@ -8,7 +8,8 @@ import pytest
 
 from bepa_jax import train
 from bepa_jax.errors import ConfigError
-from tests.helpers import assert_params_close, devices, tiny_config
+from tests.helpers import (assert_gradcache_matches_end_to_end, assert_params_close, devices,
+                           tiny_config)
 
 MODES = {"clean_sentence": {"loss.cls_input": "clean", "loss.mlm_input": "sentence"},
          "clean_pair": {"loss.cls_input": "clean", "loss.mlm_input": "pair"}}
@@ -155,29 +156,10 @@ def test_gradcache_equals_the_plain_step(mode, tmp_path):
 def test_gradcache_is_exact_with_dropout_on(mode, tmp_path):
   """Dropout on: the clean and the MLM pass draw their own keys, the same in GradCache's two
   passes, so its gradient is that of the same stochastic loss differentiated end to end."""
-  from bepa_jax.objective import gradcache
-  from bepa_jax.objective.loss import Objective
   cfg = _cfg(mode, **{"model.hidden_dropout": 0.1, "model.attention_dropout": 0.1,
                       "train.global_batch": 16})
   job = train.build(cfg, str(tmp_path), devices(8))
-  obj, rng, k = Objective(job.model, cfg.loss, job.mesh), jax.random.key(3), 2
-
-  def end_to_end(p, batch):
-    chunks = gradcache.split(batch, k, job.mesh)
-    outs = [obj.encode(p, jax.tree.map(lambda a: a[i], chunks), jax.random.fold_in(rng, i))
-            for i in range(k)]
-    cls = gradcache.merge(jnp.stack([c for c, _ in outs]), job.mesh)
-    ce, correct, count = (sum(m[j] for _, m in outs) for j in range(3))
-    return obj.combine(ce, correct, count, obj.contrastive(p, cls, None, batch))
-
-  with jax.set_mesh(job.mesh):
-    batch = train.global_batch(job.pipeline.batch(1), job.mesh)
-    (l1, _), g1 = jax.jit(jax.value_and_grad(end_to_end, has_aux=True))(job.state.params, batch)
-    (l2, _), g2 = jax.jit(lambda p, b: gradcache.value_and_grad(obj, p, b, rng, k, job.mesh))(
-        job.state.params, batch)
-  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(jax.device_get(g1)), jax.tree.leaves(jax.device_get(g2))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert_gradcache_matches_end_to_end(job)
 
 
 def test_changing_the_objective_input_on_resume_is_named(jobs):

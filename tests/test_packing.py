@@ -3,16 +3,15 @@ and gives the same [CLS], MLM logits, loss and gradients (fp32, 1e-5), for BERT 
 the clean-[CLS] and TLM options, sharded on 8 devices (data x fsdp), under gradient
 accumulation and GradCache; a step that does not fit falls back, never cuts."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bepa_jax import train
 from bepa_jax.data import packing
 from bepa_jax.errors import ConfigError
-from bepa_jax.objective import gradcache
 from bepa_jax.objective.loss import Objective
-from tests.helpers import assert_params_close, devices, tiny_config
+from tests.helpers import (assert_gradcache_matches_end_to_end, assert_params_close, devices,
+                           tiny_config)
 
 MODES = {"masked": {}, "clean": {"loss.cls_input": "clean"},
          "pair": {"loss.cls_input": "clean", "loss.mlm_input": "pair"}}
@@ -152,24 +151,7 @@ def test_packed_gradcache_is_exact_with_dropout_on(tmp_path):
   cfg = _cfg("pair", **{"model.hidden_dropout": 0.1, "model.attention_dropout": 0.1,
                         "train.global_batch": 32, "train.gradcache_chunks": 2})
   job = train.build(cfg, str(tmp_path), devices(8))
-  obj, rng, k = Objective(job.model, cfg.loss, job.mesh), jax.random.key(3), 2
-
-  def end_to_end(p, batch):
-    chunks = gradcache.split(batch, k, job.mesh)
-    outs = [obj.encode(p, jax.tree.map(lambda a: a[i], chunks), jax.random.fold_in(rng, i))
-            for i in range(k)]
-    cls = gradcache.merge(jnp.stack([c for c, _ in outs]), job.mesh)
-    ce, correct, count = (sum(m[j] for _, m in outs) for j in range(3))
-    return obj.combine(ce, correct, count, obj.contrastive(p, cls, None, batch))
-
-  with jax.set_mesh(job.mesh):
-    batch = train.global_batch(job.pipeline.batch(1), job.mesh)
-    (l1, _), g1 = jax.jit(jax.value_and_grad(end_to_end, has_aux=True))(job.state.params, batch)
-    (l2, _), g2 = jax.jit(lambda p, b: gradcache.value_and_grad(obj, p, b, rng, k, job.mesh))(
-        job.state.params, batch)
-  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(jax.device_get(g1)), jax.tree.leaves(jax.device_get(g2))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert_gradcache_matches_end_to_end(job)
 
 
 def test_resume_with_other_packing_is_named(tmp_path):
