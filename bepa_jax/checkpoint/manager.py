@@ -149,12 +149,24 @@ class Restored:
   meta: dict
 
 
+class _FailedReadEchoes(logging.Filter):
+  """After a damaged checkpoint's read failed (reported once, by the caller), the read's
+  asyncio tasks log "exception was never retrieved" with a traceback when they are collected,
+  which can be long after the restore returned (they live on Orbax's event-loop threads). Those
+  echoes are dropped for the rest of the process; other asyncio records pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in str(record.msg)
+
+
+_ECHOES = _FailedReadEchoes()
+
+
 @contextlib.contextmanager
 def quiet_reads():
   """Silences the loggers that print a traceback per file of a damaged checkpoint while Orbax
-  tries it (asyncio, absl): its failure is reported once, by the caller. The failed read's
-  asyncio tasks log "exception was never retrieved" when they are collected, so they are
-  collected here, while the loggers are still quiet."""
+  tries it (asyncio, absl): its failure is reported once, by the caller. After a failure, the
+  failed read's late asyncio echoes stay filtered (`_FailedReadEchoes`)."""
   import gc
   loggers = [logging.getLogger(n) for n in ("asyncio", "absl")]
   levels = [lg.level for lg in loggers]
@@ -162,6 +174,9 @@ def quiet_reads():
     lg.setLevel(logging.CRITICAL)
   try:
     yield
+  except BaseException:
+    logging.getLogger("asyncio").addFilter(_ECHOES)  # idempotent: a filter is added once
+    raise
   finally:
     gc.collect()
     for lg, level in zip(loggers, levels):
