@@ -1,6 +1,7 @@
 """The README's pod table from the compiler: bepa-compile over configs x batch x slice x loss.
 
-  python bench/aot_table.py --run [--budget_s 3000] [--only v5e-64]   # compile what is missing
+  python bench/aot_table.py --run [--budget_s 3000] [--only v5e-64] [--match xlmr_B4096]
+                                                    # compile what is missing
   python bench/aot_table.py                                           # the table from the JSONs
 
 Each cell is one `bepa-compile` process (a libtpu crash or hang costs that cell only), run
@@ -203,6 +204,8 @@ def main(argv=None):
   p.add_argument("--budget_s", type=float, default=3000, help="stop starting compiles after")
   p.add_argument("--timeout_s", type=float, default=900, help="per compile")
   p.add_argument("--only", default="", help="comma-separated slices (default: all)")
+  p.add_argument("--match", default="",
+                 help="compile only cells whose name contains this (e.g. xlmr_B4096)")
   args = p.parse_args(argv)
   os.makedirs(OUT, exist_ok=True)
   if args.run:
@@ -210,6 +213,8 @@ def main(argv=None):
     only = set(filter(None, args.only.split(",")))
     for cell in cells():
       if only and cell[2] not in only:
+        continue
+      if args.match not in "{}_B{}_{}_chunk{}".format(*cell):
         continue
       if time.time() > deadline - 60:
         print("budget spent: the remaining cells stay missing", flush=True)
