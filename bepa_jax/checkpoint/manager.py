@@ -156,7 +156,32 @@ class _FailedReadEchoes(logging.Filter):
   echoes are dropped for the rest of the process; other asyncio records pass."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return "exception was never retrieved" not in str(record.msg)
+    if "exception was never retrieved" in str(record.msg):
+      return False
+    error = record.exc_info[1] if record.exc_info else None
+    return error is None or "while reading array index" not in str(error)
+
+
+def _filter_failed_read_echoes() -> None:
+  """On the asyncio and absl loggers and on every root handler (records that propagate from
+  other loggers, e.g. Orbax's worker threads); adding a filter twice is a no-op. The read
+  coroutines that are collected unfinished go to sys.unraisablehook ("Exception ignored in"
+  with a traceback on stderr): those of a failed read are dropped there too."""
+  import sys
+  for target in (logging.getLogger("asyncio"), logging.getLogger("absl"),
+                 *logging.getLogger().handlers):
+    target.addFilter(_ECHOES)
+  previous = sys.unraisablehook
+  if getattr(previous, "_bepa_failed_reads", False):
+    return
+
+  def hook(unraisable):
+    if "while reading array index" in str(unraisable.exc_value):
+      return
+    previous(unraisable)
+
+  hook._bepa_failed_reads = True
+  sys.unraisablehook = hook
 
 
 _ECHOES = _FailedReadEchoes()
@@ -175,7 +200,7 @@ def quiet_reads():
   try:
     yield
   except BaseException:
-    logging.getLogger("asyncio").addFilter(_ECHOES)  # idempotent: a filter is added once
+    _filter_failed_read_echoes()
     raise
   finally:
     gc.collect()
