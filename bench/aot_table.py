@@ -9,13 +9,21 @@ with a time limit; its JSON goes to bench/results/aot/CELL.json. For every cell 
 go from the configs' own setting (data parallel, remat=dots_saveable) to remat=full, then to
 GradCache chunks (the same negative pool, one chunk's activations): the first that fits is the
 cell's figure, and every attempt is kept. Cells are compiled in priority order (base before
-xlm-r, B = 4096 before 32768, v5e-64 first) until --budget_s is spent; missing ones show "-".
-Beside each: bench/pod_estimate.py's analytic figure (50% matmul efficiency).
+xlm-r, B = 4096 before 32768, v5e-64 first, padded before packed) until --budget_s is spent;
+missing ones show "-". Beside each: bench/pod_estimate.py's analytic figure (50% matmul
+efficiency).
+
+Packed cells (data.packing, the configs' default) compile the packed layout with the rows that
+bepa-train would choose (data.packed_rows=0: the pipeline's start-up probe) for Multi30k en-de
+(../shared/data/multi30k; the bundled corpus without it) under an 8k-piece sentencepiece model
+trained on it, at the cell's B and packing groups. The same probe's mean sentence length turns
+every cell's pairs/s into real tokens/s (padded and packed process the same pairs).
 Writes bench/results/aot_table.json and bench/results/aot_table.md.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -33,37 +41,82 @@ VOCAB = {"base": ["--config.model.vocab_size=32000"], "xlmr": []}
 SLICES = ("v5e-64", "v4-32", "v5p-128", "v5e-256")
 BATCHES = (4096, 32768)
 CHUNKS = (0, 1024)
+LAYOUTS = (False, True)  # padded, packed (packed: chunk 0 only; the chunk is a loss setting)
+PROBE_VOCAB = 8000
+PROBE_CACHE = os.path.join("/tmp", "bepa_authors_step")  # bench/packing.py's tokenizer cache
 # what to try, in order, until the step fits
 ATTEMPTS = (("dots_saveable", 0), ("full", 0), ("full", 4), ("full", 16))
 
 
-def cell_name(config, B, topo, chunk, remat, gradcache) -> str:
-  return f"{config}_B{B}_{topo}_chunk{chunk}_{remat}_gc{gradcache}"
+def cell_name(config, B, topo, chunk, packed, remat, gradcache) -> str:
+  return f"{config}_B{B}_{topo}_chunk{chunk}{'_packed' if packed else ''}_{remat}_gc{gradcache}"
+
+
+def cell_label(cell) -> str:
+  config, B, topo, chunk, packed = cell
+  return f"{config}_B{B}_{topo}_chunk{chunk}" + ("_packed" if packed else "")
 
 
 # the check that a config which cannot fit is reported so: B = 65,536 unchunked on v5e-64
-OVERSIZED = ("base", 65536, "v5e-64", 0)
+OVERSIZED = ("base", 65536, "v5e-64", 0, False)
 
 
 def cells():
-  """(config, B, slice, chunk) in priority order."""
+  """(config, B, slice, chunk, packed) in priority order."""
   out = []
-  for config in CONFIGS:
-    for B in BATCHES:
-      for chunk in CHUNKS:
-        for topo in SLICES:
-          out.append((config, B, topo, chunk))
-      if (config, B) == ("base", 4096):
-        out.append(OVERSIZED)
+  for packed in LAYOUTS:
+    for config in CONFIGS:
+      for B in BATCHES:
+        for chunk in (0,) if packed else CHUNKS:
+          for topo in SLICES:
+            out.append((config, B, topo, chunk, packed))
+        if (config, B, packed) == ("base", 4096, False):
+          out.append(OVERSIZED)
   return out
 
 
-def args_for(config, B, topo, chunk, remat, gradcache) -> list[str]:
+def chips(topo: str) -> int:
+  from bepa_jax import tpu_specs
+  return tpu_specs.parse(topo).chips
+
+
+@functools.cache
+def probe(config: str, B: int, shards: int, micro: int) -> dict:
+  """What bepa-train's packing probe (data.packed_rows=0) chooses for Multi30k en-de at this
+  global batch and grouping: rows per group, and the mean real tokens per sentence."""
+  import authors_step
+  from bepa_jax import train
+  from bepa_jax.data import factory
+  from bepa_jax.data import tokenizer as tokenizer_lib
+  source, data_name = authors_step.data_source(authors_step.MULTI30K)
+  tok = tokenizer_lib.SentencePieceTokenizer(
+      authors_step.tokenizer_path(source, PROBE_VOCAB, PROBE_CACHE))
+  c = train.load_config(os.path.join(REPO, CONFIGS[config]), [
+      *COMMON, *VOCAB[config], f"--config.train.global_batch={B}", f"--config.data.source={source}",
+      "--config.data.pairs=", "--config.data.languages=en,de",
+      "--config.data.dedup=False",  # B = 32,768 draws more pairs than Multi30k has
+      "--config.data.packing=True", "--config.data.packed_rows=0",
+      f"--config.train.gradcache_chunks={micro if micro > 1 else 0}"])
+  pipe = factory.build_pipeline(c, tok, batch_shards=shards)
+  p = pipe.packing_probe
+  return dict(data=data_name, tokenizer=f"sentencepiece {PROBE_VOCAB} pieces on it",
+              packed_rows=int(pipe.rows[0]), sentences_per_group=p["sentences_per_group"],
+              rows_needed_mean=p["rows_needed_mean"],
+              tokens_per_sentence=p["mean_tokens_per_sentence"], steps=p["steps"])
+
+
+def args_for(config, B, topo, chunk, packed, remat, gradcache) -> list[str]:
   a = ["--config", CONFIGS[config], "--topology", topo, *COMMON, *VOCAB[config],
        f"--config.train.global_batch={B}", f"--config.loss.contrastive_chunk={chunk}",
        f"--config.model.remat={remat}", "--config.mesh.data=-1", "--config.mesh.fsdp=1"]
   if gradcache:
     a.append(f"--config.train.gradcache_chunks={gradcache}")
+  pr = probe(config, B, chips(topo), max(gradcache, 1))
+  a += ["--tokens_per_sentence", f"{pr['tokens_per_sentence']:.3f}"]
+  if packed:
+    a += ["--config.data.packing=True", f"--config.data.packed_rows={pr['packed_rows']}"]
+  else:
+    a.append("--config.data.packing=False")
   return a
 
 
@@ -76,10 +129,9 @@ def load(name):
 
 
 def compile_cell(cell, deadline: float, timeout_s: float) -> None:
-  config, B, topo, chunk = cell
   attempts = ATTEMPTS[:1] if cell == OVERSIZED else ATTEMPTS  # its point: that it does not fit
   for remat, gc in attempts:
-    name = cell_name(config, B, topo, chunk, remat, gc)
+    name = cell_name(*cell, remat, gc)
     rep = load(name)
     lock = os.path.join(OUT, name + ".lock")
     if rep is None and os.path.exists(lock):  # another sweep process is compiling it
@@ -90,7 +142,7 @@ def compile_cell(cell, deadline: float, timeout_s: float) -> None:
       if left < 60:
         os.remove(lock)
         return
-      cmd = [sys.executable, "-m", "bepa_jax.aot", *args_for(config, B, topo, chunk, remat, gc),
+      cmd = [sys.executable, "-m", "bepa_jax.aot", *args_for(*cell, remat, gc),
              "--out", os.path.join(OUT, name + ".json")]
       if HLO_DIR:  # the optimised HLO, to re-read a cell without compiling it again
         os.makedirs(HLO_DIR, exist_ok=True)
@@ -135,7 +187,7 @@ def analytic(cell):
   """bench/pod_estimate.py's step time and MFU (50% matmul efficiency) for the same shape."""
   import pod_estimate
   from bepa_jax import train
-  config, B, topo, _ = cell
+  config, B, topo = cell[:3]
   if topo not in pod_estimate.SLICES:
     return None
   c = train.load_config(os.path.join(REPO, CONFIGS[config]),
@@ -148,7 +200,11 @@ def table() -> dict:
   for cell in cells():
     fit, made = best(cell)
     est = analytic(cell)
-    row = dict(config=cell[0], B=cell[1], slice=cell[2], contrastive_chunk=cell[3],
+    config, B, topo, chunk, packed = cell
+    mean = probe(config, B, 1, 1)  # the step's sentences (independent of the grouping)
+    row = dict(config=config, B=B, slice=topo, contrastive_chunk=chunk,
+               layout="packed" if packed else "padded",
+               tokens_per_sentence=mean["tokens_per_sentence"],
                attempts=[dict(remat=r, gradcache_chunks=g,
                               result=("failed: " + rep["failed"]) if rep.get("failed") else
                               f"{rep['memory']['total'] / 2**30:.2f} GiB "
@@ -164,20 +220,27 @@ def table() -> dict:
                  temp_gib=rep["memory"]["temporaries"] / 2**30,
                  hbm_gib=rep["memory"]["hbm"] / 2**30, step_ms=rep["time"]["step_s"] * 1e3,
                  method=rep["time"]["method"].split(" ")[0], bound=rep["time"]["bound"],
-                 tokens_per_s=rep["tokens_per_s"], mfu=rep["mfu"],
+                 pairs_per_s=rep["pairs_per_s"],
+                 real_tokens_per_s=rep["pairs_per_s"] * 2 * mean["tokens_per_sentence"],
+                 token_slots_per_step=rep.get("token_slots_per_step", 2 * B * 128),
+                 mfu=rep["mfu"],
                  ici_ms=rep["time"]["ici_s"] * 1e3, compile_s=rep["compile_s"],
                  flops_total=rep["cost"]["flops_total"],
                  cls_gather_bytes=sum(c["buffer_bytes"] for c in rep["collectives"]
                                       if c["role"].startswith("[CLS] all-gather (fwd")),
                  b_by_B=len(rep["b_by_B_buffers"]))
+      if packed:
+        row["packing"] = probe(config, B, rep["chips"], max(g, 1))
     rows.append(row)
-  return dict(rows=rows)
+  first = probe("base", BATCHES[0], 1, 1)
+  return dict(rows=rows, probe_data=first["data"], probe_tokenizer=first["tokenizer"])
 
 
 def markdown(rows) -> str:
-  head = ("| config | B | slice | chunk | mesh | remat / GradCache | GiB/chip (state + temp) "
-          "| step ms (bound) | tokens/s | MFU | analytic ms / MFU | compile s |\n"
-          "|---|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
+  head = ("| config | B | slice | layout | chunk | mesh | remat / GradCache "
+          "| GiB/chip (state + temp) | step ms (bound) | pairs/s | real tokens/s | MFU "
+          "| analytic ms / MFU | compile s |\n"
+          "|---|---:|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
   lines = [head]
   for r in rows:
     est = (f"{r['analytic_step_ms']:.0f} / {r['analytic_mfu']:.0%}"
@@ -185,16 +248,20 @@ def markdown(rows) -> str:
     if "step_ms" not in r:
       tried = "; ".join(f"{a['remat']}/gc{a['gradcache_chunks']}: {a['result']}"
                         for a in r["attempts"]) or "not compiled (time)"
-      lines.append(f"| {r['config']} | {r['B']} | {r['slice']} | {r['contrastive_chunk']} | - | "
-                   f"{tried} | - | - | - | - | {est} | - |")
+      lines.append(f"| {r['config']} | {r['B']} | {r['slice']} | {r['layout']} | "
+                   f"{r['contrastive_chunk']} | - | {tried} | - | - | - | - | - | {est} | - |")
       continue
     mesh = f"data={r['mesh']['data']} fsdp={r['mesh']['fsdp']}"
     gc = f" / gc {r['gradcache_chunks']}" if r["gradcache_chunks"] else ""
+    layout = (f"packed {r['packing']['packed_rows']}/{r['packing']['sentences_per_group']}"
+              if r["layout"] == "packed" else "padded")
     lines.append(
-        f"| {r['config']} | {r['B']} | {r['slice']} | {r['contrastive_chunk']} | {mesh} | "
+        f"| {r['config']} | {r['B']} | {r['slice']} | {layout} | {r['contrastive_chunk']} | "
+        f"{mesh} | "
         f"{r['remat']}{gc} | {r['gib_per_chip']:.1f} ({r['state_gib']:.1f} + "
         f"{r['temp_gib']:.1f}) of {r['hbm_gib']:.0f} | {r['step_ms']:.0f} ({r['bound']}) | "
-        f"{r['tokens_per_s'] / 1e6:.2f}M | {r['mfu']:.0%} | {est} | {r['compile_s']:.0f} |")
+        f"{r['pairs_per_s'] / 1e3:.0f}k | {r['real_tokens_per_s'] / 1e6:.2f}M | "
+        f"{r['mfu']:.0%} | {est} | {r['compile_s']:.0f} |")
   return "\n".join(lines)
 
 
@@ -206,6 +273,7 @@ def main(argv=None):
   p.add_argument("--only", default="", help="comma-separated slices (default: all)")
   p.add_argument("--match", default="",
                  help="compile only cells whose name contains this (e.g. xlmr_B4096)")
+  p.add_argument("--no_table", action="store_true", help="with --run: compile only")
   args = p.parse_args(argv)
   os.makedirs(OUT, exist_ok=True)
   if args.run:
@@ -214,12 +282,14 @@ def main(argv=None):
     for cell in cells():
       if only and cell[2] not in only:
         continue
-      if args.match not in "{}_B{}_{}_chunk{}".format(*cell):
+      if args.match not in cell_label(cell):
         continue
       if time.time() > deadline - 60:
         print("budget spent: the remaining cells stay missing", flush=True)
         break
       compile_cell(cell, deadline, args.timeout_s)
+  if args.run and args.no_table:
+    return
   result = table()
   md = markdown(result["rows"])
   print(md)

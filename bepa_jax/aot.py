@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from bepa_jax import cli
+from bepa_jax import config as config_lib
 from bepa_jax import hlo_stats
 from bepa_jax import mesh as mesh_lib
 from bepa_jax import step as step_lib
@@ -100,29 +101,65 @@ def vocab_size(config) -> tuple[int, str]:
                                            "would train; at most this many pieces)"
 
 
-def batch_shapes(config) -> dict:
-  """key -> (shape, dtype) of the global batch the pipeline (data/pair_pipeline.py) yields."""
+def packed_rows(config) -> tuple[int, int] | None:
+  """(rows per group for the sentence passes, for the TLM pair pass or 0) of a packed config
+  whose rows are set, else None (data.packing=False, or rows chosen from the data: 0)."""
+  d = config.data
+  if not bool(d.get("packing", False)):
+    return None
+  pair = str(config.loss.mlm_input) == "pair"
+  rows = (int(d.packed_rows), int(d.packed_pair_rows) if pair else 0)
+  if not rows[0] or (pair and not rows[1]):
+    return None
+  return rows
+
+
+def batch_shapes(config, batch_shards: int = 1) -> dict:
+  """key -> (shape, dtype) of the global batch the pipeline (data/pair_pipeline.py) yields.
+
+  Packed (data.packing with data.packed_rows set): the token arrays are [G, R, L], G = batch
+  shards x micro-batches (one packing group each), with segment ids; the per-pair arrays
+  (cls_index, MLM positions, labels) stay [B, ...].
+  """
   B, L = int(config.train.global_batch), int(config.data.max_length)
   P = int(config.data.max_predictions_per_seq)
   i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
-  out = {"input_ids": ((B, 2, L), i32), "token_type_ids": ((B, 2, L), i32),
-         "attention_mask": ((B, 2, L), i32), "text_hash": ((B, 2), i32)}
-  if str(config.loss.mlm_input) == "pair":  # one TLM sequence per pair, 2P predictions
-    out.update(mlm_input_ids=((B, L), i32), mlm_attention_mask=((B, L), i32),
-               mlm_positions=((B, 2 * P), i32), mlm_ids=((B, 2 * P), i32),
-               mlm_weights=((B, 2 * P), f32))
-    return out
-  if str(config.loss.cls_input) == "clean":
-    out["mlm_input_ids"] = ((B, 2, L), i32)
-  out.update(mlm_positions=((B, 2, P), i32), mlm_ids=((B, 2, P), i32),
-             mlm_weights=((B, 2, P), f32))
+  pair = str(config.loss.mlm_input) == "pair"
+  rows = packed_rows(config)
+  if rows is not None:
+    G = batch_shards * config_lib.packing_micro_batches(config.train)
+    grid = lambda r: ((G, r, L), i32)
+    out = {"input_ids": grid(rows[0]), "token_type_ids": grid(rows[0]),
+           "attention_mask": grid(rows[0]), "segment_ids": grid(rows[0]),
+           "cls_index": ((B, 2), i32), "text_hash": ((B, 2), i32)}
+    if pair:
+      out.update(mlm_input_ids=grid(rows[1]), mlm_segment_ids=grid(rows[1]),
+                 mlm_attention_mask=grid(rows[1]))
+    elif str(config.loss.cls_input) == "clean":
+      out["mlm_input_ids"] = grid(rows[0])
+  else:
+    out = {"input_ids": ((B, 2, L), i32), "token_type_ids": ((B, 2, L), i32),
+           "attention_mask": ((B, 2, L), i32), "text_hash": ((B, 2), i32)}
+    if pair:  # one TLM sequence per pair
+      out.update(mlm_input_ids=((B, L), i32), mlm_attention_mask=((B, L), i32))
+    elif str(config.loss.cls_input) == "clean":
+      out["mlm_input_ids"] = ((B, 2, L), i32)
+  preds = (B, 2 * P) if pair else (B, 2, P)  # TLM: 2P predictions per pair sequence
+  out.update(mlm_positions=(preds, i32), mlm_ids=(preds, i32), mlm_weights=(preds, f32))
   return out
+
+
+def token_slots(config, batch_shards: int = 1) -> int:
+  """Token positions the sentence passes of one step process (real + padding)."""
+  shape = batch_shapes(config, batch_shards)["input_ids"][0]
+  return math.prod(shape)
 
 
 def abstract_batch(config, mesh) -> dict:
   sharding = mesh_lib.batch_sharding(mesh)
+  shards = math.prod(mesh.shape[a] for a in mesh_lib.BATCH_AXES)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-          for k, (shape, dtype) in batch_shapes(config).items()}
+          for k, (shape, dtype) in batch_shapes(config, shards).items()}
 
 
 def bytes_per_device(tree) -> int:
@@ -135,20 +172,35 @@ def bytes_per_device(tree) -> int:
 
 
 # ----------------------------------------------------------------------------- compile
-def compile_step(config, topo: tpu_specs.Topology, slices: int = 1, hlo_path: str = "") -> dict:
+def compile_step(config, topo: tpu_specs.Topology, slices: int = 1, hlo_path: str = "",
+                 tokens_per_sentence: float = 0.0) -> dict:
   """Compiles the configured train step for `slices` x `topo`; returns the report dict.
 
-  With data.packing the step is compiled in its padded layout: the packed rows are chosen from
-  the data at start-up (data.packed_rows=0), which an ahead-of-time compile does not read. The
-  padded step bounds the packed one (the packing fallback is that shape); the report says so.
+  data.packing compiles the packed layout ([G, R, L] rows, block-diagonal attention) when its
+  rows are given (data.packed_rows, and data.packed_pair_rows for TLM). With rows chosen from
+  the data at start-up (0, the default) there is no data to choose them from: the padded
+  layout is compiled, an upper bound (the packing fallback is that shape); the report says so.
+  `tokens_per_sentence` (mean real tokens with [CLS]/[SEP], from the data) turns pairs/s into
+  real tokens/s; without it only token positions/s (padding included) are reported.
   """
   layout = "padded"
   if bool(config.data.get("packing", False)):
-    config = config.copy_and_resolve_references()
-    config.data.packing = False
-    layout = "padded (data.packing=True compiled as its padded layout: an upper bound)"
-    log.info("bepa-compile: %s", layout)
+    rows = packed_rows(config)
+    if rows is None:
+      config = config.copy_and_resolve_references()
+      config.data.packing = False
+      layout = ("padded (data.packing=True with rows chosen from the data: compiled as its "
+                "padded layout, an upper bound; --config.data.packed_rows=R compiles the packed "
+                "one, bepa-train logs R in its `packing:` line)")
+    else:
+      layout = f"packed ({rows[0]} rows per group" + (
+          f", {rows[1]} TLM rows" if rows[1] else "") + ")"
+    log.info("bepa-compile: %s layout", layout)
   devices = topology_devices(topo, slices)
+  B, L = int(config.train.global_batch), int(config.data.max_length)
+  if tokens_per_sentence > L:
+    raise ConfigError(f"--tokens_per_sentence={tokens_per_sentence:g} is more than "
+                      f"data.max_length={L}")
   if slices > 1 and int(config.mesh.dcn_data) != slices:
     raise ConfigError(f"--slices={slices} needs --config.mesh.dcn_data={slices} (the data axis "
                       f"spans the slices), got mesh.dcn_data={config.mesh.dcn_data}")
@@ -160,6 +212,11 @@ def compile_step(config, topo: tpu_specs.Topology, slices: int = 1, hlo_path: st
   state, shardings = train_state.abstract_state(*parts.init_args, **parts.init_kwargs)
   step_fn = step_lib.make_train_step(parts.model, config, mesh, shardings, parts.schedule)
   batch = abstract_batch(config, mesh)
+  slots = token_slots(config, math.prod(mesh.shape[a] for a in mesh_lib.BATCH_AXES))
+  if 2 * B * tokens_per_sentence > slots:
+    raise ConfigError(f"--tokens_per_sentence={tokens_per_sentence:g}: {2 * B} sentences hold "
+                      f"{2 * B * tokens_per_sentence:,.0f} real tokens, more than the {slots:,} "
+                      f"positions of the packed rows (data.packed_rows={config.data.packed_rows})")
   log.info("compiling the train step for %s x %d (%d chips, mesh %s) with XLA:TPU ...",
            topo.name, slices, len(devices), dict(zip(mesh_lib.AXES, shape)))
   t0 = time.perf_counter()
@@ -186,6 +243,8 @@ def compile_step(config, topo: tpu_specs.Topology, slices: int = 1, hlo_path: st
               max_length=int(config.data.max_length), compile_s=compile_s,
               dtype=str(config.model.dtype), remat=str(config.model.remat),
               contrastive_chunk=int(config.loss.contrastive_chunk), layout=layout,
+              token_slots_per_step=slots,
+              tokens_per_sentence=float(tokens_per_sentence),
               state_bytes_per_chip=sizes)
   if compiled is None:
     return report_oom(info, topo, oom)
@@ -299,7 +358,8 @@ def report(info: dict, config, topo: tpu_specs.Topology, compiled, model_cfg) ->
   cost["flops"] *= flops_scale
   cost["bytes accessed"] *= bytes_scale
   timing = step_time(cost, topo.chip, ici_bytes)
-  tokens = 2 * B * info["max_length"]
+  slots = info["token_slots_per_step"]
+  real = 2 * B * info["tokens_per_sentence"]
   mfu = cost["flops"] / (topo.chip.peak_bf16_flops * timing["step_s"])
   return dict(
       info, memory=memory(compiled, info["state_bytes_per_chip"], topo.chip),
@@ -308,7 +368,8 @@ def report(info: dict, config, topo: tpu_specs.Topology, compiled, model_cfg) ->
                 xla_flops_per_chip=raw["flops"], xla_bytes_accessed_per_chip=raw["bytes accessed"],
                 loop_scale_flops=flops_scale, loop_scale_bytes=bytes_scale,
                 transcendentals_per_chip=cost["transcendentals"]),
-      time=timing, tokens_per_step=tokens, tokens_per_s=tokens / timing["step_s"],
+      time=timing, token_slots_per_s=slots / timing["step_s"],
+      real_tokens_per_s=real / timing["step_s"] if real else None,
       pairs_per_s=B / timing["step_s"], mfu=mfu, peak_bf16_flops=topo.chip.peak_bf16_flops,
       chip_source=topo.chip.source, collectives=coll_rows, ici_bytes_per_chip=ici_bytes,
       b_by_B_buffers=hlo_stats.buffers_with_dims(module, (B, B))[:5],
@@ -363,6 +424,8 @@ def format_report(rep: dict) -> str:
            f"model {rep['params'] / 1e6:.2f}M params, vocab {rep['vocab_size']} (from "
            f"{rep['vocab_from']}), B={rep['global_batch']} pairs x L={rep['max_length']}, "
            f"{rep['dtype']}, remat={rep['remat']}, contrastive_chunk={rep['contrastive_chunk']}",
+           f"layout: {rep['layout']}, {rep['token_slots_per_step']:,} token positions per "
+           f"sentence pass (padded: {2 * rep['global_batch'] * rep['max_length']:,})",
            f"compiled by XLA:TPU in {rep['compile_s']:.1f} s on this machine", "",
            "memory per chip"]
   m = rep["memory"]
@@ -392,8 +455,11 @@ def format_report(rep: dict) -> str:
             f"({rep['peak_bf16_flops'] / 1e12:.0f} TFLOP/s, {rep['chip_source']}), HBM "
             f"{t['hbm_s'] * 1e3:.2f} ms, collectives over ICI {t['ici_s'] * 1e3:.3f} ms",
             f"  step {t['step_s'] * 1e3:.2f} ms ({t['bound']}-bound) from {t['method']}",
-            f"  => {rep['tokens_per_s']:,.0f} tokens/s (padding counts), "
-            f"{rep['pairs_per_s']:,.0f} pairs/s, MFU {rep['mfu']:.1%} of the bf16 peak "
+            f"  => {rep['pairs_per_s']:,.0f} pairs/s, " + (
+                f"{rep['real_tokens_per_s']:,.0f} real tokens/s "
+                f"({rep['tokens_per_sentence']:.1f} per sentence), " if rep["real_tokens_per_s"]
+                else "") +
+            f"{rep['token_slots_per_s']:,.0f} token positions/s (padding included), MFU {rep['mfu']:.1%} of the bf16 peak "
             f"(XLA's flops, remat included)", "",
             "collectives per step              kind            arrays                     "
             "group  x     MiB  ring MiB/chip"]
@@ -424,6 +490,9 @@ def parse_args(argv):
                  help="multislice: this many slices over DCN (needs mesh.dcn_data = slices)")
   p.add_argument("--out", default="", help="JSON report path (default: none)")
   p.add_argument("--hlo", default="", help="also write the optimised HLO text here")
+  p.add_argument("--tokens_per_sentence", type=float, default=0.0,
+                 help="mean real tokens per sentence with [CLS]/[SEP] (bepa-train's `packing:` "
+                 "line reports it): gives real tokens/s; default: pairs/s and positions/s only")
   args, rest = p.parse_known_args(argv)
   for i, item in enumerate(rest):
     prev = rest[i - 1] if i else ""
@@ -431,6 +500,8 @@ def parse_args(argv):
       raise ConfigError(f"unexpected argument {item!r} (overrides are --config.KEY=VALUE)")
   if args.slices < 1:
     raise ConfigError(f"--slices must be >= 1, got {args.slices}")
+  if not (math.isfinite(args.tokens_per_sentence) and args.tokens_per_sentence >= 0):
+    raise ConfigError(f"--tokens_per_sentence must be >= 0, got {args.tokens_per_sentence}")
   return args, rest
 
 
@@ -439,7 +510,7 @@ def run_cli(argv) -> int:
   topo = tpu_specs.parse(args.topology)
   require_libtpu()  # before the config is loaded: the missing install is the first thing to fix
   config = train_lib.load_config(args.config, overrides)
-  rep = compile_step(config, topo, args.slices, args.hlo)
+  rep = compile_step(config, topo, args.slices, args.hlo, args.tokens_per_sentence)
   rep["config"] = args.config
   rep["overrides"] = list(overrides)
   if args.out:  # first: the report survives a closed stdout

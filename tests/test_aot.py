@@ -134,6 +134,31 @@ def test_abstract_batch_is_what_the_pipeline_yields(tok, cls_input, mlm_input):
     assert (spec[k][0], spec[k][1]) == (v.shape, np.asarray(v).dtype), k
 
 
+@pytest.mark.parametrize("cls_input,mlm_input", [("masked", "sentence"), ("clean", "sentence"),
+                                                 ("clean", "pair")])
+def test_abstract_packed_batch_is_what_the_pipeline_yields(tok, cls_input, mlm_input):
+  """With the rows given, the packed [G, R, L] layout: G = batch shards x micro-batches."""
+  shards = 2
+  args = [f"--config.loss.cls_input={cls_input}", f"--config.loss.mlm_input={mlm_input}",
+          "--config.train.global_batch=16", "--config.data.packing=True",
+          "--config.train.grad_accum_steps=2", "--config.data.max_length=128",
+          "--config.model.max_position_embeddings=128"]
+  auto = factory.build_pipeline(tiny(*args), tok, batch_shards=shards)  # rows from the data
+  R, R2 = auto.rows
+  assert 0 < R < 2 * 16 // (shards * 2)  # packed: fewer rows than sentences per group
+  config = tiny(*args, f"--config.data.packed_rows={R}", f"--config.data.packed_pair_rows={R2}")
+  assert aot.packed_rows(config) == (R, R2 if mlm_input == "pair" else 0)
+  real = factory.build_pipeline(config, tok, batch_shards=shards).batch(0)
+  spec = aot.batch_shapes(config, batch_shards=shards)
+  assert sorted(spec) == sorted(real)
+  for k, v in real.items():
+    assert (spec[k][0], spec[k][1]) == (v.shape, np.asarray(v).dtype), k
+  assert spec["input_ids"][0] == (shards * 2, R, 128)
+  assert aot.token_slots(config, shards) == shards * 2 * R * 128
+  # rows chosen from the data (0): no packed shape without data
+  assert aot.packed_rows(tiny(*args)) is None
+
+
 def test_without_libtpu_one_line_says_how_to_install(capsys, monkeypatch):
   monkeypatch.setattr(aot, "libtpu_available", lambda: False)
   code, out, err = run_cli(capsys, "--topology", "v5e-8", *TINY)
@@ -211,6 +236,37 @@ def test_oversized_config_is_one_line_does_not_fit(capsys, tmp_path):
   assert code == 1 and len(err) == 1, err
   assert "does not fit" in err[0] and "--config.mesh.fsdp" in err[0]
   assert json.loads((tmp_path / "r.json").read_text())["memory"]["fits"] is False
+
+
+@needs_libtpu
+def test_packed_layout_compiles_with_fewer_positions():
+  """data.packed_rows=R compiles the packed step: R rows per group, not one per sentence, and
+  the same B x D [CLS] gather (the contrastive loss sees every pair either way)."""
+  topo = tpu_specs.parse("v5e-8")
+  padded = aot.compile_step(tiny("--config.data.packing=False"), topo, tokens_per_sentence=6)
+  packed = aot.compile_step(tiny("--config.data.packing=True", "--config.data.packed_rows=4"),
+                            topo, tokens_per_sentence=6)
+  assert padded["layout"] == "padded" and packed["layout"].startswith("packed (4 rows")
+  assert padded["token_slots_per_step"] == 2 * B * 16
+  assert packed["token_slots_per_step"] == 8 * 4 * 16  # 8 groups (one per chip) x 4 rows
+  assert packed["cost"]["flops_per_chip"] < 0.7 * padded["cost"]["flops_per_chip"]
+  # the same pairs: the same pairs/s-to-real-tokens/s relation, from the given mean length
+  for rep in (padded, packed):
+    assert rep["real_tokens_per_s"] == pytest.approx(rep["pairs_per_s"] * 2 * 6)
+    assert rep["b_by_B_buffers"] == []
+    gathers = [c for c in rep["collectives"] if c["role"] == "[CLS] all-gather (fwd)"]
+    assert sum(c["buffer_bytes"] for c in gathers) == 2 * B * D * 2, gathers
+  # rows chosen from the data: compiled padded, and said so
+  auto = aot.compile_step(tiny("--config.data.packing=True"), topo)
+  assert auto["layout"].startswith("padded (data.packing=True")
+  assert auto["token_slots_per_step"] == 2 * B * 16 and auto["real_tokens_per_s"] is None
+
+
+@needs_libtpu
+def test_more_real_tokens_than_packed_positions_is_one_line(capsys):
+  code, out, err = run_cli(capsys, "--topology", "v5e-8", *TINY, "--config.data.packing=True",
+                           "--config.data.packed_rows=2", "--tokens_per_sentence", "7")
+  assert code == 2 and len(err) == 1 and "more than the 256 positions" in err[0], err
 
 
 @needs_libtpu
