@@ -2,7 +2,7 @@
 
   python bench/aot_table.py --run [--budget_s 3000] [--only v5e-64] [--match xlmr_B4096]
                                                     # compile what is missing
-  python bench/aot_table.py                                           # the table from the JSONs
+  python bench/aot_table.py [--readme]          # the table from the JSONs (--readme: into README)
 
 Each cell is one `bepa-compile` process (a libtpu crash or hang costs that cell only), run
 with a time limit; its JSON goes to bench/results/aot/CELL.json. For every cell the attempts
@@ -265,6 +265,35 @@ def markdown(rows) -> str:
   return "\n".join(lines)
 
 
+README = os.path.join(REPO, "README.md")
+BEGIN, END = "<!-- aot_table", "<!-- /aot_table -->"
+
+
+def readme_block(result: dict) -> str:
+  """The README's table: compiled cells and those that fit nowhere, then what is missing."""
+  md = [l for l in markdown(result["rows"]).splitlines() if "not compiled (time)" not in l]
+  missing = [r for r in result["rows"] if not r["attempts"]]
+  out = "\n".join(md)
+  if missing:
+    names = "; ".join(f"{r['config']} {r['B']} {r['slice']} {r['layout']} chunk "
+                      f"{r['contrastive_chunk']}" for r in missing)
+    out += (f"\n\nNot compiled in the sessions' time ({len(missing)} of {len(result['rows'])} "
+            f"cells; 2-12 minutes a cell on this 2-core VM; `python bench/aot_table.py --run "
+            f"[--match xlmr_B32768]` fills them): {names}.")
+  return out
+
+
+def write_readme(result: dict, path: str = README) -> None:
+  with open(path) as f:
+    text = f.read()
+  a, b = text.find(BEGIN), text.find(END)
+  if a < 0 or b < a:
+    raise SystemExit(f"{path}: no {BEGIN} ... {END} block to rewrite")
+  head = text.index("\n", a) + 1
+  with open(path, "w") as f:
+    f.write(text[:head] + readme_block(result) + "\n" + text[b:])
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(prog="bench/aot_table.py")
   p.add_argument("--run", action="store_true", help="compile the missing cells first")
@@ -274,6 +303,7 @@ def main(argv=None):
   p.add_argument("--match", default="",
                  help="compile only cells whose name contains this (e.g. xlmr_B4096)")
   p.add_argument("--no_table", action="store_true", help="with --run: compile only")
+  p.add_argument("--readme", action="store_true", help="also rewrite the README's table block")
   args = p.parse_args(argv)
   os.makedirs(OUT, exist_ok=True)
   if args.run:
@@ -298,6 +328,9 @@ def main(argv=None):
     json.dump(result, f, indent=2)
   with open(os.path.join(REPO, "bench", "results", "aot_table.md"), "w") as f:
     f.write(md + "\n")
+  if args.readme:
+    write_readme(result)
+    print(f"rewrote the table in {README}")
   print(f"{done}/{len(result['rows'])} cells compiled; wrote bench/results/aot_table.json and "
         f".md; next: python bench/aot_table.py --run to fill the rest")
 

@@ -149,28 +149,12 @@ class Restored:
   meta: dict
 
 
-class _FailedReadEchoes(logging.Filter):
-  """After a damaged checkpoint's read failed (reported once, by the caller), the read's
-  asyncio tasks log "exception was never retrieved" with a traceback when they are collected,
-  which can be long after the restore returned (they live on Orbax's event-loop threads). Those
-  echoes are dropped for the rest of the process; other asyncio records pass."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if "exception was never retrieved" in str(record.msg):
-      return False
-    error = record.exc_info[1] if record.exc_info else None
-    return error is None or "while reading array index" not in str(error)
-
-
-def _filter_failed_read_echoes() -> None:
-  """On the asyncio and absl loggers and on every root handler (records that propagate from
-  other loggers, e.g. Orbax's worker threads); adding a filter twice is a no-op. The read
-  coroutines that are collected unfinished go to sys.unraisablehook ("Exception ignored in"
-  with a traceback on stderr): those of a failed read are dropped there too."""
+def _drop_failed_read_echoes() -> None:
+  """After a damaged checkpoint's read failed (reported once, by the caller), its read
+  coroutines that are collected unfinished, which can be long after the restore returned,
+  reach sys.unraisablehook ("Exception ignored in" with a traceback on stderr): those are
+  dropped for the rest of the process; other unraisable exceptions still print."""
   import sys
-  for target in (logging.getLogger("asyncio"), logging.getLogger("absl"),
-                 *logging.getLogger().handlers):
-    target.addFilter(_ECHOES)
   previous = sys.unraisablehook
   if getattr(previous, "_bepa_failed_reads", False):
     return
@@ -184,14 +168,11 @@ def _filter_failed_read_echoes() -> None:
   sys.unraisablehook = hook
 
 
-_ECHOES = _FailedReadEchoes()
-
-
 @contextlib.contextmanager
 def quiet_reads():
   """Silences the loggers that print a traceback per file of a damaged checkpoint while Orbax
   tries it (asyncio, absl): its failure is reported once, by the caller. After a failure, the
-  failed read's late asyncio echoes stay filtered (`_FailedReadEchoes`)."""
+  failed read's late echoes are dropped too (`_drop_failed_read_echoes`)."""
   import gc
   loggers = [logging.getLogger(n) for n in ("asyncio", "absl")]
   levels = [lg.level for lg in loggers]
@@ -200,7 +181,7 @@ def quiet_reads():
   try:
     yield
   except BaseException:
-    _filter_failed_read_echoes()
+    _drop_failed_read_echoes()
     raise
   finally:
     gc.collect()

@@ -1,0 +1,69 @@
+"""bench/aot_table.py without compiling: its cells, the packed rows it asks bepa-compile for
+(bepa-train's own probe), and the README block it rewrites."""
+import os
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "bench"))
+import aot_table  # noqa: E402
+import authors_step  # noqa: E402
+
+
+def test_cells_padded_with_both_chunks_packed_once_and_names_unique():
+  cells = aot_table.cells()
+  padded = [c for c in cells if not c[4]]
+  packed = [c for c in cells if c[4]]
+  assert len(padded) == 2 * 2 * 2 * 4 + 1 and len(packed) == 2 * 2 * 4  # + the oversized check
+  assert all(c[3] == 0 for c in packed)
+  names = {aot_table.cell_name(*c, "full", 0) for c in cells}
+  assert len(names) == len(cells)
+  # padded names are those of the JSONs already in bench/results/aot
+  assert aot_table.cell_name("base", 4096, "v5e-64", 0, False, "dots_saveable", 0) == \
+      "base_B4096_v5e-64_chunk0_dots_saveable_gc0"
+  assert cells.index(packed[0]) > cells.index(padded[-1])  # padded first
+
+
+@pytest.fixture
+def small_probe(tmp_path, monkeypatch):
+  """The bundled corpus and a 400-piece tokenizer instead of Multi30k and 8000 pieces."""
+  monkeypatch.setattr(authors_step, "MULTI30K", str(tmp_path / "no-multi30k"))
+  monkeypatch.setattr(aot_table, "PROBE_VOCAB", 400)
+  monkeypatch.setattr(aot_table, "PROBE_CACHE", str(tmp_path / "cache"))
+  aot_table.probe.cache_clear()
+  yield
+  aot_table.probe.cache_clear()
+
+
+def test_packed_cells_ask_for_the_rows_bepa_train_would_choose(small_probe):
+  B, topo = 512, "v5e-64"  # 64 groups of 8 pairs (16 sentences)
+  pr = aot_table.probe("base", B, 64, 1)
+  assert pr["data"] == "bundled corpus en-de" and pr["sentences_per_group"] == 16
+  assert 0 < pr["packed_rows"] < 16 and pr["tokens_per_sentence"] > 2
+  args = aot_table.args_for("base", B, topo, 0, True, "dots_saveable", 0)
+  assert f"--config.data.packed_rows={pr['packed_rows']}" in args
+  assert "--config.data.packing=True" in args
+  assert args[args.index("--tokens_per_sentence") + 1] == f"{pr['tokens_per_sentence']:.3f}"
+  # GradCache chunks split a group further: rows for the chunk's share
+  chunked = aot_table.probe("base", B, 64, 4)
+  assert chunked["sentences_per_group"] == 4 and chunked["packed_rows"] <= pr["packed_rows"]
+  padded = aot_table.args_for("base", B, topo, 0, False, "full", 0)
+  assert "--config.data.packing=False" in padded and not any("packed_rows" in a for a in padded)
+
+
+def test_readme_block_rewritten_between_its_markers_only(tmp_path):
+  row = dict(config="base", B=4096, slice="v5e-64", layout="packed", contrastive_chunk=0,
+             attempts=[], analytic_step_ms=91.0, analytic_mfu=0.5)
+  readme = tmp_path / "README.md"
+  readme.write_text(f"before\n{aot_table.BEGIN} note -->\nold table\n{aot_table.END}\nafter\n")
+  aot_table.write_readme({"rows": [row]}, str(readme))
+  text = readme.read_text()
+  assert text.startswith("before\n") and text.endswith(f"{aot_table.END}\nafter\n")
+  assert "old table" not in text and "| config | B | slice | layout |" in text
+  assert "Not compiled in the sessions' time (1 of 1 cells" in text
+  assert "base 4096 v5e-64 packed chunk 0" in text
+  (tmp_path / "bare.md").write_text("no block\n")
+  with pytest.raises(SystemExit, match="no <!-- aot_table"):
+    aot_table.write_readme({"rows": [row]}, str(tmp_path / "bare.md"))
