@@ -105,12 +105,14 @@ def probe(config: str, B: int, shards: int, micro: int) -> dict:
               tokens_per_sentence=p["mean_tokens_per_sentence"], steps=p["steps"])
 
 
-def args_for(config, B, topo, chunk, packed, remat, gradcache) -> list[str]:
+def args_for(config, B, topo, chunk, packed, remat, gradcache, scan=True) -> list[str]:
   a = ["--config", CONFIGS[config], "--topology", topo, *COMMON, *VOCAB[config],
        f"--config.train.global_batch={B}", f"--config.loss.contrastive_chunk={chunk}",
        f"--config.model.remat={remat}", "--config.mesh.data=-1", "--config.mesh.fsdp=1"]
   if gradcache:
     a.append(f"--config.train.gradcache_chunks={gradcache}")
+  if not scan:
+    a.append("--config.model.scan_layers=False")
   pr = probe(config, B, chips(topo), max(gradcache, 1))
   a += ["--tokens_per_sentence", f"{pr['tokens_per_sentence']:.3f}"]
   if packed:
@@ -128,58 +130,74 @@ def load(name):
   return None
 
 
-def compile_cell(cell, deadline: float, timeout_s: float) -> None:
-  attempts = ATTEMPTS[:1] if cell == OVERSIZED else ATTEMPTS  # its point: that it does not fit
-  for remat, gc in attempts:
-    name = cell_name(*cell, remat, gc)
-    rep = load(name)
-    lock = os.path.join(OUT, name + ".lock")
-    if rep is None and os.path.exists(lock):  # another sweep process is compiling it
-      return
-    if rep is None:
-      open(lock, "w").close()
-      left = deadline - time.time()
-      if left < 60:
-        os.remove(lock)
-        return
-      cmd = [sys.executable, "-m", "bepa_jax.aot", *args_for(*cell, remat, gc),
-             "--out", os.path.join(OUT, name + ".json")]
-      if HLO_DIR:  # the optimised HLO, to re-read a cell without compiling it again
-        os.makedirs(HLO_DIR, exist_ok=True)
-        cmd += ["--hlo", os.path.join(HLO_DIR, name + ".hlo")]
-      t0 = time.time()
-      print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-      try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                              timeout=min(timeout_s, left))
-        status = f"rc {proc.returncode}"
-        tail = (proc.stderr.strip().splitlines() or [""])[-1]
-      except subprocess.TimeoutExpired:
-        status, tail = "timeout", ""
-      print(f"  {status} in {time.time() - t0:.0f} s {tail[:200]}", flush=True)
-      os.remove(lock)
+CRASHED = ("crash", "rc -11")  # XLA:TPU died of a signal (bepa-compile's JSON / a bare -11)
+
+
+def attempt_name(cell, remat, gc, scan) -> str:
+  return cell_name(*cell, remat, gc) + ("" if scan else "_unrolled")
+
+
+def walk(cell, compile_missing=None) -> tuple[list, bool]:
+  """The cell's attempts in order, (remat, gc, scan_layers, report) each, until one fits or
+  fails, and whether the walk is complete. A compiler crash with scanned layers is retried
+  unrolled (model.scan_layers=False), the same setting otherwise. `compile_missing(name,
+  remat, gc, scan)` makes a missing report (None: not now); without it the walk stops there."""
+  made = []
+  for remat, gc in ATTEMPTS[:1] if cell == OVERSIZED else ATTEMPTS:
+    for scan in (True, False):
+      name = attempt_name(cell, remat, gc, scan)
       rep = load(name)
-      if rep is None:  # crashed or timed out: record it, do not retry the same setting
-        with open(os.path.join(OUT, name + ".json"), "w") as f:
-          json.dump(dict(failed=status, tail=tail[:500]), f)
-        return
-    if rep.get("failed"):
-      return
-    if rep["memory"]["fits"]:
-      return
+      if rep is None and compile_missing is not None:
+        rep = compile_missing(name, remat, gc, scan)
+      if rep is None:
+        return made, False
+      made.append((remat, gc, scan, rep))
+      if not (scan and rep.get("failed") in CRASHED):
+        break
+    if rep.get("failed") or rep["memory"]["fits"]:
+      return made, True
+  return made, True
+
+
+def compile_cell(cell, deadline: float, timeout_s: float) -> None:
+  def compile_missing(name, remat, gc, scan):
+    lock = os.path.join(OUT, name + ".lock")
+    if os.path.exists(lock):  # another sweep process is compiling it
+      return None
+    left = deadline - time.time()
+    if left < 60:
+      return None
+    open(lock, "w").close()
+    cmd = [sys.executable, "-m", "bepa_jax.aot", *args_for(*cell, remat, gc, scan),
+           "--out", os.path.join(OUT, name + ".json")]
+    if HLO_DIR:  # the optimised HLO, to re-read a cell without compiling it again
+      os.makedirs(HLO_DIR, exist_ok=True)
+      cmd += ["--hlo", os.path.join(HLO_DIR, name + ".hlo")]
+    t0 = time.time()
+    print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+    try:
+      proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                            timeout=min(timeout_s, left))
+      status = f"rc {proc.returncode}"
+      tail = (proc.stderr.strip().splitlines() or [""])[-1]
+    except subprocess.TimeoutExpired:
+      status, tail = "timeout", ""
+    print(f"  {status} in {time.time() - t0:.0f} s {tail[:200]}", flush=True)
+    os.remove(lock)
+    rep = load(name)
+    if rep is None:  # died or timed out without a report: record it, do not retry it
+      rep = dict(failed=status, tail=tail[:500])
+      with open(os.path.join(OUT, name + ".json"), "w") as f:
+        json.dump(rep, f)
+    return rep
+
+  walk(cell, compile_missing)
 
 
 def best(cell):
   """(the first attempt that fits, every attempt made) for a cell."""
-  made = []
-  for remat, gc in ATTEMPTS:
-    rep = load(cell_name(*cell, remat, gc))
-    if rep is None:
-      break
-    made.append((remat, gc, rep))
-    if rep.get("failed") or rep["memory"]["fits"]:
-      break
-  fit = [m for m in made if not m[2].get("failed") and m[2]["memory"]["fits"]]
+  made, _ = walk(cell)
+  fit = [m for m in made if not m[3].get("failed") and m[3]["memory"]["fits"]]
   return (fit[0] if fit else None), made
 
 
@@ -205,16 +223,17 @@ def table() -> dict:
     row = dict(config=config, B=B, slice=topo, contrastive_chunk=chunk,
                layout="packed" if packed else "padded",
                tokens_per_sentence=mean["tokens_per_sentence"],
-               attempts=[dict(remat=r, gradcache_chunks=g,
+               attempts=[dict(remat=r, gradcache_chunks=g, scan_layers=sc,
                               result=("failed: " + rep["failed"]) if rep.get("failed") else
                               f"{rep['memory']['total'] / 2**30:.2f} GiB "
                               f"{'fits' if rep['memory']['fits'] else 'does not fit'}")
-                         for r, g, rep in made],
+                         for r, g, sc, rep in made],
                analytic_step_ms=est["step_s_overlapped"] * 1e3 if est else None,
                analytic_mfu=est["mfu_overlapped"] if est else None)
     if fit:
-      r, g, rep = fit
-      row.update(remat=r, gradcache_chunks=g, mesh=rep["mesh"], chips=rep["chips"],
+      r, g, sc, rep = fit
+      row.update(remat=r, gradcache_chunks=g, scan_layers=sc, mesh=rep["mesh"],
+                 chips=rep["chips"],
                  gib_per_chip=rep["memory"]["total"] / 2**30,
                  state_gib=rep["memory"]["params_and_optimizer"] / 2**30,
                  temp_gib=rep["memory"]["temporaries"] / 2**30,
@@ -246,13 +265,15 @@ def markdown(rows) -> str:
     est = (f"{r['analytic_step_ms']:.0f} / {r['analytic_mfu']:.0%}"
            if r["analytic_step_ms"] else "n/a")
     if "step_ms" not in r:
-      tried = "; ".join(f"{a['remat']}/gc{a['gradcache_chunks']}: {a['result']}"
+      tried = "; ".join(f"{a['remat']}/gc{a['gradcache_chunks']}"
+                        f"{'' if a['scan_layers'] else '/unrolled'}: {a['result']}"
                         for a in r["attempts"]) or "not compiled (time)"
       lines.append(f"| {r['config']} | {r['B']} | {r['slice']} | {r['layout']} | "
                    f"{r['contrastive_chunk']} | - | {tried} | - | - | - | - | - | {est} | - |")
       continue
     mesh = f"data={r['mesh']['data']} fsdp={r['mesh']['fsdp']}"
-    gc = f" / gc {r['gradcache_chunks']}" if r["gradcache_chunks"] else ""
+    gc = (f" / gc {r['gradcache_chunks']}" if r["gradcache_chunks"] else "") + (
+        "" if r["scan_layers"] else " / unrolled")
     layout = (f"packed {r['packing']['packed_rows']}/{r['packing']['sentences_per_group']}"
               if r["layout"] == "packed" else "padded")
     lines.append(

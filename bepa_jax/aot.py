@@ -17,6 +17,9 @@ import json
 import logging
 import math
 import os
+import re
+import signal
+import subprocess
 import sys
 import time
 
@@ -539,7 +542,71 @@ def main(argv=None) -> int:
   return cli.guarded(PROG, lambda: run_cli(argv))
 
 
-run = cli.entry(main)
+# ----------------------------------------------------------------------------- crash guard
+IN_PROCESS = "BEPA_COMPILE_IN_PROCESS"  # set in the child: compile here
+# what a C++ fatal-signal handler prints (absl / libtpu), kept from the user's terminal
+_CRASH_DUMP = re.compile(r"^\*\*\* SIG|^PC: @|^\s+@\s+0x|symbolize|RAW: ")
+
+
+def libtpu_version() -> str:
+  try:
+    return importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    return "?"
+
+
+def crash_line(code: int, dump: list[str]) -> str:
+  """One line for a compiler process killed by a signal, from its crash dump."""
+  try:
+    sig = signal.Signals(-code).name
+  except ValueError:
+    sig = f"signal {-code}"
+  where = next((m.group(1) for line in dump
+                if (m := re.search(r"PC: @\s+0x[0-9a-f]+\s+\S+\s+(\S+)", line))), "")
+  what = " stack overflow" if any("STACK OVERFLOW" in line for line in dump) else ""
+  return (f"XLA:TPU crashed compiling the step ({sig}{what}" + (f" in {where}" if where else "")
+          + f", libtpu {libtpu_version()}): a compiler bug, not a config error; seen with nn.scan "
+          "over layers and few packed rows per chip: try --config.model.scan_layers=False")
+
+
+def run_isolated(cmd: list[str], out_path: str = "", env: dict | None = None) -> int:
+  """Runs the compile in a child process and streams its output: XLA:TPU can die of a signal
+  (a C++ crash, no Python exception to catch), which becomes one line and exit 1 here, and a
+  JSON {"failed": ...} at `out_path`."""
+  env = dict(os.environ if env is None else env, **{IN_PROCESS: "1"})
+  proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, errors="replace")
+  dump = []
+  try:
+    for line in proc.stderr:
+      if _CRASH_DUMP.search(line):
+        dump.append(line)
+      else:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    code = proc.wait()
+  except KeyboardInterrupt:  # the child got the same SIGINT: it says so and exits
+    proc.wait()
+    return cli.EXIT_INTERRUPTED
+  if code >= 0:
+    sys.stderr.writelines(dump)
+    return code
+  message = crash_line(code, dump)
+  print(f"{PROG}: error: {message}", file=sys.stderr)
+  if out_path:
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+      json.dump(dict(failed="crash", error=message, signal=-code), f, indent=2)
+  return cli.EXIT_FAILED
+
+
+def run() -> None:
+  """Console entry: the compile runs in a child process (see run_isolated)."""
+  if os.environ.get(IN_PROCESS):
+    sys.exit(main())
+  p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+  p.add_argument("--out", default="")
+  out = p.parse_known_args(sys.argv[1:])[0].out
+  sys.exit(run_isolated([sys.executable, "-m", "bepa_jax.aot", *sys.argv[1:]], out))
 
 
 if __name__ == "__main__":

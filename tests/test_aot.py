@@ -2,6 +2,7 @@
 compile-only devices), what it reports, and its one-line failures."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -171,6 +172,32 @@ def test_vocab_size_from_a_tokenizer_file_must_be_given():
   with pytest.raises(ConfigError, match="--config.model.vocab_size"):
     aot.vocab_size(config)
   assert aot.vocab_size(tiny("--config.model.vocab_size=0"))[0] == 1000  # tokenizer.vocab_size
+
+
+CRASH = """import os, signal, sys
+print("compiling ...", file=sys.stderr, flush=True)
+print("*** SIGSEGV STACK OVERFLOW (see go/cppstackoverflow) received by PID 1 ***", file=sys.stderr)
+print("PC: @     0x7f6c7d19d736  (unknown)  xla::Emitter::Recurse()", file=sys.stderr)
+print("    @     0x7f6c8a40cfd3       1888  FailureSignalHandler()", file=sys.stderr, flush=True)
+os.kill(os.getpid(), signal.SIGSEGV)
+"""
+
+
+def test_a_compiler_crash_is_one_line_and_a_json(capfd, tmp_path):
+  """XLA:TPU can die of a signal (no Python exception): the child's crash dump becomes one
+  line naming where, exit 1, and {"failed": "crash"} where the report would have been."""
+  out = tmp_path / "r.json"
+  code = aot.run_isolated([sys.executable, "-c", CRASH], str(out))
+  err = capfd.readouterr().err.splitlines()
+  assert code == 1 and err[0] == "compiling ..." and len(err) == 2, err
+  assert err[1].startswith("bepa-compile: error: XLA:TPU crashed compiling the step (SIGSEGV "
+                           "stack overflow in xla::Emitter::Recurse()")
+  assert "--config.model.scan_layers=False" in err[1]
+  assert json.loads(out.read_text())["failed"] == "crash"
+  # a child that exits normally: its code and its output, untouched
+  assert aot.run_isolated([sys.executable, "-c", "import sys; print('PC: @ x', file=sys.stderr);"
+                           " sys.exit(3)"]) == 3
+  assert capfd.readouterr().err == "PC: @ x\n"
 
 
 # ----------------------------------------------------------------------------- with libtpu
