@@ -105,14 +105,14 @@ def probe(config: str, B: int, shards: int, micro: int) -> dict:
               tokens_per_sentence=p["mean_tokens_per_sentence"], steps=p["steps"])
 
 
-def args_for(config, B, topo, chunk, packed, remat, gradcache, scan=True) -> list[str]:
+def args_for(config, B, topo, chunk, packed, remat, gradcache, rbg=False) -> list[str]:
   a = ["--config", CONFIGS[config], "--topology", topo, *COMMON, *VOCAB[config],
        f"--config.train.global_batch={B}", f"--config.loss.contrastive_chunk={chunk}",
        f"--config.model.remat={remat}", "--config.mesh.data=-1", "--config.mesh.fsdp=1"]
   if gradcache:
     a.append(f"--config.train.gradcache_chunks={gradcache}")
-  if not scan:
-    a.append("--config.model.scan_layers=False")
+  if rbg:
+    a.append("--config.train.dropout_rng=rbg")
   pr = probe(config, B, chips(topo), max(gradcache, 1))
   a += ["--tokens_per_sentence", f"{pr['tokens_per_sentence']:.3f}"]
   if packed:
@@ -133,26 +133,27 @@ def load(name):
 CRASHED = ("crash", "rc -11")  # XLA:TPU died of a signal (bepa-compile's JSON / a bare -11)
 
 
-def attempt_name(cell, remat, gc, scan) -> str:
-  return cell_name(*cell, remat, gc) + ("" if scan else "_unrolled")
+def attempt_name(cell, remat, gc, rbg) -> str:
+  return cell_name(*cell, remat, gc) + ("_rbg" if rbg else "")
 
 
 def walk(cell, compile_missing=None) -> tuple[list, bool]:
-  """The cell's attempts in order, (remat, gc, scan_layers, report) each, until one fits or
-  fails, and whether the walk is complete. A compiler crash with scanned layers is retried
-  unrolled (model.scan_layers=False), the same setting otherwise. `compile_missing(name,
-  remat, gc, scan)` makes a missing report (None: not now); without it the walk stops there."""
+  """The cell's attempts in order, (remat, gc, rbg, report) each, until one fits or fails, and
+  whether the walk is complete. A compiler crash (libtpu's, with threefry dropout: see
+  bepa_jax/aot.py crash_line) is retried with train.dropout_rng=rbg, the same setting
+  otherwise. `compile_missing(name, remat, gc, rbg)` makes a missing report (None: not now);
+  without it the walk stops there."""
   made = []
   for remat, gc in ATTEMPTS[:1] if cell == OVERSIZED else ATTEMPTS:
-    for scan in (True, False):
-      name = attempt_name(cell, remat, gc, scan)
+    for rbg in (False, True):
+      name = attempt_name(cell, remat, gc, rbg)
       rep = load(name)
       if rep is None and compile_missing is not None:
-        rep = compile_missing(name, remat, gc, scan)
+        rep = compile_missing(name, remat, gc, rbg)
       if rep is None:
         return made, False
-      made.append((remat, gc, scan, rep))
-      if not (scan and rep.get("failed") in CRASHED):
+      made.append((remat, gc, rbg, rep))
+      if rbg or rep.get("failed") not in CRASHED:
         break
     if rep.get("failed") or rep["memory"]["fits"]:
       return made, True
@@ -160,7 +161,7 @@ def walk(cell, compile_missing=None) -> tuple[list, bool]:
 
 
 def compile_cell(cell, deadline: float, timeout_s: float) -> None:
-  def compile_missing(name, remat, gc, scan):
+  def compile_missing(name, remat, gc, rbg):
     lock = os.path.join(OUT, name + ".lock")
     if os.path.exists(lock):  # another sweep process is compiling it
       return None
@@ -168,7 +169,7 @@ def compile_cell(cell, deadline: float, timeout_s: float) -> None:
     if left < 60:
       return None
     open(lock, "w").close()
-    cmd = [sys.executable, "-m", "bepa_jax.aot", *args_for(*cell, remat, gc, scan),
+    cmd = [sys.executable, "-m", "bepa_jax.aot", *args_for(*cell, remat, gc, rbg),
            "--out", os.path.join(OUT, name + ".json")]
     if HLO_DIR:  # the optimised HLO, to re-read a cell without compiling it again
       os.makedirs(HLO_DIR, exist_ok=True)
@@ -223,7 +224,7 @@ def table() -> dict:
     row = dict(config=config, B=B, slice=topo, contrastive_chunk=chunk,
                layout="packed" if packed else "padded",
                tokens_per_sentence=mean["tokens_per_sentence"],
-               attempts=[dict(remat=r, gradcache_chunks=g, scan_layers=sc,
+               attempts=[dict(remat=r, gradcache_chunks=g, dropout_rng_rbg=sc,
                               result=("failed: " + rep["failed"]) if rep.get("failed") else
                               f"{rep['memory']['total'] / 2**30:.2f} GiB "
                               f"{'fits' if rep['memory']['fits'] else 'does not fit'}")
@@ -232,7 +233,7 @@ def table() -> dict:
                analytic_mfu=est["mfu_overlapped"] if est else None)
     if fit:
       r, g, sc, rep = fit
-      row.update(remat=r, gradcache_chunks=g, scan_layers=sc, mesh=rep["mesh"],
+      row.update(remat=r, gradcache_chunks=g, dropout_rng_rbg=sc, mesh=rep["mesh"],
                  chips=rep["chips"],
                  gib_per_chip=rep["memory"]["total"] / 2**30,
                  state_gib=rep["memory"]["params_and_optimizer"] / 2**30,
@@ -266,14 +267,14 @@ def markdown(rows) -> str:
            if r["analytic_step_ms"] else "n/a")
     if "step_ms" not in r:
       tried = "; ".join(f"{a['remat']}/gc{a['gradcache_chunks']}"
-                        f"{'' if a['scan_layers'] else '/unrolled'}: {a['result']}"
+                        f"{'/rbg' if a['dropout_rng_rbg'] else ''}: {a['result']}"
                         for a in r["attempts"]) or "not compiled (time)"
       lines.append(f"| {r['config']} | {r['B']} | {r['slice']} | {r['layout']} | "
                    f"{r['contrastive_chunk']} | - | {tried} | - | - | - | - | - | {est} | - |")
       continue
     mesh = f"data={r['mesh']['data']} fsdp={r['mesh']['fsdp']}"
     gc = (f" / gc {r['gradcache_chunks']}" if r["gradcache_chunks"] else "") + (
-        "" if r["scan_layers"] else " / unrolled")
+        " / rbg dropout" if r["dropout_rng_rbg"] else "")
     layout = (f"packed {r['packing']['packed_rows']}/{r['packing']['sentences_per_group']}"
               if r["layout"] == "packed" else "padded")
     lines.append(

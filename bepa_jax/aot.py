@@ -565,8 +565,10 @@ def crash_line(code: int, dump: list[str]) -> str:
                 if (m := re.search(r"PC: @\s+0x[0-9a-f]+\s+\S+\s+(\S+)", line))), "")
   what = " stack overflow" if any("STACK OVERFLOW" in line for line in dump) else ""
   return (f"XLA:TPU crashed compiling the step ({sig}{what}" + (f" in {where}" if where else "")
-          + f", libtpu {libtpu_version()}): a compiler bug, not a config error; seen with nn.scan "
-          "over layers and few packed rows per chip: try --config.model.scan_layers=False")
+          + f", libtpu {libtpu_version()}): a compiler bug, not a config error; seen with "
+          "threefry attention dropout fused into a scanned layer's matmul (packed rows, bf16, "
+          "remat=dots_saveable): try --config.train.dropout_rng=rbg, or "
+          "--config.model.scan_layers=False")
 
 
 def run_isolated(cmd: list[str], out_path: str = "", env: dict | None = None) -> int:

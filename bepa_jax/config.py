@@ -55,6 +55,9 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return sizes[0] * dcn, sizes[1], sizes[2]
 
 
+DROPOUT_RNGS = ("threefry2x32", "rbg", "unsafe_rbg")  # jax.random.key(impl=...)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
   """Checks `config` for `num_devices`; returns the resolved (data, fsdp, tensor) mesh."""
   for key, choices in _CHOICES.items():
@@ -110,6 +113,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     raise ConfigError(f"train.steps must be >= 0, got {t.steps}")
   if int(t.global_batch) < 1:
     raise ConfigError(f"train.global_batch must be >= 1, got {t.global_batch}")
+  if str(t.get("dropout_rng", "threefry2x32")) not in DROPOUT_RNGS:
+    raise ConfigError(f"train.dropout_rng={t.dropout_rng!r}: expected one of "
+                      f"{', '.join(DROPOUT_RNGS)}")
   if int(t.grad_accum_steps) < 1:
     raise ConfigError(f"train.grad_accum_steps must be >= 1, got {t.grad_accum_steps}")
   if float(config.optim.learning_rate) <= 0:

@@ -129,6 +129,10 @@ def get_config() -> ml_collections.ConfigDict:
                                      # activation memory is one chunk of global_batch / chunks
       steps=1000,                    # 0 = save the initial state (init.hf_dir's) as step 0, exit
       seed=0,
+      dropout_rng="threefry2x32",    # dropout's PRNG: threefry2x32 | rbg (XLA's RngBitGenerator,
+                                     # the TPU's hardware generator: cheaper, and a workaround
+                                     # for the libtpu crash bepa-compile names) | unsafe_rbg;
+                                     # init is threefry either way
       log_every=50,
       profile_start=0,               # jax.profiler trace of steps [start, start + profile_steps)
       profile_steps=0,               # into WORKDIR/profile; 0 = off (start >= 2 skips compilation)

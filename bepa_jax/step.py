@@ -72,12 +72,13 @@ def make_train_step(model, config, mesh, state_shardings, schedule=None):
   chunks = int(config.train.gradcache_chunks)
   ema_decay = float(config.loss.ema_decay)
   seed = int(config.train.seed)
+  rng_impl = str(config.train.get("dropout_rng", "threefry2x32"))
   rules = mesh_lib.rules(config.mesh)
 
   def step(state, batch):
     with nn.logical_axis_rules(rules):
       # Dropout randomness is a pure function of (seed, step): resume is exact.
-      rng = jax.random.fold_in(jax.random.key(seed), state.step)
+      rng = jax.random.fold_in(jax.random.key(seed, impl=rng_impl), state.step)
       ema = state.ema_params
       if chunks > 1:  # the pool is the full batch; memory is one chunk's activations
         (_, metrics), grads = gradcache.value_and_grad(obj, state.params, batch, rng, chunks,

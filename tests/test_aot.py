@@ -192,7 +192,7 @@ def test_a_compiler_crash_is_one_line_and_a_json(capfd, tmp_path):
   assert code == 1 and err[0] == "compiling ..." and len(err) == 2, err
   assert err[1].startswith("bepa-compile: error: XLA:TPU crashed compiling the step (SIGSEGV "
                            "stack overflow in xla::Emitter::Recurse()")
-  assert "--config.model.scan_layers=False" in err[1]
+  assert "--config.train.dropout_rng=rbg" in err[1]
   assert json.loads(out.read_text())["failed"] == "crash"
   # a child that exits normally: its code and its output, untouched
   assert aot.run_isolated([sys.executable, "-c", "import sys; print('PC: @ x', file=sys.stderr);"

@@ -69,26 +69,28 @@ def test_readme_block_rewritten_between_its_markers_only(tmp_path):
     aot_table.write_readme({"rows": [row]}, str(tmp_path / "bare.md"))
 
 
-def test_a_compiler_crash_is_retried_unrolled_then_the_ladder_goes_on(tmp_path, monkeypatch):
+def test_a_compiler_crash_is_retried_with_rbg_dropout_then_the_ladder_goes_on(tmp_path, monkeypatch,
+                                                                         small_probe):
   monkeypatch.setattr(aot_table, "OUT", str(tmp_path))
   cell = ("base", 4096, "v5e-256", 0, True)
   fits = lambda ok: {"memory": {"fits": ok, "total": 1.0}}
-  outcome = {("dots_saveable", 0, True): {"failed": "crash"},
-             ("dots_saveable", 0, False): fits(False),
-             ("full", 0, True): {"failed": "crash"},
-             ("full", 0, False): fits(True)}
+  outcome = {("dots_saveable", 0, False): {"failed": "crash"},
+             ("dots_saveable", 0, True): fits(False),
+             ("full", 0, False): {"failed": "rc -11"},
+             ("full", 0, True): fits(True)}
   asked = []
 
-  def compile_missing(name, remat, gc, scan):
-    asked.append((remat, gc, scan))
-    assert name == aot_table.attempt_name(cell, remat, gc, scan)
-    return outcome[(remat, gc, scan)]
+  def compile_missing(name, remat, gc, rbg):
+    asked.append((remat, gc, rbg))
+    assert name == aot_table.attempt_name(cell, remat, gc, rbg)
+    return outcome[(remat, gc, rbg)]
 
   made, done = aot_table.walk(cell, compile_missing)
-  assert done and asked == list(outcome)  # each crash retried unrolled, then the next remat
+  assert done and asked == list(outcome)  # each crash retried with rbg, then the next remat
   assert [m[:3] for m in made] == list(outcome)
-  assert aot_table.cell_name(*cell, "full", 0) + "_unrolled" == \
-      aot_table.attempt_name(cell, "full", 0, False)
+  assert aot_table.cell_name(*cell, "full", 0) + "_rbg" == \
+      aot_table.attempt_name(cell, "full", 0, True)
+  assert "--config.train.dropout_rng=rbg" in aot_table.args_for(*cell[:4], False, "full", 0, True)
   # without a compiler the walk stops at the first missing report
   made, done = aot_table.walk(cell)
   assert made == [] and not done
