@@ -6,8 +6,8 @@
 
 Each cell is one `bepa-compile` process (a libtpu crash or hang costs that cell only), run
 with a time limit; its JSON goes to bench/results/aot/CELL.json. For every cell the attempts
-go from the configs' own setting (data parallel, remat=dots_saveable) to remat=full, then to
-GradCache chunks (the same negative pool, one chunk's activations): the first that fits is the
+go from the configs' own setting (data parallel, remat=dots_saveable) to remat=full, then
+full with fsdp over every chip (params and Adam state sharded), then to GradCache chunks (the same negative pool, one chunk's activations): the first that fits is the
 cell's figure, and every attempt is kept. Cells are compiled in priority order (base before
 xlm-r, B = 4096 before 32768, v5e-64 first, padded before packed) until --budget_s is spent;
 missing ones show "-". Beside each: bench/pod_estimate.py's analytic figure (50% matmul
@@ -45,7 +45,10 @@ LAYOUTS = (False, True)  # padded, packed (packed: chunk 0 only; the chunk is a 
 PROBE_VOCAB = 8000
 PROBE_CACHE = os.path.join("/tmp", "bepa_authors_step")  # bench/packing.py's tokenizer cache
 # what to try, in order, until the step fits
-ATTEMPTS = (("dots_saveable", 0), ("full", 0), ("full", 4), ("full", 16))
+# (remat, GradCache chunks, fsdp): fsdp shards params + Adam state over every chip (the batch
+# stays split over all of them), which frees 3 x 4 bytes x params per chip less 1/chips
+ATTEMPTS = (("dots_saveable", 0, False), ("full", 0, False), ("full", 0, True),
+            ("full", 4, False), ("full", 16, False))
 
 
 def cell_name(config, B, topo, chunk, packed, remat, gradcache) -> str:
@@ -105,10 +108,13 @@ def probe(config: str, B: int, shards: int, micro: int) -> dict:
               tokens_per_sentence=p["mean_tokens_per_sentence"], steps=p["steps"])
 
 
-def args_for(config, B, topo, chunk, packed, remat, gradcache, rbg=False) -> list[str]:
+def args_for(config, B, topo, chunk, packed, remat, gradcache, fsdp=False,
+             rbg=False) -> list[str]:
+  mesh = (["--config.mesh.data=1", "--config.mesh.fsdp=-1"] if fsdp else
+          ["--config.mesh.data=-1", "--config.mesh.fsdp=1"])
   a = ["--config", CONFIGS[config], "--topology", topo, *COMMON, *VOCAB[config],
        f"--config.train.global_batch={B}", f"--config.loss.contrastive_chunk={chunk}",
-       f"--config.model.remat={remat}", "--config.mesh.data=-1", "--config.mesh.fsdp=1"]
+       f"--config.model.remat={remat}", *mesh]
   if gradcache:
     a.append(f"--config.train.gradcache_chunks={gradcache}")
   if rbg:
@@ -133,26 +139,27 @@ def load(name):
 CRASHED = ("crash", "rc -11")  # XLA:TPU died of a signal (bepa-compile's JSON / a bare -11)
 
 
-def attempt_name(cell, remat, gc, rbg) -> str:
-  return cell_name(*cell, remat, gc) + ("_rbg" if rbg else "")
+def attempt_name(cell, remat, gc, fsdp=False, rbg=False) -> str:
+  return cell_name(*cell, remat, gc) + ("_fsdp" if fsdp else "") + ("_rbg" if rbg else "")
 
 
 def walk(cell, compile_missing=None) -> tuple[list, bool]:
-  """The cell's attempts in order, (remat, gc, rbg, report) each, until one fits or fails, and
-  whether the walk is complete. A compiler crash (libtpu's, with threefry dropout: see
-  bepa_jax/aot.py crash_line) is retried with train.dropout_rng=rbg, the same setting
-  otherwise. `compile_missing(name, remat, gc, rbg)` makes a missing report (None: not now);
+  """The cell's attempts in order until one fits or fails, each a dict (remat, gc, fsdp, rbg,
+  rep), and whether the walk is complete. A compiler crash (libtpu's, with threefry dropout:
+  see bepa_jax/aot.py crash_line) is retried with train.dropout_rng=rbg, the same setting
+  otherwise. `compile_missing(name, **setting)` makes a missing report (None: not now);
   without it the walk stops there."""
   made = []
-  for remat, gc in ATTEMPTS[:1] if cell == OVERSIZED else ATTEMPTS:
+  for remat, gc, fsdp in ATTEMPTS[:1] if cell == OVERSIZED else ATTEMPTS:
     for rbg in (False, True):
-      name = attempt_name(cell, remat, gc, rbg)
+      setting = dict(remat=remat, gc=gc, fsdp=fsdp, rbg=rbg)
+      name = attempt_name(cell, **setting)
       rep = load(name)
       if rep is None and compile_missing is not None:
-        rep = compile_missing(name, remat, gc, rbg)
+        rep = compile_missing(name, **setting)
       if rep is None:
         return made, False
-      made.append((remat, gc, rbg, rep))
+      made.append(dict(setting, rep=rep))
       if rbg or rep.get("failed") not in CRASHED:
         break
     if rep.get("failed") or rep["memory"]["fits"]:
@@ -161,7 +168,7 @@ def walk(cell, compile_missing=None) -> tuple[list, bool]:
 
 
 def compile_cell(cell, deadline: float, timeout_s: float) -> None:
-  def compile_missing(name, remat, gc, rbg):
+  def compile_missing(name, remat, gc, fsdp, rbg):
     lock = os.path.join(OUT, name + ".lock")
     if os.path.exists(lock):  # another sweep process is compiling it
       return None
@@ -169,7 +176,7 @@ def compile_cell(cell, deadline: float, timeout_s: float) -> None:
     if left < 60:
       return None
     open(lock, "w").close()
-    cmd = [sys.executable, "-m", "bepa_jax.aot", *args_for(*cell, remat, gc, rbg),
+    cmd = [sys.executable, "-m", "bepa_jax.aot", *args_for(*cell, remat, gc, fsdp, rbg),
            "--out", os.path.join(OUT, name + ".json")]
     if HLO_DIR:  # the optimised HLO, to re-read a cell without compiling it again
       os.makedirs(HLO_DIR, exist_ok=True)
@@ -198,7 +205,7 @@ def compile_cell(cell, deadline: float, timeout_s: float) -> None:
 def best(cell):
   """(the first attempt that fits, every attempt made) for a cell."""
   made, _ = walk(cell)
-  fit = [m for m in made if not m[3].get("failed") and m[3]["memory"]["fits"]]
+  fit = [m for m in made if not m["rep"].get("failed") and m["rep"]["memory"]["fits"]]
   return (fit[0] if fit else None), made
 
 
@@ -224,15 +231,16 @@ def table() -> dict:
     row = dict(config=config, B=B, slice=topo, contrastive_chunk=chunk,
                layout="packed" if packed else "padded",
                tokens_per_sentence=mean["tokens_per_sentence"],
-               attempts=[dict(remat=r, gradcache_chunks=g, dropout_rng_rbg=sc,
-                              result=("failed: " + rep["failed"]) if rep.get("failed") else
-                              f"{rep['memory']['total'] / 2**30:.2f} GiB "
-                              f"{'fits' if rep['memory']['fits'] else 'does not fit'}")
-                         for r, g, sc, rep in made],
+               attempts=[dict(remat=m["remat"], gradcache_chunks=m["gc"], fsdp=m["fsdp"],
+                              dropout_rng_rbg=m["rbg"],
+                              result=("failed: " + m["rep"]["failed"]) if m["rep"].get("failed")
+                              else f"{m['rep']['memory']['total'] / 2**30:.2f} GiB "
+                              f"{'fits' if m['rep']['memory']['fits'] else 'does not fit'}")
+                         for m in made],
                analytic_step_ms=est["step_s_overlapped"] * 1e3 if est else None,
                analytic_mfu=est["mfu_overlapped"] if est else None)
     if fit:
-      r, g, sc, rep = fit
+      r, g, sc, rep = fit["remat"], fit["gc"], fit["rbg"], fit["rep"]
       row.update(remat=r, gradcache_chunks=g, dropout_rng_rbg=sc, mesh=rep["mesh"],
                  chips=rep["chips"],
                  gib_per_chip=rep["memory"]["total"] / 2**30,
@@ -267,6 +275,7 @@ def markdown(rows) -> str:
            if r["analytic_step_ms"] else "n/a")
     if "step_ms" not in r:
       tried = "; ".join(f"{a['remat']}/gc{a['gradcache_chunks']}"
+                        f"{'/fsdp' if a['fsdp'] else ''}"
                         f"{'/rbg' if a['dropout_rng_rbg'] else ''}: {a['result']}"
                         for a in r["attempts"]) or "not compiled (time)"
       lines.append(f"| {r['config']} | {r['B']} | {r['slice']} | {r['layout']} | "

@@ -74,23 +74,26 @@ def test_a_compiler_crash_is_retried_with_rbg_dropout_then_the_ladder_goes_on(tm
   monkeypatch.setattr(aot_table, "OUT", str(tmp_path))
   cell = ("base", 4096, "v5e-256", 0, True)
   fits = lambda ok: {"memory": {"fits": ok, "total": 1.0}}
-  outcome = {("dots_saveable", 0, False): {"failed": "crash"},
-             ("dots_saveable", 0, True): fits(False),
-             ("full", 0, False): {"failed": "rc -11"},
-             ("full", 0, True): fits(True)}
+  outcome = {("dots_saveable", 0, False, False): {"failed": "crash"},
+             ("dots_saveable", 0, False, True): fits(False),
+             ("full", 0, False, False): fits(False),
+             ("full", 0, True, False): {"failed": "rc -11"},   # fsdp
+             ("full", 0, True, True): fits(True)}
   asked = []
 
-  def compile_missing(name, remat, gc, rbg):
-    asked.append((remat, gc, rbg))
-    assert name == aot_table.attempt_name(cell, remat, gc, rbg)
-    return outcome[(remat, gc, rbg)]
+  def compile_missing(name, remat, gc, fsdp, rbg):
+    asked.append((remat, gc, fsdp, rbg))
+    assert name == aot_table.attempt_name(cell, remat, gc, fsdp, rbg)
+    return outcome[(remat, gc, fsdp, rbg)]
 
   made, done = aot_table.walk(cell, compile_missing)
   assert done and asked == list(outcome)  # each crash retried with rbg, then the next remat
-  assert [m[:3] for m in made] == list(outcome)
-  assert aot_table.cell_name(*cell, "full", 0) + "_rbg" == \
-      aot_table.attempt_name(cell, "full", 0, True)
-  assert "--config.train.dropout_rng=rbg" in aot_table.args_for(*cell[:4], False, "full", 0, True)
+  assert [(m["remat"], m["gc"], m["fsdp"], m["rbg"]) for m in made] == list(outcome)
+  assert aot_table.cell_name(*cell, "full", 0) + "_fsdp_rbg" == \
+      aot_table.attempt_name(cell, "full", 0, fsdp=True, rbg=True)
+  args = aot_table.args_for(*cell[:4], False, "full", 0, fsdp=True, rbg=True)
+  assert "--config.train.dropout_rng=rbg" in args
+  assert "--config.mesh.data=1" in args and "--config.mesh.fsdp=-1" in args
   # without a compiler the walk stops at the first missing report
   made, done = aot_table.walk(cell)
   assert made == [] and not done
