@@ -192,13 +192,13 @@ def compile_step(config, topo: tpu_specs.Topology, slices: int = 1, hlo_path: st
     if rows is None:
       config = config.copy_and_resolve_references()
       config.data.packing = False
-      layout = ("padded (data.packing=True with rows chosen from the data: compiled as its "
-                "padded layout, an upper bound; --config.data.packed_rows=R compiles the packed "
-                "one, bepa-train logs R in its `packing:` line)")
+      layout = ("padded: the upper bound of data.packing with rows chosen from the data "
+                "(set --config.data.packed_rows=R, from bepa-train's `packing:` line, for the "
+                "packed layout)")
     else:
       layout = f"packed ({rows[0]} rows per group" + (
           f", {rows[1]} TLM rows" if rows[1] else "") + ")"
-    log.info("bepa-compile: %s layout", layout)
+    log.info("bepa-compile: layout %s", layout)
   devices = topology_devices(topo, slices)
   B, L = int(config.train.global_batch), int(config.data.max_length)
   if tokens_per_sentence > L:

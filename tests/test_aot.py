@@ -285,7 +285,7 @@ def test_packed_layout_compiles_with_fewer_positions():
     assert sum(c["buffer_bytes"] for c in gathers) == 2 * B * D * 2, gathers
   # rows chosen from the data: compiled padded, and said so
   auto = aot.compile_step(tiny("--config.data.packing=True"), topo)
-  assert auto["layout"].startswith("padded (data.packing=True")
+  assert auto["layout"].startswith("padded: the upper bound of data.packing")
   assert auto["token_slots_per_step"] == 2 * B * 16 and auto["real_tokens_per_s"] is None
 
 
