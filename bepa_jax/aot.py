@@ -158,11 +158,10 @@ def token_slots(config, batch_shards: int = 1) -> int:
   return math.prod(shape)
 
 
-def abstract_batch(config, mesh) -> dict:
+def abstract_batch(config, mesh, batch_shards: int) -> dict:
   sharding = mesh_lib.batch_sharding(mesh)
-  shards = math.prod(mesh.shape[a] for a in mesh_lib.BATCH_AXES)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-          for k, (shape, dtype) in batch_shapes(config, shards).items()}
+          for k, (shape, dtype) in batch_shapes(config, batch_shards).items()}
 
 
 def bytes_per_device(tree) -> int:
@@ -214,8 +213,9 @@ def compile_step(config, topo: tpu_specs.Topology, slices: int = 1, hlo_path: st
   parts = train_lib.model_parts(config, model_cfg, mesh)
   state, shardings = train_state.abstract_state(*parts.init_args, **parts.init_kwargs)
   step_fn = step_lib.make_train_step(parts.model, config, mesh, shardings, parts.schedule)
-  batch = abstract_batch(config, mesh)
-  slots = token_slots(config, math.prod(mesh.shape[a] for a in mesh_lib.BATCH_AXES))
+  shards = shape[0] * shape[1]  # data x fsdp: the batch shards, one packing group each
+  batch = abstract_batch(config, mesh, shards)
+  slots = token_slots(config, shards)
   if 2 * B * tokens_per_sentence > slots:
     raise ConfigError(f"--tokens_per_sentence={tokens_per_sentence:g}: {2 * B} sentences hold "
                       f"{2 * B * tokens_per_sentence:,.0f} real tokens, more than the {slots:,} "
@@ -462,8 +462,8 @@ def format_report(rep: dict) -> str:
                 f"{rep['real_tokens_per_s']:,.0f} real tokens/s "
                 f"({rep['tokens_per_sentence']:.1f} per sentence), " if rep["real_tokens_per_s"]
                 else "") +
-            f"{rep['token_slots_per_s']:,.0f} token positions/s (padding included), MFU {rep['mfu']:.1%} of the bf16 peak "
-            f"(XLA's flops, remat included)", "",
+            f"{rep['token_slots_per_s']:,.0f} token positions/s (padding included), "
+            f"MFU {rep['mfu']:.1%} of the bf16 peak (XLA's flops, remat included)", "",
             "collectives per step              kind            arrays                     "
             "group  x     MiB  ring MiB/chip"]
   B = rep["global_batch"]

@@ -72,7 +72,7 @@ def make_train_step(model, config, mesh, state_shardings, schedule=None):
   chunks = int(config.train.gradcache_chunks)
   ema_decay = float(config.loss.ema_decay)
   seed = int(config.train.seed)
-  rng_impl = str(config.train.get("dropout_rng", "threefry2x32"))
+  rng_impl = str(config.train.dropout_rng)
   rules = mesh_lib.rules(config.mesh)
 
   def step(state, batch):
