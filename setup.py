@@ -45,7 +45,7 @@ setup(
       "pyyaml",
       "tensorflow-datasets",
       "array_record",
-      # XLA:TPU for bepa-compile (bepa_jax/aot.py) and tests/test_aot.py: compiles for TPU
+      # XLA:TPU for bepa-compile (bepa_jax/aot/compile.py) and tests/test_aot.py: compiles for TPU
       # topologies on a CPU-only machine; the version jax's own `tpu` extra pins
       "libtpu==0.0.42.*",
     ],

@@ -88,13 +88,13 @@ def probe(config: str, B: int, shards: int, micro: int) -> dict:
   """What bepa-train's packing probe (data.packed_rows=0) chooses for Multi30k en-de at this
   global batch and grouping: rows per group, and the mean real tokens per sentence."""
   import authors_step
-  from bepa_jax import train
+  from bepa_jax.config import load as config_load
   from bepa_jax.data import factory
   from bepa_jax.data import tokenizer as tokenizer_lib
   source, data_name = authors_step.data_source(authors_step.MULTI30K)
   tok = tokenizer_lib.SentencePieceTokenizer(
       authors_step.tokenizer_path(source, PROBE_VOCAB, PROBE_CACHE))
-  c = train.load_config(os.path.join(REPO, CONFIGS[config]), [
+  c = config_load.load_config(os.path.join(REPO, CONFIGS[config]), [
       *COMMON, *VOCAB[config], f"--config.train.global_batch={B}", f"--config.data.source={source}",
       "--config.data.pairs=", "--config.data.languages=en,de",
       "--config.data.dedup=False",  # B = 32,768 draws more pairs than Multi30k has
@@ -146,7 +146,7 @@ def attempt_name(cell, remat, gc, fsdp=False, rbg=False) -> str:
 def walk(cell, compile_missing=None) -> tuple[list, bool]:
   """The cell's attempts in order until one fits or fails, each a dict (remat, gc, fsdp, rbg,
   rep), and whether the walk is complete. A compiler crash (libtpu's, with threefry dropout:
-  see bepa_jax/aot.py crash_line) is retried with train.dropout_rng=rbg, the same setting
+  see bepa_jax/aot/compile.py crash_line) is retried with train.dropout_rng=rbg, the same setting
   otherwise. `compile_missing(name, **setting)` makes a missing report (None: not now);
   without it the walk stops there."""
   made = []
@@ -176,7 +176,7 @@ def compile_cell(cell, deadline: float, timeout_s: float) -> None:
     if left < 60:
       return None
     open(lock, "w").close()
-    cmd = [sys.executable, "-m", "bepa_jax.aot", *args_for(*cell, remat, gc, fsdp, rbg),
+    cmd = [sys.executable, "-m", "bepa_jax.cli.compile", *args_for(*cell, remat, gc, fsdp, rbg),
            "--out", os.path.join(OUT, name + ".json")]
     if HLO_DIR:  # the optimised HLO, to re-read a cell without compiling it again
       os.makedirs(HLO_DIR, exist_ok=True)
@@ -212,11 +212,11 @@ def best(cell):
 def analytic(cell):
   """bench/pod_estimate.py's step time and MFU (50% matmul efficiency) for the same shape."""
   import pod_estimate
-  from bepa_jax import train
+  from bepa_jax.config import load as config_load
   config, B, topo = cell[:3]
   if topo not in pod_estimate.SLICES:
     return None
-  c = train.load_config(os.path.join(REPO, CONFIGS[config]),
+  c = config_load.load_config(os.path.join(REPO, CONFIGS[config]),
                         [*COMMON, *VOCAB[config], f"--config.train.global_batch={B}"])
   return pod_estimate.estimate(topo, c, 0.5)
 

@@ -19,7 +19,7 @@ logits at every position), as their code does, MLM accuracy by argmax included; 
 same passes with the MLM head at the masked positions only (what ours does), to tell the head
 apart from the padding.
 
-Ours is the bepa-jax jitted step (`train.build`, loss.cls_input=clean, loss.mlm_input=pair or
+Ours is the bepa-jax jitted step (`build_lib.build`, loss.cls_input=clean, loss.mlm_input=pair or
 sentence, same-language negatives, self term unmasked), whose batches are padded to
 data.max_length. Both get the same sentence pairs (Multi30k en-de train), the same token ids and
 the same masking: the peer's tensors are our pipeline's batch with the padding cut to the
@@ -34,7 +34,7 @@ median and fastest ms/step (the fastest is robust to a loaded machine); real tok
 the x and y sentence lengths incl. their [CLS]/[SEP], the same count for both) / median step
 time; tokens processed per step (padding included, over the three passes); padding overhead =
 processed / non-padding tokens of the passes (1.00 = no padding) and padding fraction = 1 -
-non-padding / processed (ours: bepa_jax/throughput.py, the count bepa-train logs).
+non-padding / processed (ours: bepa_jax/training/throughput.py, the count bepa-train logs).
 Results: bench/results/authors_step_<tag>.json and .png.
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def data_source(data: str) -> tuple[str, str]:
 
 def tokenizer_path(source: str, vocab: int, cache_dir: str) -> str:
   """One sentencepiece model for both sides (and both frameworks), trained once per source."""
-  from bepa_jax import default_config
+  from bepa_jax.config import defaults as default_config
   from bepa_jax.data import factory
   from bepa_jax.data import tokenizer as tokenizer_lib
   out = os.path.join(cache_dir, f"spm_{'m30k' if source != 'embedded' else 'embedded'}_{vocab}")
@@ -95,7 +95,7 @@ def tokenizer_path(source: str, vocab: int, cache_dir: str) -> str:
 def make_config(name: str, mlm: str = "pair", family: str = "bert", dropout: float = 0.1,
                 source: str = "embedded", tokenizer: str = ""):
   """Our config of the authors' step: clean [CLS] passes, `mlm` MLM, their candidate set."""
-  from bepa_jax import default_config
+  from bepa_jax.config import defaults as default_config
   import harness
   s = CONFIGS[name]
   c = default_config.get_config()
@@ -121,8 +121,8 @@ def make_config(name: str, mlm: str = "pair", family: str = "bert", dropout: flo
 def build_ours(config, workdir: str, devices=None):
   """train.build on one device: the job (pipeline, state, jitted step)."""
   import jax
-  from bepa_jax import train
-  return train.build(config, workdir, list(devices or jax.devices()[:1]))
+  from bepa_jax.trainer import build as build_lib
+  return build_lib.build(config, workdir, list(devices or jax.devices()[:1]))
 
 
 # ---------------------------------------------------------------------------- the peer's inputs
@@ -355,14 +355,14 @@ def ours_runner(job, device_batches: list, compiled):
 def run_config(name: str, mlm: str, args, source: str, tok: str, tmp: str) -> dict:
   import jax
   import harness
-  from bepa_jax import train
+  from bepa_jax.trainer import loop
   config = make_config(name, mlm, args.family, args.dropout, source, tok)
   job = build_ours(config, os.path.join(tmp, f"{name}_{mlm}"))
   n = args.warmup + args.reps
   host = [job.pipeline.batch(s) for s in range(n)]
   peers = [peer_batch(b, mlm) for b in host]
   counts = [token_counts(b, mlm, p) for b, p in zip(host, peers)]
-  device = [train.global_batch(b, job.mesh) for b in host]
+  device = [loop.global_batch(b, job.mesh) for b in host]
   spec, weights = peer_spec(job), initial_weights(job)
   t0 = time.perf_counter()
   with jax.set_mesh(job.mesh):

@@ -37,7 +37,7 @@ def main() -> int:
 
   import jax
   import numpy as np
-  from bepa_jax import train
+  from bepa_jax.trainer import build as build_lib
   from bepa_jax.checkpoint import integrity, manager
   from tests.helpers import tiny_config
 
@@ -48,7 +48,7 @@ def main() -> int:
       "model.intermediate_size": 4 * h, "model.vocab_size": args.vocab,
       "model.max_position_embeddings": 512, "checkpoint.async_save": False,
       "checkpoint.keep": 1, "checkpoint.every_minutes": 0})
-  job = train.build(config, os.path.join(root, "build"))
+  job = build_lib.build(config, os.path.join(root, "build"))
   rng = np.random.default_rng(0)
   state = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype)
                        if x.dtype == np.float32 else x, job.state)

@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bepa_jax import default_config  # noqa: E402
+from bepa_jax.config import defaults as default_config  # noqa: E402
 
 # name -> (layers, hidden, heads, intermediate, seq, vocab, pairs per step)
 SHAPES = {
@@ -96,9 +96,10 @@ def synthetic_batch(config, seed: int = 0) -> dict:
 def build_jax_step(config, devices=None):
   """(step_fn, state, device batch, compile seconds, memory dict) for `config` on `devices`."""
   from bepa_jax import mesh as mesh_lib
-  from bepa_jax import step as step_lib
-  from bepa_jax import train as train_lib
-  from bepa_jax import train_state
+  from bepa_jax.training import step as step_lib
+  from bepa_jax.trainer import build as build_lib
+  from bepa_jax.trainer import loop
+  from bepa_jax.training import state as train_state
   from bepa_jax.model import BepaEncoder, EncoderConfig
 
   devices = devices or jax.devices()[:1]
@@ -106,9 +107,9 @@ def build_jax_step(config, devices=None):
   model = BepaEncoder(EncoderConfig.from_config(config.model))
   tx = train_state.create_optimizer(config.optim, 1000)
   state, shardings = train_state.create_sharded_state(
-      model, tx, train_lib.example_inputs(config), jax.random.key(0), mesh, config.mesh)
+      model, tx, build_lib.example_inputs(config), jax.random.key(0), mesh, config.mesh)
   step_fn = step_lib.make_train_step(model, config, mesh, shardings)
-  batch = train_lib.global_batch(synthetic_batch(config), mesh)
+  batch = loop.global_batch(synthetic_batch(config), mesh)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
     compiled = step_fn.lower(state, batch).compile()

@@ -33,7 +33,7 @@ def main():
     print(f"skip: {DATA} is absent")
     return 0
   import jax
-  from bepa_jax import default_config, train
+  from bepa_jax.config import defaults as default_config, train
   from bepa_jax.data import factory as data_factory
 
   c = default_config.get_config()

@@ -40,7 +40,7 @@ VARIANTS = {  # name -> (loss.weight, loss.cls_input, loss.mlm_input)
 
 
 def base_config(args, source, tokenizer_path=None, hf_dir=None):
-  from bepa_jax import default_config
+  from bepa_jax.config import defaults as default_config
   c = default_config.get_config()
   c.model.hidden_size, c.model.num_layers = args.hidden, args.layers
   c.model.num_heads, c.model.intermediate_size = max(args.hidden // 32, 1), 4 * args.hidden
@@ -64,7 +64,7 @@ def base_config(args, source, tokenizer_path=None, hf_dir=None):
 
 
 def evaluate(model_cfg, params, tokenizer, sets, max_length):
-  from bepa_jax import default_config
+  from bepa_jax.config import defaults as default_config
   from bepa_jax import mesh as mesh_lib
   from bepa_jax.eval import embed, suite
   from bepa_jax.model import BepaEncoder
@@ -94,7 +94,7 @@ def export_parity(workdir: str, out_dir: str, texts: list[str]) -> dict:
   import numpy as np
   import torch
   import transformers
-  from bepa_jax.eval import loading
+  from bepa_jax import loading
   from bepa_jax.hf import export
   from bepa_jax.model import BepaEncoder
   export.export(workdir, out_dir)
@@ -135,13 +135,14 @@ def step_costs(configs: dict, root: str, reps: int) -> dict:
   tokens incl. [CLS]/[SEP], the same count for every variant."""
   import jax
   import harness
-  from bepa_jax import train
+  from bepa_jax.trainer import build as build_lib
+  from bepa_jax.trainer import loop
   fns, tokens = {}, {}
   for name, config in configs.items():
-    job = train.build(config, os.path.join(root, "step_cost", name[1]), jax.devices()[:1])
+    job = build_lib.build(config, os.path.join(root, "step_cost", name[1]), jax.devices()[:1])
     host = [job.pipeline.batch(s) for s in range(reps + 1)]
     tokens[name] = sum(int(b["attention_mask"].sum()) for b in host) / len(host)
-    device = [train.global_batch(b, job.mesh) for b in host]
+    device = [loop.global_batch(b, job.mesh) for b in host]
     with jax.set_mesh(job.mesh):
       compiled = job.step_fn.lower(job.state, device[0]).compile()
     holder = {"state": job.state, "i": 0}
@@ -165,11 +166,11 @@ def step_costs(configs: dict, root: str, reps: int) -> dict:
 
 
 def run_variant(config, workdir, sets, max_length):
-  from bepa_jax import train
+  from bepa_jax.trainer import loop
   from bepa_jax.data import factory
   from bepa_jax.model import EncoderConfig
   t = time.time()
-  state, metrics = train.train(config, workdir)
+  state, metrics = loop.train(config, workdir)
   seconds = time.time() - t
   tok = factory.load_tokenizer(config, workdir, train_if_missing=False)
   model_cfg = EncoderConfig.from_config(config.model, vocab_size=tok.vocab_size)
@@ -257,7 +258,7 @@ def main(argv=None):
   for noisy in ("absl", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   import jax
-  from bepa_jax.data import tokenizer_cli
+  from bepa_jax.cli import tokenizer as tokenizer_cli
   from bepa_jax.eval import diagnostics, loading, retrieval
 
   t0 = time.time()

@@ -17,7 +17,7 @@ defaults and torch's thread count, as their users run it, unless --torch_malloc/
 say otherwise); repetitions interleave one step of each column on the same batch. Real tokens
 = the x and y sentence tokens incl. [CLS]/[SEP] (the same count for every column); padding
 fraction = 1 - non-pad / processed tokens over the step's three encoder passes
-(bepa_jax/throughput.py for ours). Targets (issue 16): packed >= 3x padded and >= 2x the
+(bepa_jax/training/throughput.py for ours). Targets (issue 16): packed >= 3x padded and >= 2x the
 authors' PyTorch step, in real tokens/s.
 
 Then the loss of ours packed and padded over --steps steps on the same batches (from the same
@@ -72,8 +72,8 @@ def ours_runner(job, host_batches: list):
   """One step of `job` per call on the next batch (cycling); a packed step whose rows fall back
   to another shape has its own executable, compiled before the timing (`compile_all`)."""
   import jax
-  from bepa_jax import train
-  device = [train.global_batch(b, job.mesh) for b in host_batches]
+  from bepa_jax.trainer import loop
+  device = [loop.global_batch(b, job.mesh) for b in host_batches]
   holder = {"state": job.state, "i": 0, "compiled": {}}
 
   def compile_all():
@@ -104,12 +104,12 @@ def peer_processed(peer: dict) -> int:
 
 def run_config(name: str, args, source: str, tok: str, tmp: str) -> dict:
   import harness
-  from bepa_jax import throughput
-  from bepa_jax import train
+  from bepa_jax.training import throughput
+  from bepa_jax.trainer import build as build_lib
   n = args.warmup + args.reps
   cfg = lambda packed: make_config(name, args.max_length, args.vocab, args.dropout, source, tok,
                                    packed)
-  jobs = {k: train.build(cfg(k == "ours_packed"), os.path.join(tmp, f"{name}_{k}"), _devices())
+  jobs = {k: build_lib.build(cfg(k == "ours_packed"), os.path.join(tmp, f"{name}_{k}"), _devices())
           for k in ("ours_packed", "ours_padded")}
   padded = jobs["ours_padded"]
   host = {k: [j.pipeline.batch(s) for s in range(n)] for k, j in jobs.items()}
@@ -177,18 +177,19 @@ def _devices():
 def loss_curves(name: str, args, source: str, tok: str, tmp: str) -> dict:
   """Loss of ours padded (and packed) over args.steps steps on the same batches."""
   import jax
-  from bepa_jax import train
+  from bepa_jax.trainer import build as build_lib
+  from bepa_jax.trainer import loop
   layouts = [False, True]
   curves, t0 = {}, time.perf_counter()
   for packed in layouts:
     key = "packed" if packed else "padded"
     config = make_config(name, args.max_length, args.vocab, args.curve_dropout, source, tok,
                          packed)
-    job = train.build(config, os.path.join(tmp, f"curve_{name}_{key}"), _devices())
+    job = build_lib.build(config, os.path.join(tmp, f"curve_{name}_{key}"), _devices())
     state, rec = job.state, {"loss": [], "mlm_loss": [], "contrastive_loss": []}
     with jax.set_mesh(job.mesh):
       for s in range(args.steps):
-        state, m = job.step_fn(state, train.global_batch(job.pipeline.batch(s), job.mesh))
+        state, m = job.step_fn(state, loop.global_batch(job.pipeline.batch(s), job.mesh))
         m = jax.device_get(m)
         for k in rec:
           rec[k].append(float(m[k]))

@@ -31,7 +31,7 @@ def train_source(data_dir: str) -> str:
 
 
 def make_config(args, source: str, tokenizer_path: str, test_files, weight: float):
-  from bepa_jax import default_config
+  from bepa_jax.config import defaults as default_config
   c = default_config.get_config()  # the tiny default model: hidden 128, 2 layers, 4 heads
   c.loss.weight = weight
   c.tokenizer.path = tokenizer_path
@@ -50,9 +50,9 @@ def make_config(args, source: str, tokenizer_path: str, test_files, weight: floa
 
 
 def train_one(config, workdir):
-  """bepa-train's own entry point (`train.train`), on the config's data.source."""
-  from bepa_jax import train
-  return train.train(config, workdir)
+  """bepa-train's own entry point (`loop.train`), on the config's data.source."""
+  from bepa_jax.trainer import loop
+  return loop.train(config, workdir)
 
 
 def combine_pngs(paths, out_path):
@@ -135,7 +135,7 @@ def main(argv=None):
   t0 = time.time()
   root = args.workdir or tempfile.mkdtemp(prefix="repro_multi30k_")
   source = train_source(m30k)
-  from bepa_jax.data import tokenizer_cli  # `bepa-tokenizer train`, as a user runs it
+  from bepa_jax.cli import tokenizer as tokenizer_cli  # `bepa-tokenizer train`, as a user runs it
   if tokenizer_cli.main(["train", "--input", source, "--vocab-size", str(args.vocab_size),
                          "--out", os.path.join(root, "tokenizer")]):
     return 2

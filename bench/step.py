@@ -16,7 +16,7 @@ rates). The XLA peak is the best of matmuls of three sizes (--matmul_n, /2, /4),
 per repetition, interleaved with the steps; if a step's model FLOP rate at its fastest
 repetition beats it, the peak is reported unreliable and that rate is used as a lower bound
 of the peak (harness.mfu_peak), so no MFU above 100% is printed. Throughput: real (non-pad)
-tokens/s (bepa_jax/throughput.py; the synthetic batch is full length, padding 0%; real
+tokens/s (bepa_jax/training/throughput.py; the synthetic batch is full length, padding 0%; real
 sentences: bench/authors_step.py, bench/packing.py). Honours XLA_FLAGS.
 Results go to bench/results/step_<tag>.json.
 """
@@ -31,7 +31,7 @@ import harness  # noqa: E402  (sets up the repo path)
 import torch_baseline  # noqa: E402  (torch itself is imported only in its worker processes)
 
 from bepa_jax import host_memory  # noqa: E402
-from bepa_jax import throughput  # noqa: E402
+from bepa_jax.training import throughput  # noqa: E402
 
 
 def _parse_value(v: str):

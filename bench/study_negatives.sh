@@ -12,7 +12,7 @@ export XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 # one tokenizer for all runs (2k pieces on the training captions)
 [ -f "$OUT/tok/spm.model" ] || $PY -m bepa_jax.tokenizer_cli train \
   --input "aligned:$DATA/train.{en,de,fr,cs}" --vocab-size 2000 --out "$OUT/tok"
-$PY -m bepa_jax.sweep --config configs/quickstart.py \
+$PY -m bepa_jax.cli.sweep --config configs/quickstart.py \
   --grid 'train.global_batch=16,64' --grid 'loss.negatives=global,local' \
   --set "data.source=aligned:$DATA/train.{en,de,fr,cs}" \
   --set "tokenizer.path=$OUT/tok/spm.model" \

@@ -11,3 +11,9 @@ class ConfigError(BepaError, ValueError):
 
 class InputError(BepaError, ValueError):
   """Bad input data: the message names the file, line or field."""
+
+
+def one_line(e: BaseException) -> str:
+  """An exception's first line (or its type's name): what every one-line error prints."""
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__

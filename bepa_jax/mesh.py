@@ -5,22 +5,50 @@ to the mesh axes `data`, `fsdp`, `tensor`, so scaling out never needs a model ed
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from bepa_jax import config as config_lib
+from bepa_jax.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
+def resolve_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with -1 resolved; data includes dcn_data slices."""
+  dcn = int(mesh_cfg.dcn_data)
+  sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
+  names = ["mesh.data", "mesh.fsdp", "mesh.tensor"]
+  if dcn < 1:
+    raise ConfigError(f"mesh.dcn_data must be >= 1, got {dcn}")
+  if sum(s == -1 for s in sizes) > 1:
+    raise ConfigError(f"at most one of mesh.data/fsdp/tensor may be -1, got {tuple(sizes)}")
+  for n, s in zip(names, sizes):
+    if s == 0 or s < -1:
+      raise ConfigError(f"{n} must be a positive size or -1, got {s}")
+  known = dcn * math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError(
+          f"mesh {dict(zip(names, sizes))} x dcn_data={dcn} cannot fill {num_devices} devices: "
+          f"{num_devices} is not divisible by {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if dcn * math.prod(sizes) != num_devices:
+    raise ConfigError(
+        f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} x dcn_data={dcn} = "
+        f"{dcn * math.prod(sizes)} does not match the {num_devices} devices available")
+  return sizes[0] * dcn, sizes[1], sizes[2]
+
+
 def create_mesh(mesh_cfg, devices=None) -> Mesh:
   """A (data, fsdp, tensor) mesh; with dcn_data > 1, `data` spans slices over DCN."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = config_lib.resolve_mesh_shape(mesh_cfg, len(devices))
+  shape = resolve_shape(mesh_cfg, len(devices))
   dcn = int(mesh_cfg.dcn_data)
   if dcn > 1:  # multislice: only the data axis crosses the slow DCN links
     ici = (shape[0] // dcn, shape[1], shape[2])

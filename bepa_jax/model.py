@@ -42,13 +42,7 @@ class EncoderConfig:
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int | None = None) -> "EncoderConfig":
     """From `config.model`; a key this class does not know is an error, never dropped."""
-    from bepa_jax.errors import ConfigError
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(model_cfg.keys()) - fields)
-    if unknown:
-      raise ConfigError(f"model.{unknown[0]} is not an encoder setting (known: "
-                        f"{', '.join(sorted(fields))})")
-    kw = dict(model_cfg.items())
+    kw = dict(model_cfg.items())  # unknown keys were refused by the config's validation
     if vocab_size is not None and not kw.get("vocab_size"):
       kw["vocab_size"] = vocab_size
     return cls(**kw)
@@ -272,6 +266,16 @@ class MLMHead(nn.Module):
 # The top-level keys of BepaEncoder's own parameter tree. A train state's params may hold more
 # (`bepa_head`, the contrastive head's parameters); HF export and evaluation read only these.
 ENCODER_KEYS = ("embeddings", "encoder", "mlm_head")
+
+# Sentence embeddings of an encoder: the last-layer [CLS] (what BEPA trains) or the mean of the
+# last layer over the real tokens. Evaluation, transfer and export name them this way.
+POOLINGS = ("cls", "mean")
+
+
+def mean_pool(hidden, attention_mask):
+  """[N, L, D] hidden states, [N, L] mask -> [N, D] float32 mean over the real tokens."""
+  m = attention_mask[..., None].astype(jnp.float32)
+  return (hidden.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
 
 
 def encoder_params(params) -> dict:

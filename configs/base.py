@@ -6,7 +6,7 @@ names, and the `base` shape of bench/step.py (12 layers, hidden 768, 32k pieces,
 
 Parallel data from TFDS (prepared as array_record, see README): XNLI's 15-way premises.
 """
-from bepa_jax import default_config
+from bepa_jax.config import defaults as default_config
 
 
 def get_config():

@@ -4,7 +4,7 @@ or from scratch with our own sentencepiece vocabulary when `init.hf_dir` is empt
   bepa-train --config configs/bepa_mbert_base.py --workdir gs://BUCKET/bepa-mbert \
     --config.init.hf_dir=/path/to/bert-base-multilingual-cased
 """
-from bepa_jax import default_config
+from bepa_jax.config import defaults as default_config
 
 
 def get_config():

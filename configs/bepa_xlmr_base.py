@@ -14,7 +14,7 @@ sentencepiece.bpe.model or tokenizer.json): its config.json sets the model shape
 The default source reads the 15-way parallel XNLI premises from TFDS (array_record, prepared
 beforehand with `tfds build xnli --file_format=array_record`).
 """
-from bepa_jax import default_config
+from bepa_jax.config import defaults as default_config
 
 XNLI_LANGS = "ar,bg,de,el,en,es,fr,hi,ru,sw,th,tr,ur,vi,zh"
 

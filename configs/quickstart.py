@@ -2,7 +2,7 @@
 
   bepa-train --config configs/quickstart.py --workdir workdirs/quickstart
 """
-from bepa_jax import default_config
+from bepa_jax.config import defaults as default_config
 
 
 def get_config():

@@ -2,7 +2,7 @@
 """Run a multi-process JAX job on this machine (CPU devices), for testing.
 
     python launch/local.py --num_processes 2 --devices_per_process 2 -- \
-        python -m bepa_jax.train --config configs/quickstart.py --workdir runs/local
+        python -m bepa_jax.cli.train --config configs/quickstart.py --workdir runs/local
 
 Starts ``--num_processes`` copies of the command, each with
 

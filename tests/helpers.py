@@ -1,7 +1,7 @@
 """Small shared helpers for tests: a tiny config and a job built on chosen devices."""
 import jax
 
-from bepa_jax import default_config
+from bepa_jax.config import defaults as default_config
 
 
 def tiny_config(**overrides):
@@ -65,7 +65,7 @@ def assert_gradcache_matches_end_to_end(job, step=1, chunks=2, seed=3):
   import jax.numpy as jnp
   import numpy as np
 
-  from bepa_jax import train
+  from bepa_jax.trainer import loop
   from bepa_jax.objective import gradcache
   from bepa_jax.objective.loss import Objective
   obj, rng = Objective(job.model, job.config.loss, job.mesh), jax.random.key(seed)
@@ -79,7 +79,7 @@ def assert_gradcache_matches_end_to_end(job, step=1, chunks=2, seed=3):
     return obj.combine(ce, correct, count, obj.contrastive(p, cls, None, batch))
 
   with jax.set_mesh(job.mesh):
-    batch = train.global_batch(job.pipeline.batch(step), job.mesh)
+    batch = loop.global_batch(job.pipeline.batch(step), job.mesh)
     (l1, _), g1 = jax.jit(jax.value_and_grad(end_to_end, has_aux=True))(job.state.params, batch)
     (l2, _), g2 = jax.jit(lambda p, b: gradcache.value_and_grad(obj, p, b, rng, chunks,
                                                                 job.mesh))(job.state.params, batch)

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from bepa_jax import aot, hlo_stats, tpu_specs
+from bepa_jax.aot import compile as aot, hlo_stats, tpu_specs
 from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data import factory
 from bepa_jax.data import tokenizer as tokenizer_lib
@@ -26,8 +26,8 @@ TINY = [f"--config.train.global_batch={B}", f"--config.model.hidden_size={D}",
 
 
 def tiny(*extra):
-  from bepa_jax import train
-  return train.load_config(QUICKSTART, TINY[:] + list(extra))
+  from bepa_jax.config import load as config_load
+  return config_load.load_config(QUICKSTART, TINY[:] + list(extra))
 
 
 def run_cli(capsys, *args):

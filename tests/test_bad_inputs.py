@@ -18,21 +18,21 @@ pytest.importorskip("safetensors")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from bepa_jax import train  # noqa: E402
+from bepa_jax.trainer import loop  # noqa: E402
 from bepa_jax.data import corpus as corpus_lib  # noqa: E402
-from bepa_jax.eval import loading  # noqa: E402
+from bepa_jax import loading  # noqa: E402
 from bepa_jax.hf import convert as hf  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 
-MODULES = {"bepa-train": "bepa_jax.train", "bepa-eval": "bepa_jax.eval.cli",
-           "bepa-sweep": "bepa_jax.sweep"}
+MODULES = {"bepa-train": "bepa_jax.cli.train", "bepa-eval": "bepa_jax.cli.eval",
+           "bepa-sweep": "bepa_jax.cli.sweep"}
 # ml_collections < 1.1 parsed tuple overrides as Python literals, so `--config.mesh.rules=foo`
 # reached ConfigDict as the string 'foo' and raised TypeError; this runs bepa-train that way.
 OLD_TUPLE_PARSER = ("import sys\n"
                     "from ml_collections.config_flags import config_flags as cf\n"
                     "cf._FIELD_TYPE_TO_PARSER[tuple] = cf._LiteralParser()\n"
-                    "from bepa_jax import train\n"
+                    "from bepa_jax.cli import train\n"
                     "sys.argv[0] = 'bepa-train'\n"
                     "train.run()\n")
 
@@ -42,7 +42,7 @@ def models(tmp_path_factory):
   """A trained workdir, its HF export, damaged copies of both, and two aligned test files."""
   root = tmp_path_factory.mktemp("bad_inputs")
   wd = str(root / "workdir")
-  train.train(tiny_config(**{"train.steps": 2, "checkpoint.every_steps": 2,
+  loop.train(tiny_config(**{"train.steps": 2, "checkpoint.every_steps": 2,
                              "checkpoint.async_save": False}), wd)
   loaded = loading.load_workdir(wd)
   export = str(root / "hf")
@@ -124,12 +124,12 @@ CASES = [
      "--config.train is a section, not a value"),
     # 6. every grid point is parsed and validated before the first run
     ("sweep-grid-bad-type", "bepa-sweep", ["--grid", "train.global_batch=8,abc"],
-     "--grid train.global_batch=8,abc: config key train.global_batch expects an int, got 'abc'"),
+     "--grid loop.global_batch=8,abc: config key loop.global_batch expects an int, got 'abc'"),
     ("sweep-set-bad-type", "bepa-sweep", ["--grid", "train.global_batch=8,16",
                                           "--set", "train.steps=ten"],
      "--set train.steps=ten: config key train.steps expects an int, got 'ten'"),
     ("sweep-grid-invalid-point", "bepa-sweep", ["--grid", "train.global_batch=8,12"],
-     "run global_batch-12 (train.global_batch=12): train.global_batch=12 (micro-batch 12) is "
+     "run global_batch-12 (loop.global_batch=12): loop.global_batch=12 (micro-batch 12) is "
      "not divisible by the 8 batch shards"),
     ("sweep-grid-tiny-temperature", "bepa-sweep", ["--grid", "loss.temperature=0.07,1e-40"],
      "run temperature-1e-40 (loss.temperature=1e-40): loss.temperature=1e-40 is below 0.001"),

@@ -57,7 +57,7 @@ def test_peer_infonce_is_ours_with_their_candidate_set():
                                         ("pair", "xlmr")])
 def test_peer_loss_equals_ours_for_three_steps(tokenizer, tmp_path, mlm, family):
   import jax
-  from bepa_jax import train
+  from bepa_jax.trainer import loop
   job = _job(tokenizer, tmp_path, mlm, family, noise=0.2)
   host = [job.pipeline.batch(s) for s in range(3)]
   peers = [authors_step.peer_batch(b, mlm) for b in host]
@@ -65,7 +65,7 @@ def test_peer_loss_equals_ours_for_three_steps(tokenizer, tmp_path, mlm, family)
   ours, state = [], job.state
   for b in host:
     with jax.set_mesh(job.mesh):
-      state, m = job.step_fn(state, train.global_batch(b, job.mesh))
+      state, m = job.step_fn(state, loop.global_batch(b, job.mesh))
     ours.append({k: float(m[k]) for k in ("loss", "mlm_loss", "contrastive_loss")})
   # distinct [CLS]s: the contrastive term is not the ln(2B) of identical embeddings
   assert abs(ours[0]["contrastive_loss"] - np.log(2 * len(host[0]["input_ids"]))) > 0.05
@@ -90,7 +90,7 @@ def test_peer_batch_is_ours_without_padding(tokenizer, tmp_path):
     assert picked.sum() == b["mlm_weights"].sum()    # the same masked positions and labels
     assert sorted(p["mlm_labels"][picked]) == sorted(b["mlm_ids"][b["mlm_weights"] > 0])
     c = authors_step.token_counts(b, mlm, p)
-    from bepa_jax import throughput  # what bepa-train logs: the same passes, the same count
+    from bepa_jax.training import throughput  # what bepa-train logs: the same passes, the same count
     ours = throughput.count(b, authors_step.make_config("micro", mlm).loss)
     assert (ours.real, ours.nonpad, ours.processed) == (c["real"], c["nonpad"], c["ours"])
     assert c["real"] == lengths.sum() and c["peer"] <= c["ours"]

@@ -1,5 +1,5 @@
 """Checkpoints: exact resume after SIGKILL, SIGTERM preemption, another mesh, broken checkpoints,
-NaN, config conflicts, `bepa-ckpt`. Real `python -m bepa_jax.train` subprocesses on CPU.
+NaN, config conflicts, `bepa-ckpt`. Real `python -m bepa_jax.cli.train` subprocesses on CPU.
 
 One reference run (8 devices, checkpoints every 2 of 8 steps) is shared by the module; the
 other tests copy its workdir. A persistent XLA cache keeps the repeated compiles cheap.
@@ -46,7 +46,7 @@ def _env(cache_dir, devices=8):
 
 def _cmd(workdir, tokenizer, **overrides):
   cfg = {**TINY, "tokenizer.path": tokenizer, "train.steps": STEPS, **overrides}
-  return [sys.executable, "-m", "bepa_jax.train", "--workdir", str(workdir),
+  return [sys.executable, "-m", "bepa_jax.cli.train", "--workdir", str(workdir),
           *[f"--config.{k}={v}" for k, v in cfg.items()]]
 
 
@@ -163,7 +163,7 @@ def test_restore_onto_another_mesh_continues_with_the_same_loss(ctx, tmp_path):
 
 def test_incomplete_and_truncated_checkpoints_are_skipped(ctx, tmp_path, caplog):
   """A crash mid-save (tmp dir) and a truncated copy of step 8: resume from 6, with warnings."""
-  from bepa_jax import train
+  from bepa_jax.trainer import build as build_lib
   from bepa_jax.checkpoint import manager as checkpoint
   wd = _copy(ctx, tmp_path)
   shutil.copytree(wd / "checkpoints" / "8", wd / "checkpoints" / "10.orbax-checkpoint-tmp-1")
@@ -172,7 +172,7 @@ def test_incomplete_and_truncated_checkpoints_are_skipped(ctx, tmp_path, caplog)
       os.truncate(os.path.join(root, name), 0)
   config = tiny_config(**{**TINY, "tokenizer.path": ctx["tokenizer"], "train.steps": STEPS})
   with caplog.at_level(logging.WARNING, logger="bepa"):
-    job = train.build(config, str(wd), ckpt=checkpoint.Checkpointer(str(wd), config.checkpoint))
+    job = build_lib.build(config, str(wd), ckpt=checkpoint.Checkpointer(str(wd), config.checkpoint))
   assert int(job.state.step) == 6
   ref = _load(ctx["ref"], 6)["params"]
   assert all(np.array_equal(a, np.asarray(b)) for a, b in
@@ -186,7 +186,7 @@ def test_incomplete_and_truncated_checkpoints_are_skipped(ctx, tmp_path, caplog)
     shutil.rmtree(wd / "checkpoints" / str(step) / "state")
   from bepa_jax.errors import BepaError
   with pytest.raises(BepaError, match="none of the checkpoints"):
-    train.build(config, str(wd), ckpt=checkpoint.Checkpointer(str(wd), config.checkpoint))
+    build_lib.build(config, str(wd), ckpt=checkpoint.Checkpointer(str(wd), config.checkpoint))
 
 
 def test_nan_loss_stops_and_keeps_good_checkpoints(ctx, tmp_path):
@@ -223,7 +223,7 @@ def test_config_conflict_is_refused(ctx, tmp_path):
 
 def test_bepa_ckpt_list_and_show(ctx):
   env = _env(ctx["cache"])
-  cli = [sys.executable, "-m", "bepa_jax.checkpoint.cli"]
+  cli = [sys.executable, "-m", "bepa_jax.cli.ckpt"]
   r = subprocess.run(cli + ["list", str(ctx["ref"])], capture_output=True, text=True, env=env)
   assert r.returncode == 0, r.stderr
   rows = [l.split() for l in r.stdout.splitlines()[1:]]
@@ -254,7 +254,7 @@ def test_every_minutes_and_keep_best(tmp_path):
   import time
   import jax.numpy as jnp
   import optax
-  from bepa_jax import train_state
+  from bepa_jax.training import state as train_state
   from bepa_jax.checkpoint import manager as checkpoint
   cfg = tiny_config(**{"checkpoint.every_steps": 0, "checkpoint.every_minutes": 1 / 60,
                        "checkpoint.keep": 1, "checkpoint.keep_best_metric": "loss",
@@ -319,28 +319,28 @@ def test_sigterm_with_two_processes_agrees_on_the_step(ctx, tmp_path, target):
 def test_resume_on_other_data_is_refused_unless_asked(tmp_path, caplog):
   """Every key the stream depends on is checked on restore; data.continue_on_new_data accepts
   a change, restarts the data position at the restored step and keeps that on later resumes."""
-  from bepa_jax import train
+  from bepa_jax.trainer import loop
   from bepa_jax.errors import ConfigError
   from bepa_jax.checkpoint import manager as ckpt_lib
   from tests.helpers import tiny_config
   wd = str(tmp_path / "run")
   overrides = {"train.steps": 2, "checkpoint.every_steps": 2, "train.global_batch": 8}
-  train.train(tiny_config(**overrides), wd)
+  loop.train(tiny_config(**overrides), wd)
   for change, named in [({"data.seed": 9}, "data.seed: 0 -> 9"),
                         ({"train.global_batch": 16}, "train.global_batch: 8 -> 16"),
                         ({"data.mask_prob": 0.2}, "data.mask_prob: 0.15 -> 0.2"),
                         ({"data.max_length": 12}, "data.max_length: 16 -> 12")]:
     with pytest.raises(ConfigError, match=f"step 2 was trained on other data.*{named}"):
-      train.train(tiny_config(**{**overrides, "train.steps": 4, **change}), wd)
+      loop.train(tiny_config(**{**overrides, "train.steps": 4, **change}), wd)
   new = {**overrides, "data.seed": 9, "train.steps": 4, "data.continue_on_new_data": True}
   with caplog.at_level(logging.WARNING, logger="bepa"):
-    state, _ = train.train(tiny_config(**new), wd)
+    state, _ = loop.train(tiny_config(**new), wd)
   assert "the new data stream starts at its position 0 at step 2" in caplog.text
   assert int(jax.device_get(state.step)) == 4
   ckpt = ckpt_lib.Checkpointer(wd, read_only=True)
   assert ckpt.meta(4)["data_state"]["start_step"] == 2
   ckpt.close()
   # a later resume on the same new data, without the key, continues that stream
-  state, _ = train.train(tiny_config(**{**new, "train.steps": 6,
+  state, _ = loop.train(tiny_config(**{**new, "train.steps": 6,
                                         "data.continue_on_new_data": False}), wd)
   assert int(jax.device_get(state.step)) == 6

@@ -11,7 +11,7 @@ from tests.conftest import REPO
 def _run(*args, devices=8, timeout=120):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, "-m", "bepa_jax.train", *args], capture_output=True,
+  return subprocess.run([sys.executable, "-m", "bepa_jax.cli.train", *args], capture_output=True,
                         text=True, env=env, timeout=timeout, cwd=REPO)
 
 

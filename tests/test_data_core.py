@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bepa_jax import default_config
+from bepa_jax.config import defaults as default_config
 from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data import factory
 from bepa_jax.data import pipeline as pipeline_lib

@@ -295,7 +295,7 @@ def test_hf_tokenizer_json_wordpiece(tmp_path):
 
 
 def test_bepa_tokenizer_cli(tmp_path, capsys):
-  from bepa_jax.data import tokenizer_cli
+  from bepa_jax.cli import tokenizer as tokenizer_cli
   c = corpus_lib.load_embedded()
   write(tmp_path / "c.en", [r[0] for r in c.rows])
   write(tmp_path / "c.de.gz", [r[1] for r in c.rows], gz=True)

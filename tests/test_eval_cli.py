@@ -13,11 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from bepa_jax import train
+from bepa_jax.trainer import loop
 from bepa_jax.hf import convert as hf
 from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data.tokenizer import SentencePieceTokenizer
-from bepa_jax.eval import cli, embed
+from bepa_jax.cli import eval as cli
+from bepa_jax.eval import embed
 from bepa_jax.model import EncoderConfig
 from tests.conftest import REPO
 from tests.helpers import tiny_config
@@ -45,7 +46,7 @@ def run(tmp_path_factory):
   config = tiny_config(**{"eval.every_steps": 5, "eval.parallel": ",".join(parallel[:2]),
                           "eval.max_sentences": 32, "checkpoint.every_steps": 10})
   workdir = str(root / "wd")
-  state, _ = train.train(config, workdir)
+  state, _ = loop.train(config, workdir)
   hf_dir = str(root / "hf")
   params = jax.device_get(embed.encoder_params(state.params))
   tok_path = os.path.join(workdir, "tokenizer", "spm.model")
@@ -97,7 +98,7 @@ def test_compare_workdir_and_hf_export_of_the_same_params(run, tmp_path):
 
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, "-m", "bepa_jax.eval.cli", *args], capture_output=True,
+  return subprocess.run([sys.executable, "-m", "bepa_jax.cli.eval", *args], capture_output=True,
                         text=True, env=env, timeout=120, cwd=REPO)
 
 

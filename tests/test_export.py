@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from bepa_jax import train  # noqa: E402
+from bepa_jax.trainer import loop  # noqa: E402
 from bepa_jax.hf import export  # noqa: E402
 from bepa_jax.data import tokenizer as tokenizer_lib  # noqa: E402
-from bepa_jax.eval import loading  # noqa: E402
+from bepa_jax import loading  # noqa: E402
 from bepa_jax.model import BepaEncoder  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
@@ -34,7 +34,7 @@ def trained(request, tmp_path_factory):
     overrides.update({"model.family": "xlmr", "model.type_vocab_size": 1,
                       "model.layer_norm_eps": 1e-5, "model.pad_token_id": 0,
                       "model.max_position_embeddings": 18})
-  train.train(tiny_config(**overrides), wd)
+  loop.train(tiny_config(**overrides), wd)
   return family, wd
 
 

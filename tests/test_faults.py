@@ -32,9 +32,9 @@ def _env():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """A 4-step run with checkpoints at steps 2 and 4 (and its tokenizer)."""
-  from bepa_jax import train
+  from bepa_jax.trainer import loop
   wd = tmp_path_factory.mktemp("faults") / "run"
-  train.train(tiny_config(**RUN), str(wd))
+  loop.train(tiny_config(**RUN), str(wd))
   return wd
 
 
@@ -43,7 +43,7 @@ def _train_cli(tmp_path, workdir, **overrides):
   cfg = tmp_path / "tiny_config.py"
   cfg.write_text("from tests.helpers import tiny_config\n\n\ndef get_config():\n"
                  f"  return tiny_config(**{dict(RUN)!r})\n")
-  return [sys.executable, "-m", "bepa_jax.train", "--config", str(cfg), "--workdir",
+  return [sys.executable, "-m", "bepa_jax.cli.train", "--config", str(cfg), "--workdir",
           str(workdir), *[f"--config.{k}={v}" for k, v in overrides.items()]]
 
 
@@ -73,7 +73,7 @@ def _state_file(step_dir):
 
 
 def _ckpt(*args):
-  return subprocess.run([sys.executable, "-m", "bepa_jax.checkpoint.cli", *map(str, args)],
+  return subprocess.run([sys.executable, "-m", "bepa_jax.cli.ckpt", *map(str, args)],
                         capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120)
 
 
@@ -94,7 +94,7 @@ def test_every_checkpoint_has_checksums_and_a_bit_flip_in_any_file_is_found(run,
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_training_resumes_from_the_previous_checkpoint(run, tmp_path, caplog, damage):
-  from bepa_jax import train
+  from bepa_jax.trainer import build as build_lib
   from bepa_jax.checkpoint import manager
   wd = _copy(run, tmp_path)
   step_dir = wd / "checkpoints" / "4"
@@ -107,7 +107,7 @@ def test_training_resumes_from_the_previous_checkpoint(run, tmp_path, caplog, da
     os.remove(target)
   config = tiny_config(**{**RUN, "train.steps": 6})
   with caplog.at_level(logging.WARNING, logger="bepa"):
-    job = train.build(config, str(wd), ckpt=manager.Checkpointer(str(wd), config.checkpoint))
+    job = build_lib.build(config, str(wd), ckpt=manager.Checkpointer(str(wd), config.checkpoint))
   assert int(job.state.step) == 2
   warnings = [r.getMessage() for r in caplog.records if "checkpoints/4" in r.getMessage()]
   assert len(warnings) == 1 and "damaged or unreadable" in warnings[0], caplog.text
@@ -173,7 +173,7 @@ def test_eval_and_export_reader_falls_back_or_refuses(run, tmp_path, caplog):
   rows = corpus.load_embedded().rows[:24]
   for j, lang in enumerate(("en", "de")):
     (tmp_path / f"p.{lang}").write_text("".join(r[j] + "\n" for r in rows), encoding="utf-8")
-  r = subprocess.run([sys.executable, "-m", "bepa_jax.eval.cli", "--workdir", str(wd),
+  r = subprocess.run([sys.executable, "-m", "bepa_jax.cli.eval", "--workdir", str(wd),
                       "--parallel", str(tmp_path / "p.en"), str(tmp_path / "p.de"), "--no-tsne",
                       "--out", str(tmp_path / "eval")], capture_output=True, text=True,
                      env=_env(), cwd=REPO, timeout=300)
@@ -185,14 +185,14 @@ def test_eval_and_export_reader_falls_back_or_refuses(run, tmp_path, caplog):
 
 def test_metrics_have_each_step_once_after_a_resume(run, tmp_path):
   """The lost checkpoint 4 makes the resumed run redo steps 3-4: they are logged once."""
-  from bepa_jax import train
+  from bepa_jax.trainer import loop
   wd = _copy(run, tmp_path)
   before = [json.loads(l)["step"] for l in (wd / "metrics.jsonl").read_text().splitlines()]
   assert before == [1, 2, 3, 4]
   shutil.rmtree(wd / "checkpoints" / "4")
   with open(wd / "metrics.jsonl", "a") as f:
     f.write('{"step": 5, "train/lo')  # a line torn by a crash
-  train.train(tiny_config(**{**RUN, "train.steps": 5}), str(wd))
+  loop.train(tiny_config(**{**RUN, "train.steps": 5}), str(wd))
   after = [json.loads(l)["step"] for l in (wd / "metrics.jsonl").read_text().splitlines()]
   assert after == [1, 2, 3, 4, 5]
 
@@ -213,7 +213,7 @@ def test_disk_full_before_a_save_is_one_line(run, tmp_path):
   tok = run / "tokenizer" / "spm.model"
   mnt = tmp_path / "mnt"
   mnt.mkdir()
-  train = [sys.executable, "-m", "bepa_jax.train", "--workdir", str(mnt / "run"),
+  train = [sys.executable, "-m", "bepa_jax.cli.train", "--workdir", str(mnt / "run"),
            f"--config.tokenizer.path={tok}",
            *[f"--config.{k}={v}" for k, v in RUN.items()]]
   script = f"mount -t tmpfs -o size=256k t {mnt} && exec {' '.join(train)}"
@@ -234,12 +234,13 @@ def test_disk_full_during_a_background_save_stops_at_once(tmp_path):
   mnt.mkdir()
   script = textwrap.dedent(f"""
       import os, sys, time, jax, numpy as np
-      from bepa_jax import train
+      from bepa_jax.trainer import build as build_lib
+      from bepa_jax.trainer import loop
       from bepa_jax.checkpoint import manager
       from bepa_jax.errors import BepaError
       from tests.helpers import tiny_config
       config = tiny_config(**{{"checkpoint.async_save": True}})
-      job = train.build(config, {str(tmp_path / "build")!r})
+      job = build_lib.build(config, {str(tmp_path / "build")!r})
       rng = np.random.default_rng(0)  # dense values: nothing compresses away
       state = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype)
                            if x.dtype == np.float32 else x, job.state)

@@ -6,8 +6,9 @@ import pytest
 
 from bepa_jax.objective import gradcache, heads, infonce as contrastive
 from bepa_jax import mesh as mesh_lib
-from bepa_jax import step as step_lib
-from bepa_jax import train
+from bepa_jax.training import step as step_lib
+from bepa_jax.trainer import build as build_lib
+from bepa_jax.trainer import loop
 from tests.helpers import devices, tiny_config
 
 B = 16
@@ -20,10 +21,10 @@ def workdir(tmp_path_factory):
 
 def _setup(workdir, **overrides):
   cfg = tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2, **overrides})
-  job = train.build(cfg, workdir, devices(8))
+  job = build_lib.build(cfg, workdir, devices(8))
   head = heads.from_config(cfg.loss, job.model_cfg.hidden_size)
   obj = step_lib.Objective(job.model, cfg.loss, job.mesh, head)
-  batch = train.global_batch(job.pipeline.batch(0), job.mesh)
+  batch = loop.global_batch(job.pipeline.batch(0), job.mesh)
   return cfg, job, obj, batch
 
 
@@ -79,9 +80,9 @@ def test_train_step_with_gradcache_matches_plain_step(workdir):
   out = []
   for chunks in (0, 2):
     cfg = tiny_config(**{"train.gradcache_chunks": chunks})
-    job = train.build(cfg, workdir, devices(8))
+    job = build_lib.build(cfg, workdir, devices(8))
     with jax.set_mesh(job.mesh):
-      state, m = job.step_fn(job.state, train.global_batch(job.pipeline.batch(0), job.mesh))
+      state, m = job.step_fn(job.state, loop.global_batch(job.pipeline.batch(0), job.mesh))
     out.append((jax.device_get(state.params), jax.device_get(m)))
   (p0, m0), (p1, m1) = out
   for k in ("loss", "contrastive_loss", "mlm_loss", "grad_norm"):
@@ -119,7 +120,7 @@ def test_gradient_accumulation_does_not_enlarge_the_pool(workdir):
   norm = float(host["mlm_weights"].sum()) / k
   per_micro = []
   for i in range(k):
-    mb = train.global_batch({key: v[i::k] for key, v in host.items()}, job.mesh)
+    mb = loop.global_batch({key: v[i::k] for key, v in host.items()}, job.mesh)
     per_micro.append(_run(job, cfg, lambda p, b, i=i: grad_fn(p, b, jax.random.fold_in(rng, i),
                                                               None, norm), params, mb)[1])
   mean_g = jax.tree.map(lambda *g: sum(g) / k, *per_micro)
@@ -138,7 +139,7 @@ def test_mlm_loss_has_one_definition_plain_accumulated_and_gradcache(workdir):
   k, rng, params = 2, jax.random.key(0), job.state.params
   host = {key: np.array(v) for key, v in jax.device_get(batch).items()}
   host["mlm_weights"][0:4:k] = 0.0  # micro-batch 0 (rows 0, k, ...) loses two rows' targets
-  batch = train.global_batch(host, job.mesh)
+  batch = loop.global_batch(host, job.mesh)
   counts = [float(host["mlm_weights"][i::k].sum()) for i in range(k)]
   assert counts[0] < counts[1], counts  # else averaging micro-batch means would agree too
   grad_fn = jax.value_and_grad(obj.loss_fn, has_aux=True)
@@ -154,7 +155,7 @@ def test_mlm_loss_has_one_definition_plain_accumulated_and_gradcache(workdir):
   _assert_trees_close(g_gc, g_plain, rtol=1e-5)
   # The old accumulation (mean of the micro-batches' own MLM means) is a different number.
   means = [float(_run(job, cfg, lambda p, b: grad_fn(p, b, rng)[0][1]["mlm_loss"], params,
-                      train.global_batch({key: v[i::k] for key, v in host.items()}, job.mesh)))
+                      loop.global_batch({key: v[i::k] for key, v in host.items()}, job.mesh)))
            for i in range(k)]
   assert abs(np.mean(means) - float(m_plain["mlm_loss"])) > 1e-4
 

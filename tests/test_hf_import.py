@@ -24,9 +24,10 @@ pytest.importorskip("safetensors")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from bepa_jax import train  # noqa: E402
+from bepa_jax.trainer import build as build_lib  # noqa: E402
+from bepa_jax.trainer import loop  # noqa: E402
 from bepa_jax.data import corpus as corpus_lib, tokenizer as tokenizer_lib  # noqa: E402
-from bepa_jax.eval import loading  # noqa: E402
+from bepa_jax import loading  # noqa: E402
 from bepa_jax.hf import convert as hf, export  # noqa: E402
 from bepa_jax.model import BepaEncoder  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
@@ -126,7 +127,7 @@ def test_encoder_only_checkpoint_starts_with_a_fresh_mlm_head(tmp_path, spm_mode
   config = tiny_config(**{"init.hf_dir": hf_dir, "model.scan_layers": scan,
                           "data.max_length": 16, "train.global_batch": 8})
   with caplog.at_level(logging.INFO, logger="bepa"):
-    job = train.build(config, str(tmp_path / "wd"))
+    job = build_lib.build(config, str(tmp_path / "wd"))
   notes = [r.getMessage() for r in caplog.records if r.name == "bepa"]
   assert sum(NO_HEAD in m for m in notes) == 1, notes
   assert sum("pooler" in m and "ignored" in m for m in notes) == 1, notes
@@ -142,7 +143,7 @@ def test_encoder_only_checkpoint_starts_with_a_fresh_mlm_head(tmp_path, spm_mode
   assert np.all(np.asarray(head["bias"]) == 0) and np.all(np.asarray(head["dense"]["bias"]) == 0)
   assert np.all(np.asarray(head["LayerNorm"]["scale"]) == 1)
   assert 0.01 < float(np.std(np.asarray(head["dense"]["kernel"]))) < 0.03
-  batch = train.global_batch(job.pipeline.batch(0), job.mesh)
+  batch = loop.global_batch(job.pipeline.batch(0), job.mesh)
   with jax.set_mesh(job.mesh):
     _, metrics = job.step_fn(job.state, batch)
   assert np.isfinite(float(metrics["loss"]))
@@ -186,7 +187,7 @@ def test_missing_encoder_key_is_one_line_naming_it(tmp_path, spm_model, layout):
   assert "missing key 'bert.encoder.layer.1.attention.self.key.bias'" in str(e.value)
   if layout == "bertmodel":
     return
-  r = _run("bepa_jax.checkpoint.cli", "import", hf_dir, str(tmp_path / "wd"),
+  r = _run("bepa_jax.cli.ckpt", "import", hf_dir, str(tmp_path / "wd"),
            "--config.data.max_length=16", "--config.train.global_batch=8")
   assert r.returncode == 2, r.stderr[-3000:]
   errors = [line for line in r.stderr.splitlines() if "error:" in line]
@@ -202,7 +203,7 @@ def test_train_steps_0_writes_step_0_and_training_resumes_from_it(tmp_path, spm_
   args = ["--workdir", wd, f"--config.init.hf_dir={hf_dir}", "--config.data.max_length=16",
           "--config.train.global_batch=8", "--config.checkpoint.async_save=False",
           "--config.train.log_every=1"]
-  r = _run("bepa_jax.train", *args, "--config.train.steps=0")
+  r = _run("bepa_jax.cli.train", *args, "--config.train.steps=0")
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stderr.count(NO_HEAD) == 1, r.stderr[-3000:]
   summary = [line for line in r.stderr.splitlines() if "train.steps=0: wrote checkpoint 0" in line]
@@ -210,9 +211,9 @@ def test_train_steps_0_writes_step_0_and_training_resumes_from_it(tmp_path, spm_
   assert os.path.isdir(os.path.join(wd, "checkpoints", "0"))
   with open(os.path.join(wd, "config.json")) as f:
     assert json.load(f)["init"]["hf_dir"] == hf_dir  # where the tokenizer comes from
-  r = _run("bepa_jax.train", *args, "--config.train.steps=0")  # again: nothing is overwritten
+  r = _run("bepa_jax.cli.train", *args, "--config.train.steps=0")  # again: nothing is overwritten
   assert r.returncode == 0 and "nothing written" in r.stderr, r.stderr[-3000:]
-  r = _run("bepa_jax.train", *args, "--config.train.steps=2")  # training starts from step 0
+  r = _run("bepa_jax.cli.train", *args, "--config.train.steps=2")  # training starts from step 0
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resumed from checkpoint step 0" in r.stderr and NO_HEAD not in r.stderr
   assert "step 2/2" in r.stderr, r.stderr[-3000:]
@@ -224,7 +225,7 @@ def synthetic_import(tmp_path_factory, spm_model):
   root = tmp_path_factory.mktemp("synthetic_import")
   hf_dir = _sentence_transformers_dir(str(root / "st"), spm_model)
   wd, out = str(root / "wd"), str(root / "exported")
-  r = _run("bepa_jax.checkpoint.cli", "import", hf_dir, wd, "--config", "configs/quickstart.py",
+  r = _run("bepa_jax.cli.ckpt", "import", hf_dir, wd, "--config", "configs/quickstart.py",
            "--config.data.max_length=16", "--config.train.global_batch=8")
   assert r.returncode == 0, r.stderr[-3000:]
   assert export.main(["--workdir", wd, "--out", out]) == 0
@@ -277,7 +278,7 @@ def test_minilm_imports_via_init_hf_dir_and_trains(tmp_path, minilm_dir, caplog)
   config = tiny_config(**{"init.hf_dir": minilm_dir, "data.max_length": 32,
                           "train.global_batch": 8, "data.max_predictions_per_seq": 4})
   with caplog.at_level(logging.INFO, logger="bepa"):
-    job = train.build(config, str(tmp_path / "wd"))
+    job = build_lib.build(config, str(tmp_path / "wd"))
   notes = [r.getMessage() for r in caplog.records if r.name == "bepa"]
   assert sum(NO_HEAD in m for m in notes) == 1 and sum("pooler" in m for m in notes) == 1, notes
   assert (job.model_cfg.hidden_size, job.model_cfg.num_layers, job.model_cfg.vocab_size) == \
@@ -285,7 +286,7 @@ def test_minilm_imports_via_init_hf_dir_and_trains(tmp_path, minilm_dir, caplog)
   state, losses = job.state, []
   with jax.set_mesh(job.mesh):
     for step in range(2):
-      state, metrics = job.step_fn(state, train.global_batch(job.pipeline.batch(step), job.mesh))
+      state, metrics = job.step_fn(state, loop.global_batch(job.pipeline.batch(step), job.mesh))
       losses.append(float(metrics["loss"]))
   assert all(np.isfinite(losses)), losses
 
@@ -295,7 +296,7 @@ def minilm_import(tmp_path_factory, minilm_dir):
   """`bepa-ckpt import MINILM WD` (no training step), then bepa-export of its step 0."""
   root = tmp_path_factory.mktemp("minilm_import")
   wd, out = str(root / "wd"), str(root / "exported")
-  r = _run("bepa_jax.checkpoint.cli", "import", minilm_dir, wd, "--config.data.max_length=32",
+  r = _run("bepa_jax.cli.ckpt", "import", minilm_dir, wd, "--config.data.max_length=32",
            "--config.train.global_batch=8", "--config.checkpoint.async_save=False")
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stderr.count(NO_HEAD) == 1, r.stderr[-3000:]

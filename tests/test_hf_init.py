@@ -10,7 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from bepa_jax import train  # noqa: E402
+from bepa_jax.trainer import build as build_lib  # noqa: E402
+from bepa_jax.trainer import loop  # noqa: E402
 from bepa_jax.hf import convert as hf, export  # noqa: E402
 from bepa_jax.data import corpus as corpus_lib, tokenizer as tokenizer_lib  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
@@ -45,7 +46,7 @@ def test_training_starts_from_the_hf_weights(tmp_path, spm_model, family, scan):
   hf_dir = _hf_dir(str(tmp_path), family, spm_model)
   config = tiny_config(**{"init.hf_dir": hf_dir, "model.scan_layers": scan,
                           "model.hidden_size": 999})  # the HF config.json wins
-  job = train.build(config, str(tmp_path / "wd"))
+  job = build_lib.build(config, str(tmp_path / "wd"))
   assert job.model_cfg.family == family and job.model_cfg.hidden_size == 32
   assert job.model_cfg.vocab_size == 300
   _, expected = hf.load_hf(hf_dir)
@@ -55,7 +56,7 @@ def test_training_starts_from_the_hf_weights(tmp_path, spm_model, family, scan):
     for k in path:
       node = node[k.key]
     np.testing.assert_array_equal(np.asarray(node), a, err_msg=jax.tree_util.keystr(path))
-  batch = train.global_batch(job.pipeline.batch(0), job.mesh)
+  batch = loop.global_batch(job.pipeline.batch(0), job.mesh)
   with jax.set_mesh(job.mesh):
     _, metrics = job.step_fn(job.state, batch)
   assert np.isfinite(float(metrics["loss"]))
@@ -67,7 +68,7 @@ def test_pickle_weights_are_refused_without_opt_in(tmp_path, spm_model):
   os.remove(os.path.join(hf_dir, "model.safetensors"))
   torch.save(model.state_dict(), os.path.join(hf_dir, "pytorch_model.bin"))
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  cmd = [sys.executable, "-m", "bepa_jax.train", "--workdir", str(tmp_path / "wd"),
+  cmd = [sys.executable, "-m", "bepa_jax.cli.train", "--workdir", str(tmp_path / "wd"),
          f"--config.init.hf_dir={hf_dir}", "--config.train.steps=1", "--config.train.global_batch=8",
          "--config.data.max_length=16", "--config.model.max_position_embeddings=32"]
   r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bepa_jax import train
+from bepa_jax.trainer import build as build_lib
+from bepa_jax.trainer import loop
 from bepa_jax.errors import ConfigError
 from tests.helpers import (assert_gradcache_matches_end_to_end, assert_params_close, devices,
                            tiny_config)
@@ -28,14 +29,14 @@ def _cfg(mode, family="bert", **extra):
 def jobs(tmp_path_factory):
   out = {}
   for mode in MODES:
-    out[mode] = train.build(_cfg(mode), str(tmp_path_factory.mktemp(mode)), devices(8))
+    out[mode] = build_lib.build(_cfg(mode), str(tmp_path_factory.mktemp(mode)), devices(8))
   return out
 
 
 def test_clean_mode_batch_is_the_masked_modes_batch_split_in_two(jobs, tmp_path):
   """cls_input=clean: input_ids are the unmasked sentences; mlm_input_ids are exactly the
   default mode's masked input (same masking draws)."""
-  default = train.build(_cfg("clean_sentence", **{"loss.cls_input": "masked"}), str(tmp_path),
+  default = build_lib.build(_cfg("clean_sentence", **{"loss.cls_input": "masked"}), str(tmp_path),
                         devices(8)).pipeline.batch(3)
   clean = jobs["clean_sentence"].pipeline.batch(3)
   np.testing.assert_array_equal(clean["mlm_input_ids"], default["input_ids"])
@@ -75,7 +76,7 @@ def test_pair_sequence_layout_truncation_and_masking(jobs):
 
 
 def test_pair_needs_clean_cls_in_one_line():
-  from bepa_jax import config as config_lib
+  from bepa_jax.config import validate as config_lib
   with pytest.raises(ConfigError, match="loss.mlm_input=pair needs loss.cls_input=clean"):
     config_lib.validate(tiny_config(**{"loss.mlm_input": "pair"}), 8)
   with pytest.raises(ConfigError, match="loss.cls_input must be masked or clean"):
@@ -84,8 +85,8 @@ def test_pair_needs_clean_cls_in_one_line():
 
 def _reference(model, params, batch, cfg):
   """The authors' step written out: clean [CLS] per sentence, one MLM pass, dense InfoNCE."""
-  from bepa_jax.objective import heads
-  enc = {"params": heads.encoder_params(params)}
+  from bepa_jax.model import encoder_params
+  enc = {"params": encoder_params(params)}
   B = batch["input_ids"].shape[0]
   flat = lambda a: a.reshape((2 * B,) + a.shape[2:])
   cls = model.apply(enc, flat(batch["input_ids"]), flat(batch["token_type_ids"]),
@@ -116,12 +117,12 @@ def _reference(model, params, batch, cfg):
 def test_loss_and_gradient_match_the_reference_sharded(mode, family, tmp_path):
   from bepa_jax.objective.loss import Objective
   cfg = _cfg(mode, family)
-  job = train.build(cfg, str(tmp_path), devices(8))
+  job = build_lib.build(cfg, str(tmp_path), devices(8))
   host = job.pipeline.batch(2)
   obj = Objective(job.model, cfg.loss, job.mesh)
   params = job.state.params
   with jax.set_mesh(job.mesh):
-    batch = train.global_batch(host, job.mesh)
+    batch = loop.global_batch(host, job.mesh)
     (loss, m), g = jax.jit(jax.value_and_grad(obj.loss_fn, has_aux=True))(
         params, batch, jax.random.key(0))
   (ref, (mlm, con)), g_ref = jax.value_and_grad(_reference, argnums=1, has_aux=True)(
@@ -136,14 +137,14 @@ def test_loss_and_gradient_match_the_reference_sharded(mode, family, tmp_path):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_gradcache_equals_the_plain_step(mode, tmp_path):
   """Dropout off: the chunked step (train.gradcache_chunks=2) makes the plain step's update."""
-  plain = train.build(_cfg(mode, **{"train.global_batch": 16}), str(tmp_path / "a"), devices(8))
-  cached = train.build(_cfg(mode, **{"train.global_batch": 16, "train.gradcache_chunks": 2}),
+  plain = build_lib.build(_cfg(mode, **{"train.global_batch": 16}), str(tmp_path / "a"), devices(8))
+  cached = build_lib.build(_cfg(mode, **{"train.global_batch": 16, "train.gradcache_chunks": 2}),
                        str(tmp_path / "b"), devices(8))
   batch = plain.pipeline.batch(0)
   with jax.set_mesh(plain.mesh):
-    s1, m1 = plain.step_fn(plain.state, train.global_batch(batch, plain.mesh))
+    s1, m1 = plain.step_fn(plain.state, loop.global_batch(batch, plain.mesh))
   with jax.set_mesh(cached.mesh):
-    s2, m2 = cached.step_fn(cached.state, train.global_batch(batch, cached.mesh))
+    s2, m2 = cached.step_fn(cached.state, loop.global_batch(batch, cached.mesh))
   for k in ("loss", "mlm_loss", "contrastive_loss", "grad_norm"):
     np.testing.assert_allclose(float(m1[k]), float(m2[k]), rtol=1e-5, err_msg=k)
   # One Adam step from a ~0 gradient can move an element by up to ~lr (see assert_params_close);
@@ -158,7 +159,7 @@ def test_gradcache_is_exact_with_dropout_on(mode, tmp_path):
   passes, so its gradient is that of the same stochastic loss differentiated end to end."""
   cfg = _cfg(mode, **{"model.hidden_dropout": 0.1, "model.attention_dropout": 0.1,
                       "train.global_batch": 16})
-  job = train.build(cfg, str(tmp_path), devices(8))
+  job = build_lib.build(cfg, str(tmp_path), devices(8))
   assert_gradcache_matches_end_to_end(job)
 
 

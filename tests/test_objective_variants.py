@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from bepa_jax import config as config_lib
-from bepa_jax import step as step_lib, train
+from bepa_jax.config import validate as config_lib
+from bepa_jax.training import step as step_lib, train
 from bepa_jax.objective import heads, infonce as contrastive
 from bepa_jax.objective.infonce import Options
 from tests.helpers import devices, tiny_config

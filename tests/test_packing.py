@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from bepa_jax import train
+from bepa_jax.trainer import build as build_lib
+from bepa_jax.trainer import loop
 from bepa_jax.data import packing
 from bepa_jax.errors import ConfigError
 from bepa_jax.objective.loss import Objective
@@ -30,8 +31,8 @@ def _cfg(mode="masked", family="bert", packed=True, **extra):
 
 def _pair(tmp_path, name, **kw):
   """(padded job, packed job) of the same config; the packed job gets the padded job's params."""
-  return (train.build(_cfg(packed=False, **kw), str(tmp_path / f"{name}_pad"), devices(8)),
-          train.build(_cfg(packed=True, **kw), str(tmp_path / f"{name}_pack"), devices(8)))
+  return (build_lib.build(_cfg(packed=False, **kw), str(tmp_path / f"{name}_pad"), devices(8)),
+          build_lib.build(_cfg(packed=True, **kw), str(tmp_path / f"{name}_pack"), devices(8)))
 
 
 def _unpack(grid, seg, start, lengths):
@@ -83,8 +84,8 @@ def test_first_fit_is_deterministic_and_never_overfills():
 def test_a_step_that_does_not_fit_falls_back_whole(tmp_path):
   """data.packed_rows=1 cannot hold 4 sentences: the step is packed one sentence per row
   (nothing cut or dropped, same tokens), and the fallback is counted and reported."""
-  job = train.build(_cfg(**{"data.packed_rows": 1}), str(tmp_path), devices(8))
-  ref = train.build(_cfg(packed=False), str(tmp_path / "pad"), devices(8)).pipeline.batch(0)
+  job = build_lib.build(_cfg(**{"data.packed_rows": 1}), str(tmp_path), devices(8))
+  ref = build_lib.build(_cfg(packed=False), str(tmp_path / "pad"), devices(8)).pipeline.batch(0)
   b = job.pipeline.batch(0)
   assert b["input_ids"].shape == (8, 4, L)                 # 2 * 2 pairs per group
   assert job.pipeline.counters["packing_fallback_steps"] == 1
@@ -104,7 +105,7 @@ def _encode(job, params, host, mode):
                      None, True)
     return cls["cls"], mlm["mlm_logits"]
   with jax.set_mesh(job.mesh):
-    batch = train.global_batch(host, job.mesh)
+    batch = loop.global_batch(host, job.mesh)
     cls, logits = jax.jit(f)(params, batch)
     (loss, m), g = jax.jit(jax.value_and_grad(obj.loss_fn, has_aux=True))(
         params, batch, jax.random.key(0))
@@ -139,9 +140,9 @@ def test_packed_step_equals_padded_step(over, tmp_path):
   b = pack.pipeline.batch(0)
   assert b["input_ids"].shape[0] == 16 and b["input_ids"].shape[1] < 4
   with jax.set_mesh(pad.mesh):
-    s1, m1 = pad.step_fn(pad.state, train.global_batch(pad.pipeline.batch(0), pad.mesh))
+    s1, m1 = pad.step_fn(pad.state, loop.global_batch(pad.pipeline.batch(0), pad.mesh))
   with jax.set_mesh(pack.mesh):
-    s2, m2 = pack.step_fn(pack.state, train.global_batch(b, pack.mesh))
+    s2, m2 = pack.step_fn(pack.state, loop.global_batch(b, pack.mesh))
   for k in ("loss", "mlm_loss", "contrastive_loss", "grad_norm"):
     np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5, err_msg=k)
   assert_params_close(jax.device_get(s2.params), jax.device_get(s1.params))
@@ -150,7 +151,7 @@ def test_packed_step_equals_padded_step(over, tmp_path):
 def test_packed_gradcache_is_exact_with_dropout_on(tmp_path):
   cfg = _cfg("pair", **{"model.hidden_dropout": 0.1, "model.attention_dropout": 0.1,
                         "train.global_batch": 32, "train.gradcache_chunks": 2})
-  job = train.build(cfg, str(tmp_path), devices(8))
+  job = build_lib.build(cfg, str(tmp_path), devices(8))
   assert_gradcache_matches_end_to_end(job)
 
 
@@ -162,7 +163,7 @@ def test_resume_with_other_packing_is_named(tmp_path):
 
 
 def test_packing_config_errors_are_one_line():
-  from bepa_jax import config as config_lib
+  from bepa_jax.config import validate as config_lib
   with pytest.raises(ConfigError, match=r"data.packed_rows=5 exceeds the 4 sequences"):
     config_lib.validate(_cfg(**{"data.packed_rows": 5}), 8)
   with pytest.raises(ConfigError, match="data.packed_pair_rows must be >= 0"):

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from bepa_jax import train
+from bepa_jax.trainer import build as build_lib
+from bepa_jax.trainer import loop
 from bepa_jax.model import BepaEncoder, EncoderConfig
 from tests.helpers import devices, tiny_config
 
@@ -19,8 +20,8 @@ def workdir(tmp_path_factory):
 
 
 def _one_step(config, workdir, n_devices=2):
-  job = train.build(config, workdir, devices(n_devices))
-  batch = train.global_batch(job.pipeline.batch(0), job.mesh)
+  job = build_lib.build(config, workdir, devices(n_devices))
+  batch = loop.global_batch(job.pipeline.batch(0), job.mesh)
   with jax.set_mesh(job.mesh):
     state, metrics = job.step_fn(job.state, batch)
   return jax.device_get(state.params), {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -48,7 +49,7 @@ def test_chunked_infonce_step_matches_default_step(workdir, reference):
 def test_profile_steps_write_a_trace(tmp_path):
   cfg = tiny_config(**{"train.steps": 4, "train.profile_start": 2, "train.profile_steps": 1,
                        "checkpoint.every_steps": 0, "checkpoint.every_minutes": 0.0})
-  train.train(cfg, str(tmp_path))
+  loop.train(cfg, str(tmp_path))
   traces = glob.glob(os.path.join(str(tmp_path), "profile", "**", "*.xplane.pb"), recursive=True)
   assert traces and os.path.getsize(traces[0]) > 0
 

@@ -1,5 +1,5 @@
 """The general pair pipeline: determinism across process counts, exact resume, mixtures,
-dedup, masking rates, and wiring into train.build."""
+dedup, masking rates, and wiring into build_lib.build."""
 import collections
 
 import numpy as np
@@ -168,13 +168,14 @@ def test_languages_follow_the_mixture(tok, files):
 def test_train_build_and_step_on_file_source(tmp_path, files):
   import jax
   from helpers import tiny_config
-  from bepa_jax import train
+  from bepa_jax.trainer import build as build_lib
+  from bepa_jax.trainer import loop
   cfg = tiny_config(**{"data.source": spec_of(files), "data.pairs": "en-de,en-ru",
                        "data.temperature": 2.0})
-  job = train.build(cfg, str(tmp_path), devices=jax.devices()[:4])
+  job = build_lib.build(cfg, str(tmp_path), devices=jax.devices()[:4])
   assert {(c.lang_x, c.lang_y) for c in job.pipeline.components} == {("en", "de"), ("en", "ru")}
   with jax.set_mesh(job.mesh):
-    state, metrics = job.step_fn(job.state, train.global_batch(job.pipeline.batch(0), job.mesh))
+    state, metrics = job.step_fn(job.state, loop.global_batch(job.pipeline.batch(0), job.mesh))
   assert np.isfinite(float(metrics["loss"]))
   mono = tmp_path / "mono.txt"
   mono.write_text("a b\nc d\ne f\ng h\n" * 10)

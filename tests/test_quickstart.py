@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from bepa_jax import default_config, train
+from bepa_jax.config import defaults as default_config, train
 
 
 def test_quickstart_loss_falls_over_30_steps(tmp_path):

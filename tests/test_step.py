@@ -3,7 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from bepa_jax import train
+from bepa_jax.trainer import build as build_lib
+from bepa_jax.trainer import loop
 from tests.helpers import assert_params_close, devices, tiny_config
 
 # fp32 on CPU. Sharding changes the order of floating-point sums (all-reduces), so results
@@ -22,8 +23,8 @@ def workdir(tmp_path_factory):
 
 
 def _one_step(config, workdir, n_devices):
-  job = train.build(config, workdir, devices(n_devices))
-  batch = train.global_batch(job.pipeline.batch(0), job.mesh)
+  job = build_lib.build(config, workdir, devices(n_devices))
+  batch = loop.global_batch(job.pipeline.batch(0), job.mesh)
   with jax.set_mesh(job.mesh):
     state, metrics = job.step_fn(job.state, batch)
   return jax.device_get(state.params), {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -70,8 +71,8 @@ def test_dropout_rng_changes_only_the_dropout_draws(workdir):
   """train.dropout_rng=rbg: the same init, other dropout masks, deterministic (resume and
   GradCache's re-run depend on it); without dropout the step is the same."""
   drop = {"model.hidden_dropout": 0.1, "model.attention_dropout": 0.1}
-  job_t = train.build(tiny_config(**drop), workdir, devices(8))
-  job_r = train.build(tiny_config(**drop, **{"train.dropout_rng": "rbg"}), workdir, devices(8))
+  job_t = build_lib.build(tiny_config(**drop), workdir, devices(8))
+  job_r = build_lib.build(tiny_config(**drop, **{"train.dropout_rng": "rbg"}), workdir, devices(8))
   for a, b in zip(jax.tree.leaves(job_t.state.params), jax.tree.leaves(job_r.state.params)):
     np.testing.assert_array_equal(a, b)  # init is threefry either way
   _, m_t = _one_step(tiny_config(**drop), workdir, 8)
@@ -86,4 +87,4 @@ def test_dropout_rng_changes_only_the_dropout_draws(workdir):
 def test_unknown_dropout_rng_is_a_config_error(workdir):
   from bepa_jax.errors import ConfigError
   with pytest.raises(ConfigError, match="train.dropout_rng='philox'.*threefry2x32, rbg"):
-    train.build(tiny_config(**{"train.dropout_rng": "philox"}), workdir, devices(8))
+    build_lib.build(tiny_config(**{"train.dropout_rng": "philox"}), workdir, devices(8))

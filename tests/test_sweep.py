@@ -1,6 +1,6 @@
 """`bepa-sweep` on a 2x2 grid of 3-step runs of a tiny model: table, plots, resume, pod commands.
 
-Each run is a real `python -m bepa_jax.train` process evaluated on held-out bundled-corpus rows;
+Each run is a real `python -m bepa_jax.cli.train` process evaluated on held-out bundled-corpus rows;
 they share one tokenizer (trained once here) so that the four runs stay short.
 """
 import csv
@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-from bepa_jax import sweep
+from bepa_jax.cli import sweep
 from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data import tokenizer as tokenizer_lib
 from tests.conftest import REPO

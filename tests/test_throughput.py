@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bepa_jax import throughput, train
+from bepa_jax.training import throughput, train
 from tests.helpers import tiny_config
 
 

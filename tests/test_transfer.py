@@ -16,11 +16,12 @@ tfds = pytest.importorskip("tensorflow_datasets")
 from bepa_jax.hf import convert as hf
 from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
-from bepa_jax.eval import loading
-from bepa_jax.finetune import cli, features, tasks, trainer
+from bepa_jax import loading
+from bepa_jax.cli import transfer as cli
+from bepa_jax.finetune import features, tasks, trainer
 from bepa_jax.finetune import report as report_lib
 from bepa_jax.model import BepaEncoder, EncoderConfig
-from bepa_jax import default_config, mesh as mesh_lib
+from bepa_jax.config import defaults as default_config, mesh as mesh_lib
 
 L = 32
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from bepa_jax.errors import BepaError
-from bepa_jax.finetune import cli, compare, metrics, report, tasks
+from bepa_jax.cli import transfer as cli
+from bepa_jax.finetune import compare, metrics, report, tasks
 
 
 # ----------------------------------------------------------------------------- span answers

@@ -36,11 +36,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from bepa_jax import cli
-from bepa_jax import config as config_lib
+from bepa_jax.config import validate as config_lib
 from bepa_jax.checkpoint import integrity
 from bepa_jax.data.pipeline import Pipeline
-from bepa_jax.errors import BepaError, ConfigError
+from bepa_jax.errors import BepaError, ConfigError, one_line
 
 log = logging.getLogger("bepa")
 
@@ -197,7 +196,7 @@ def verify_step(directory: epath.Path, step: int) -> integrity.Verdict:
   try:
     return integrity.verify(directory / str(step))
   except OSError as e:  # unreadable file, permissions: as bad as a mismatch
-    return integrity.Verdict(False, f"{type(e).__name__}: {cli.one_line(e)}")
+    return integrity.Verdict(False, f"{type(e).__name__}: {one_line(e)}")
 
 
 def _disk_full(error: BaseException) -> bool:
@@ -373,7 +372,7 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(state_items(abstract_state)),
                 meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001  (a truncated or foreign directory)
-          error = f"{type(e).__name__}: {cli.one_line(e)[:300]}"
+          error = f"{type(e).__name__}: {one_line(e)[:300]}"
       if _all_processes(error is None):
         return Restored(step, out.state, out.meta)
       error = error or "failed on another process"
@@ -468,7 +467,7 @@ class Checkpointer:
           f"{_mib(self._save_bytes)}" + (f", {_mib(free)} free" if free is not None else "")
           + f"); training stopped, {last}; free space and rerun to resume")
     return BepaError(f"checkpoint save to {self.directory} failed ({type(error).__name__}: "
-                     f"{cli.one_line(error)[:300]}); training stopped, {last}")
+                     f"{one_line(error)[:300]}); training stopped, {last}")
 
   def _check_space(self, step: int, items) -> None:
     """Refuses a save the local disk cannot hold, naming the path and the bytes needed."""

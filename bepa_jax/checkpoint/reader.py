@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from bepa_jax.errors import InputError
+from bepa_jax.errors import InputError, one_line
 
 log = logging.getLogger("bepa")
 
@@ -48,8 +48,7 @@ def read_params(workdir: str, step: int | None = None) -> tuple[int, dict]:
       except InputError:
         raise
       except Exception as e:  # noqa: BLE001  (a damaged file Orbax cannot parse)
-        from bepa_jax import cli
-        problem = f"{type(e).__name__}: {cli.one_line(e)[:200]}"
+        problem = f"{type(e).__name__}: {one_line(e)[:200]}"
     if step is not None:
       raise InputError(f"{directory}/{s}: checkpoint is damaged ({problem}); pick another "
                        f"--step (bepa-ckpt verify {workdir} lists the good ones)")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import os
 
-from bepa_jax import config as config_lib
+from bepa_jax import mesh as mesh_lib
+from bepa_jax.config import validate as config_lib
 from bepa_jax.data import pair_pipeline, pretrained_tokenizers, sources
 from bepa_jax.data import tokenizer as tokenizer_lib
 from bepa_jax.errors import InputError
@@ -67,7 +68,7 @@ def build_pipeline(config, tokenizer, batch_shards: int | None = None
   import jax
   d = config.data
   if batch_shards is None:
-    data, fsdp, _ = config_lib.resolve_mesh_shape(config.mesh, jax.device_count())
+    data, fsdp, _ = mesh_lib.resolve_shape(config.mesh, jax.device_count())
     batch_shards = data * fsdp
   comps, weights, stats = open_configured_sources(d)
   pipe = pair_pipeline.PairPipeline(

@@ -10,13 +10,10 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bepa_jax import mesh as mesh_lib
-from bepa_jax.model import encoder_params
-
-POOLINGS = ("cls", "mean")
+from bepa_jax.model import encoder_params, mean_pool
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,9 +69,7 @@ class Embedder:
     def forward(params, ids, mask):
       with nn.logical_axis_rules(self.rules):
         out = model.apply({"params": params}, ids, None, mask, deterministic=True)
-      m = mask[..., None].astype(jnp.float32)
-      mean = (out["hidden"].astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-      return out["cls"], mean
+      return out["cls"], mean_pool(out["hidden"], mask)
 
     self._forward = jax.jit(forward, out_shardings=mesh_lib.replicated(mesh))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from bepa_jax import config as config_lib
+from bepa_jax.config import validate as config_lib
 from bepa_jax import mesh as mesh_lib
 from bepa_jax.errors import BepaError, ConfigError
 from bepa_jax.eval import embed, suite

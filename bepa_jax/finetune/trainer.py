@@ -17,7 +17,7 @@ import optax
 
 from bepa_jax import model as model_lib
 from bepa_jax import mesh as mesh_lib
-from bepa_jax import train_state
+from bepa_jax.training import state as train_state
 from bepa_jax.errors import InputError
 from bepa_jax.finetune import features, metrics, report
 from bepa_jax.model import BepaEncoder, EncoderConfig, _init, _zeros
@@ -257,7 +257,7 @@ def fit_batch(batch_size: int, shards: int) -> int:
 def make_optimizer(lr: float, steps: int, warmup_fraction: float = 0.1,
                    weight_decay: float = 0.01):
   """AdamW through train_state.create_optimizer: linear warmup then linear decay to 0."""
-  from bepa_jax import default_config
+  from bepa_jax.config import defaults as default_config
   optim = default_config.get_config().optim
   optim.learning_rate, optim.schedule, optim.end_lr_fraction = float(lr), "linear", 0.0
   optim.warmup_steps = int(warmup_fraction * steps)

@@ -16,7 +16,7 @@ import shutil
 import types
 
 
-from bepa_jax import cli
+from bepa_jax.cli import common as cli
 from bepa_jax.errors import InputError
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -109,7 +109,7 @@ def export_sentence_transformers(st_dir: str, out_dir: str) -> bool:
 def load_workdir_params(workdir: str, step: int | None = None):
   """(config, EncoderConfig, numpy params) of checkpoint `step` (default: the latest)."""
   from bepa_jax.checkpoint import reader
-  from bepa_jax.eval import loading
+  from bepa_jax import loading
   from bepa_jax.model import EncoderConfig
   config = loading.read_workdir_config(workdir)
   step, params = reader.read_params(workdir, step)

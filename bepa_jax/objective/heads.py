@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bepa_jax import model as model_lib
+
 HEAD_KEY = "bepa_head"
 
 
@@ -81,11 +83,6 @@ def uses_ema(loss_cfg) -> bool:
   return float(loss_cfg.ema_decay) > 0.0
 
 
-def encoder_params(params):
-  """The encoder's own tree (what model.apply and HF export take)."""
-  return {k: v for k, v in params.items() if k != HEAD_KEY}
-
-
 def head_params(params):
   return params.get(HEAD_KEY) if hasattr(params, "get") else None
 
@@ -96,7 +93,7 @@ def init_params(head: ContrastiveHead, rng, hidden_size: int):
 
 def ema_target(params) -> Any:
   """The part of `params` an EMA target copies: the encoder and the projector."""
-  out = encoder_params(params)
+  out = model_lib.encoder_params(params)
   h = head_params(params)
   if h is not None and "proj" in h:
     out[HEAD_KEY] = {"proj": h["proj"]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bepa_jax import model as model_lib
 from bepa_jax.objective import heads
 from bepa_jax.objective import infonce
 from bepa_jax.objective.mlm import mlm_loss
@@ -40,7 +41,7 @@ class Objective:
     Packed batches (batch["segment_ids"], data.packing) hold the same sentences in [G, R, L]
     rows; [CLS] and MLM positions are gathered by index, in the pairs' order.
     """
-    enc = {"params": heads.encoder_params(params)}
+    enc = {"params": model_lib.encoder_params(params)}
     if self.cls_input == "masked":
       out = self._apply(enc, batch, "input_ids", "sentence", with_mlm, rng, False)
       mlm = None
@@ -95,7 +96,7 @@ class Objective:
     """Projected [CLS] [B, 2, D] of the EMA target encoder (no dropout, no gradient)."""
     ema_params = jax.lax.stop_gradient(ema_params)
     B = batch["mlm_weights"].shape[0]
-    out = self._apply({"params": heads.encoder_params(ema_params)}, batch, "input_ids",
+    out = self._apply({"params": model_lib.encoder_params(ema_params)}, batch, "input_ids",
                       "sentence", False, None, True)
     z = out["cls"].reshape(2 * B, -1)
     if self.head is not None and self.head.projector:

@@ -18,7 +18,7 @@ import datetime
 import math
 import sys
 
-from bepa_jax import cli
+from bepa_jax.cli import common as cli
 
 PROG = "bepa-ckpt"
 SUMMARY_KEYS = ("model.family", "model.hidden_size", "model.num_layers", "model.num_heads",
@@ -167,12 +167,12 @@ def cmd_import(hf_dir: str, workdir: str, config_file: str | None, overrides: li
   if bad:
     return cli.fail(PROG, f"import: unrecognized argument {bad[0]} (only --config FILE and "
                     f"--config.a.b=value)")
-  from bepa_jax import train
+  from bepa_jax.cli import train as train_cli
   argv = [PROG, "--workdir", workdir] + (["--config", config_file] if config_file else [])
   argv += overrides + [f"--config.init.hf_dir={hf_dir}", "--config.train.steps=0"]
   saved, sys.argv = sys.argv, argv  # config_flags finds the --config.* overrides in sys.argv
   try:
-    return train.main(argv, prog=f"{PROG} import")
+    return train_cli.main(argv, prog=f"{PROG} import")
   finally:
     sys.argv = saved
 

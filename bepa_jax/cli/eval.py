@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from bepa_jax import cli
+from bepa_jax.cli import common as cli
 
 PROG = "bepa-eval"
 

@@ -5,7 +5,7 @@
   bepa-sweep ... --backend print --tpu-name bepa --zone us-central2-b \
       --accelerator-type v4-32 --gcs-root gs://BUCKET/sweep     (pod commands, nothing runs)
 
-Runs are the Cartesian product of the --grid axes; each is its own `python -m bepa_jax.train`
+Runs are the Cartesian product of the --grid axes; each is its own `python -m bepa_jax.cli.train`
 process (clean JAX state, same XLA_FLAGS), one after the other, in OUT/runs/<name>. A run
 whose workdir holds sweep_result.json for the same overrides is skipped, so a rerun resumes.
 After training, the run's final params are evaluated on a held-out aligned set (by default
@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from bepa_jax import cli
+from bepa_jax.cli import common as cli
 
 PROG = "bepa-sweep"
 RESULT = "sweep_result.json"
@@ -94,8 +94,8 @@ def overrides(point: dict[str, str], fixed: dict[str, str]) -> list[str]:
 
 def check_keys(config: str, keys) -> None:
   """Unknown keys (or a missing config file) -> ConfigError, as bepa-train reports them."""
-  from bepa_jax import train
-  train.check_override_keys(["--config", config] + [f"--config.{k}=0" for k in keys])
+  from bepa_jax.config import load as config_load
+  config_load.check_override_keys(["--config", config] + [f"--config.{k}=0" for k in keys])
 
 
 def check_runs(config: str, axes, fixed: dict[str, str], num_devices: int | None = None,
@@ -104,21 +104,22 @@ def check_runs(config: str, axes, fixed: dict[str, str], num_devices: int | None
   then (`validate`) every run's config checked as bepa-train checks it, on `num_devices` (None:
   the fewest its mesh fits). A bad value fails the sweep in seconds, not after the runs before
   it have trained; the SweepError names the key and the value."""
-  from bepa_jax import train
+  from bepa_jax.config import load as config_load
+  from bepa_jax.trainer import build as build_lib
   from bepa_jax.errors import BepaError
-  base = train.check_override_keys(["--config", config])
+  base = config_load.check_override_keys(["--config", config])
   given = [("--grid", k, vs) for k, vs in axes] + [("--set", k, [v]) for k, v in fixed.items()]
   for flag, key, values in given:
     for value in values:
       try:
-        train.load_config(config, [f"--config.{key}={value}"])
+        config_load.load_config(config, [f"--config.{key}={value}"])
       except BepaError:
         raise SweepError(f"{flag} {key}={','.join(values)}: config key {key} expects "
-                         f"{train.expected_type(base, key)}, got {value!r}") from None
+                         f"{config_load.expected_type(base, key)}, got {value!r}") from None
   for point in expand_grid(axes) if validate else ():
     try:
-      run_config = train.load_config(config, overrides(point, fixed))
-      train.check_config(run_config, num_devices or min_devices(run_config.mesh))
+      run_config = config_load.load_config(config, overrides(point, fixed))
+      build_lib.check_config(run_config, num_devices or min_devices(run_config.mesh))
     except BepaError as e:
       where = ", ".join(f"{k}={v}" for k, v in point.items())
       raise SweepError(f"run {run_name(point)} ({where}): {cli.one_line(e)}") from None
@@ -143,7 +144,7 @@ def local_device_count() -> int | None:
 
 # ----------------------------------------------------------------------------- commands
 def local_command(config: str, workdir: str, flags: list[str]) -> list[str]:
-  return [sys.executable, "-m", "bepa_jax.train", "--config", config, "--workdir", workdir,
+  return [sys.executable, "-m", "bepa_jax.cli.train", "--config", config, "--workdir", workdir,
           *flags]
 
 

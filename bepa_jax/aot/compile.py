@@ -26,14 +26,15 @@ import time
 import jax
 import numpy as np
 
-from bepa_jax import cli
-from bepa_jax import config as config_lib
+from bepa_jax.cli import common as cli
+from bepa_jax.config import validate as config_lib
 from bepa_jax import hlo_stats
 from bepa_jax import mesh as mesh_lib
-from bepa_jax import step as step_lib
+from bepa_jax.training import step as step_lib
 from bepa_jax import tpu_specs
-from bepa_jax import train as train_lib
-from bepa_jax import train_state
+from bepa_jax.config import load as config_load
+from bepa_jax.trainer import build as build_lib
+from bepa_jax.training import state as train_state
 from bepa_jax.errors import BepaError, ConfigError
 from bepa_jax.model import EncoderConfig
 
@@ -206,11 +207,11 @@ def compile_step(config, topo: tpu_specs.Topology, slices: int = 1, hlo_path: st
   if slices > 1 and int(config.mesh.dcn_data) != slices:
     raise ConfigError(f"--slices={slices} needs --config.mesh.dcn_data={slices} (the data axis "
                       f"spans the slices), got mesh.dcn_data={config.mesh.dcn_data}")
-  shape = train_lib.check_config(config, len(devices))
+  shape = build_lib.check_config(config, len(devices))
   vocab, vocab_from = vocab_size(config)
   mesh = mesh_lib.create_mesh(config.mesh, devices)
   model_cfg = EncoderConfig.from_config(config.model, vocab_size=vocab)
-  parts = train_lib.model_parts(config, model_cfg, mesh)
+  parts = build_lib.model_parts(config, model_cfg, mesh)
   state, shardings = train_state.abstract_state(*parts.init_args, **parts.init_kwargs)
   step_fn = step_lib.make_train_step(parts.model, config, mesh, shardings, parts.schedule)
   shards = shape[0] * shape[1]  # data x fsdp: the batch shards, one packing group each
@@ -486,7 +487,7 @@ def parse_args(argv):
       description="Compile the configured train step for a TPU slice with XLA:TPU (no TPU "
       "needed) and report memory per chip, FLOPs, collectives and a step-time estimate. "
       "Takes bepa-train's --config FILE and --config.KEY=VALUE overrides.")
-  p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "default_config.py"))
+  p.add_argument("--config", default=config_load.DEFAULT_CONFIG_FILE)
   p.add_argument("--topology", required=True,
                  help=f"TPU slice: {', '.join(tpu_specs.known_names())}")
   p.add_argument("--slices", type=int, default=1,
@@ -512,7 +513,7 @@ def run_cli(argv) -> int:
   args, overrides = parse_args(argv)
   topo = tpu_specs.parse(args.topology)
   require_libtpu()  # before the config is loaded: the missing install is the first thing to fix
-  config = train_lib.load_config(args.config, overrides)
+  config = config_load.load_config(args.config, overrides)
   rep = compile_step(config, topo, args.slices, args.hlo, args.tokens_per_sentence)
   rep["config"] = args.config
   rep["overrides"] = list(overrides)
@@ -608,7 +609,7 @@ def run() -> None:
   p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
   p.add_argument("--out", default="")
   out = p.parse_known_args(sys.argv[1:])[0].out
-  sys.exit(run_isolated([sys.executable, "-m", "bepa_jax.aot", *sys.argv[1:]], out))
+  sys.exit(run_isolated([sys.executable, "-m", "bepa_jax.cli.compile", *sys.argv[1:]], out))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from bepa_jax import cli
+from bepa_jax.cli import common as cli
 from bepa_jax.data import pretrained_tokenizers, sources
 from bepa_jax.data import tokenizer as tokenizer_lib
 from bepa_jax.errors import BepaError

@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Callable
 
-from bepa_jax.errors import BepaError
+from bepa_jax.errors import BepaError, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 NOISY_LOGGERS = ("absl", "jax._src", "orbax")
@@ -24,11 +24,6 @@ def setup_logging(verbose: bool = True) -> None:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   if not verbose:
     logging.getLogger("bepa").setLevel(logging.WARNING)
-
-
-def one_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
 
 
 def fail(prog: str, message) -> int:

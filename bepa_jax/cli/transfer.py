@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from bepa_jax import cli
+from bepa_jax.cli import common as cli
 
 PROG = "bepa-transfer"
 

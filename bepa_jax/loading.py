@@ -9,7 +9,8 @@ from typing import Any
 
 import ml_collections
 
-from bepa_jax import default_config
+from bepa_jax.config import defaults
+from bepa_jax.config import load as config_load
 from bepa_jax.checkpoint import reader
 from bepa_jax.data import tokenizer as tokenizer_lib
 from bepa_jax.errors import InputError
@@ -46,28 +47,8 @@ def is_hf_dir(path: str) -> bool:
   return isinstance(saved, dict) and ("model_type" in saved or "architectures" in saved)
 
 
-# ----------------------------------------------------------------------------- workdir
-def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config.json that bepa-train wrote, over the defaults (so new keys have values)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise InputError(f"{path}: not found (is {workdir} a bepa-train workdir?)")
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except json.JSONDecodeError as e:
-    raise InputError(f"{path}: not valid JSON ({e})") from None
-  config = default_config.get_config()
-  for section, values in saved.items():
-    if section in config and isinstance(values, dict):
-      for k, v in values.items():
-        if k in config[section]:
-          config[section][k] = tuple(map(tuple, v)) if k == "rules" else v
-  return config
-
-
 def load_workdir(workdir: str, tokenizer_path: str | None = None) -> Loaded:
-  config = read_workdir_config(workdir)
+  config = config_load.read_saved(workdir)
   _, params = reader.read_params(workdir)  # first: missing weights are named as such
   if tokenizer_path:
     tokenizer = tokenizer_lib.load(tokenizer_path)
@@ -87,7 +68,7 @@ def load_hf_dir(hf_dir: str, tokenizer_path: str | None = None) -> Loaded:
     raise InputError(str(e)) from None
   tokenizer = tokenizer_lib.load(tokenizer_path or hf.resolve_model_dir(hf_dir))
   return Loaded(os.path.basename(os.path.normpath(hf_dir)), model_cfg, params, tokenizer,
-                default_config.get_config().mesh, min(128, max_tokens(model_cfg)))
+                defaults.get_config().mesh, min(128, max_tokens(model_cfg)))
 
 
 def max_tokens(model_cfg: EncoderConfig) -> int:

@@ -5,11 +5,14 @@ Every problem raises `ConfigError` whose message is one line naming the key;
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import ml_collections
 
-from bepa_jax.errors import ConfigError  # noqa: F401  (re-exported)
+from bepa_jax import mesh as mesh_lib
+from bepa_jax.errors import ConfigError
+from bepa_jax.model import POOLINGS, EncoderConfig
 
 
 _CHOICES = {
@@ -28,32 +31,6 @@ def get(config, dotted):
   for part in dotted.split("."):
     node = node[part]
   return node
-
-
-def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with -1 resolved; data includes dcn_data slices."""
-  dcn = int(mesh_cfg.dcn_data)
-  sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
-  names = ["mesh.data", "mesh.fsdp", "mesh.tensor"]
-  if dcn < 1:
-    raise ConfigError(f"mesh.dcn_data must be >= 1, got {dcn}")
-  if sum(s == -1 for s in sizes) > 1:
-    raise ConfigError(f"at most one of mesh.data/fsdp/tensor may be -1, got {tuple(sizes)}")
-  for n, s in zip(names, sizes):
-    if s == 0 or s < -1:
-      raise ConfigError(f"{n} must be a positive size or -1, got {s}")
-  known = dcn * math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if num_devices % known:
-      raise ConfigError(
-          f"mesh {dict(zip(names, sizes))} x dcn_data={dcn} cannot fill {num_devices} devices: "
-          f"{num_devices} is not divisible by {known}")
-    sizes[sizes.index(-1)] = num_devices // known
-  if dcn * math.prod(sizes) != num_devices:
-    raise ConfigError(
-        f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} x dcn_data={dcn} = "
-        f"{dcn * math.prod(sizes)} does not match the {num_devices} devices available")
-  return sizes[0] * dcn, sizes[1], sizes[2]
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -118,7 +95,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
   if int(config.optim.warmup_steps) < 0:
     raise ConfigError(f"optim.warmup_steps must be >= 0, got {config.optim.warmup_steps}")
 
-  data, fsdp, tensor = resolve_mesh_shape(config.mesh, num_devices)
+  data, fsdp, tensor = mesh_lib.resolve_shape(config.mesh, num_devices)
   shards = data * fsdp
   micro = int(t.global_batch) // int(t.grad_accum_steps)
   if int(t.global_batch) % int(t.grad_accum_steps):
@@ -209,9 +186,6 @@ def _validate_loss_options(loss) -> None:
 
 
 def _validate_model_keys(model) -> None:
-  import dataclasses
-
-  from bepa_jax.model import EncoderConfig  # local: config.py stays importable without jax
   known = {f.name for f in dataclasses.fields(EncoderConfig)}
   unknown = sorted(set(model.keys()) - known)
   if unknown:
@@ -239,7 +213,6 @@ def _validate_eval(config) -> None:
   """eval.* (only when eval.every_steps > 0): settings and the files they name."""
   import os
 
-  from bepa_jax.eval.embed import POOLINGS  # local: config.py stays importable without jax
   e = config.eval
   if int(e.every_steps) <= 0:
     return
@@ -265,7 +238,6 @@ def _validate_eval(config) -> None:
 
 def _validate_rules(rules) -> None:
   """mesh.rules: (logical axis name, mesh axis | tuple of mesh axes | None) pairs."""
-  from bepa_jax.mesh import AXES  # local: config.py stays importable without jax
   if isinstance(rules, str) or not isinstance(rules, (tuple, list)):
     raise ConfigError(f"mesh.rules={rules!r} must be a tuple of (logical axis, mesh axes) pairs")
   for rule in rules:
@@ -276,6 +248,6 @@ def _validate_rules(rules) -> None:
                         f"('vocab', 'tensor'))")
     target = rule[1]
     axes = [] if target is None else [target] if isinstance(target, str) else target
-    if not isinstance(axes, (tuple, list)) or any(a not in AXES for a in axes):
+    if not isinstance(axes, (tuple, list)) or any(a not in mesh_lib.AXES for a in axes):
       raise ConfigError(f"mesh.rules entry {tuple(rule)!r}: mesh axes must be None or among "
-                        f"{', '.join(AXES)}")
+                        f"{', '.join(mesh_lib.AXES)}")

@@ -1,0 +1,139 @@
+"""The build phase of a run: config -> mesh -> tokenizer and data -> model and sharded state ->
+jitted step, shared by `bepa-train` and (its state definition) `bepa-compile`."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bepa_jax.checkpoint import manager as ckpt_lib
+from bepa_jax.config import validate as config_lib
+from bepa_jax.objective import heads as heads_lib
+from bepa_jax.hf import init as hf_init
+from bepa_jax import mesh as mesh_lib
+from bepa_jax.training import step as step_lib
+from bepa_jax.training import state as train_state
+from bepa_jax.data import factory as data_factory
+from bepa_jax.data import pipeline as pipeline_lib
+from bepa_jax.data import tokenizer as tokenizer_lib
+from bepa_jax.errors import ConfigError
+from bepa_jax.model import BepaEncoder, EncoderConfig
+
+log = logging.getLogger("bepa")
+
+
+def example_inputs(config) -> dict:
+  L, P = int(config.data.max_length), int(config.data.max_predictions_per_seq)
+  return dict(input_ids=np.zeros((2, L), np.int32), token_type_ids=np.zeros((2, L), np.int32),
+              attention_mask=np.ones((2, L), np.int32), mlm_positions=np.zeros((2, P), np.int32))
+
+
+# ----------------------------------------------------------------------------- build
+@dataclasses.dataclass
+class Job:
+  """Everything a run needs, built from the config before the first step."""
+  config: ml_collections.ConfigDict
+  mesh: Any
+  tokenizer: tokenizer_lib.Tokenizer
+  pipeline: pipeline_lib.Pipeline
+  model_cfg: EncoderConfig
+  model: BepaEncoder
+  state: train_state.TrainState
+  shardings: Any
+  step_fn: Any
+
+
+@dataclasses.dataclass
+class ModelParts:
+  """The model, its optimizer and schedule, and the arguments of train_state's state builders."""
+  model: BepaEncoder
+  schedule: Any
+  tx: Any
+  init_args: tuple
+  init_kwargs: dict
+
+
+def model_parts(config: ml_collections.ConfigDict, model_cfg: EncoderConfig, mesh) -> ModelParts:
+  """What `build` and bepa-compile (bepa_jax/aot/compile.py) share: one definition of the state."""
+  model = BepaEncoder(model_cfg)
+  steps = int(config.train.steps)
+  schedule = train_state.learning_rate_schedule(config.optim, steps)
+  tx = train_state.create_optimizer(config.optim, steps)
+  init_args = (model, tx, example_inputs(config), jax.random.key(int(config.train.seed)), mesh,
+               config.mesh)
+  init_kwargs = dict(head=heads_lib.from_config(config.loss, model_cfg.hidden_size),
+                     ema=heads_lib.uses_ema(config.loss))
+  return ModelParts(model, schedule, tx, init_args, init_kwargs)
+
+
+def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=None) -> Job:
+  """Config -> mesh -> tokenizer and data -> model and sharded state -> jitted step.
+
+  With a checkpoint.Checkpointer, the state is restored from its latest readable checkpoint
+  (straight into this mesh's shardings) instead of initialised, when there is one.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if config.init.hf_dir:  # the model's shape comes from the pretrained checkpoint
+    hf_init.apply_to_config(config)
+  shape = config_lib.validate(config, len(devices))
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  log.info("mesh %s on %d devices (%d processes)", dict(zip(mesh_lib.AXES, shape)),
+           len(devices), jax.process_count())
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  tokenizer = data_factory.load_tokenizer(config, workdir)
+  pipeline = data_factory.build_pipeline(config, tokenizer, shape[0] * shape[1])
+  if pipeline.truncated:
+    log.info("%d sentences are longer than data.max_length=%d and are truncated",
+             pipeline.truncated, config.data.max_length)
+  model_cfg = EncoderConfig.from_config(config.model, vocab_size=tokenizer.vocab_size)
+  if model_cfg.vocab_size < tokenizer.vocab_size:
+    raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                      f"{tokenizer.vocab_size} pieces")
+  parts = model_parts(config, model_cfg, mesh)
+  model, schedule, init_args, init_kwargs = (parts.model, parts.schedule, parts.init_args,
+                                             parts.init_kwargs)
+  restored = None
+  if ckpt is not None:  # abstract arrays carry this mesh's shardings: any saved mesh restores
+    abstract, shardings = train_state.abstract_state(*init_args, **init_kwargs)
+    restored = ckpt.restore_latest(abstract)
+  if restored is not None:
+    state = ckpt_lib.restore_state(abstract, restored)
+    ckpt_lib.restore_data_state(pipeline, restored, config)
+    log.info("resumed from checkpoint step %d in %s (saved on mesh %s)", restored.step,
+             ckpt.directory, restored.meta.get("mesh"))
+  else:
+    state, shardings = train_state.create_sharded_state(*init_args, **init_kwargs)
+    if config.init.hf_dir:  # continued pretraining: encoder + MLM head from HF, fresh optimizer
+      hf_params = hf_init.load_params(config, model_cfg)
+      params = dict(state.params)
+      for name, subtree in hf_params.items():
+        params[name] = jax.device_put(subtree, shardings.params[name])
+      state = state.replace(params=params)
+      if state.ema_params is not None:  # the EMA target starts from the same weights
+        ema = dict(state.ema_params)
+        ema.update({k: jax.tree.map(jnp.copy, params[k]) for k in hf_params if k in ema})
+        state = state.replace(ema_params=ema)
+      log.info("initialised from %s", config.init.hf_dir)
+  log.info("model: %s, %.2fM parameters", model_cfg.family,
+           train_state.count_params(state.params) / 1e6)
+  step_fn = step_lib.make_train_step(model, config, mesh, shardings, schedule)
+  return Job(config, mesh, tokenizer, pipeline, model_cfg, model, state, shardings, step_fn)
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int):
+  """The one validation pass, before a tokenizer is trained or a file written (bepa-sweep runs
+  it for every grid point before the first run). init.hf_dir's shape (and that its weights
+  are whole) first: the config is compared with the workdir's checkpoints after this."""
+  if config.init.hf_dir:
+    hf_init.apply_to_config(config)
+  return config_lib.validate(config, num_devices)

@@ -1,0 +1,150 @@
+"""The training loop of `bepa-train`: build, then step, log, evaluate and save until done."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bepa_jax.checkpoint import manager as ckpt_lib
+from bepa_jax import host_memory
+from bepa_jax import mesh as mesh_lib
+from bepa_jax import profiling
+from bepa_jax.training import throughput
+from bepa_jax.eval import periodic as periodic_eval
+from bepa_jax.metric_writer import MetricWriter
+from bepa_jax.trainer.build import Job, build, check_config
+
+log = logging.getLogger("bepa")
+
+
+def global_batch(local: dict, mesh) -> dict:
+  """Per-process rows -> global arrays sharded over the batch axes (no host gathers)."""
+  sharding = mesh_lib.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+def local_batch(pipeline, step: int, pid: int, pcount: int) -> dict:
+  """This process's rows at `step`. Packed: a step that does not fit the packed rows on some
+  process is packed into the fallback rows on every process (the global shape must agree)."""
+  local = pipeline.batch(step, pid, pcount)
+  if pcount > 1 and getattr(pipeline, "packing", False):
+    from jax.experimental import multihost_utils
+    rows = (local["input_ids"].shape[1],
+            local["mlm_input_ids"].shape[1] if "mlm_segment_ids" in local else 0)
+    agreed = tuple(int(r) for r in np.max(multihost_utils.process_allgather(np.array(rows)), 0))
+    if agreed != rows:
+      local = pipeline.batch(step, pid, pcount, rows=agreed)
+  return local
+
+def format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}"
+
+
+# ----------------------------------------------------------------------------- loop
+def train(config: ml_collections.ConfigDict, workdir: str):
+  """Runs the whole job; returns (final state, last logged metrics)."""
+  check_config(config, jax.device_count())
+  ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint)
+  ckpt.check_config(config)  # before anything is built or workdir/config.json is rewritten
+  ckpt.install_preemption_handler()
+  job = build(config, workdir, ckpt=ckpt)
+  mesh, pipeline, state, step_fn = job.mesh, job.pipeline, job.state, job.step_fn
+  if host_memory.applied():  # set by main() before XLA started; logged once the job is valid
+    log.info("train.host_malloc=%s: glibc keeps freed host memory (no per-step page faults)",
+             config.train.host_malloc)
+  steps = int(config.train.steps)
+  if steps == 0:
+    return save_initial_state(job, ckpt, workdir), {}
+  evaluator = periodic_eval.from_config(config, job.model, job.tokenizer, mesh)  # None: eval off
+  tokens = throughput.TokenMeter(config.loss)  # real / processed tokens, counted on the host
+  log_every = max(int(config.train.log_every), 1)
+  pid, pcount = jax.process_index(), jax.process_count()
+  metrics, t_start, step_start, since_start = {}, None, 0, throughput.TokenCounts()
+  window, window_steps = None, 0
+  profiler = profiling.StepProfiler(config.train, workdir)
+  first = int(jax.device_get(state.step))
+  writer = MetricWriter(workdir, resume_step=first)
+  with jax.set_mesh(mesh):
+    for step in range(first, steps):
+      profiler.before(step)
+      local = local_batch(pipeline, step, pid, pcount)
+      tokens.add(local)
+      batch = global_batch(local, mesh)
+      state, step_metrics = step_fn(state, batch)
+      done = step + 1
+      profiler.after(done, step_metrics)
+      # Logged metrics are means over the steps since the last log (summed on device, no sync).
+      window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
+      window_steps += 1
+      if done % log_every == 0 or done == steps or done == first + 1:
+        metrics = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+        if "learning_rate" in step_metrics:  # the current value, not the window's mean
+          metrics["learning_rate"] = float(step_metrics["learning_rate"])
+        window, window_steps = None, 0
+        window_tokens = tokens.take()  # global: summed over processes (3 ints, log steps only)
+        metrics["padding_fraction"] = window_tokens.padding_fraction
+        ckpt.check(metrics, done)
+        now = time.perf_counter()
+        if t_start is None:  # the first step includes compilation: start the clock after it
+          t_start, step_start = now, done
+          rate = float("nan")
+        else:
+          since_start = since_start + window_tokens
+          rate = (done - step_start) / (now - t_start)
+        if rate == rate:  # not NaN: throughput is known from the second log on
+          metrics["steps_per_sec"] = rate
+          metrics["real_tokens_per_sec"] = since_start.real / (now - t_start)
+          metrics["processed_tokens_per_sec"] = since_start.processed / (now - t_start)
+        writer.write(done, metrics)
+        eta = format_eta((steps - done) / rate) if rate == rate and rate > 0 else "?"
+        log.info("step %d/%d | loss %.4f | mlm %.4f acc %.3f | con %.4f | x->y %.3f y->x %.3f "
+                 "| cos+ %.3f cos- %.3f | %.0f real tok/s, %.0f%% pad | ETA %s",
+                 done, steps, metrics["loss"], metrics["mlm_loss"], metrics["mlm_accuracy"],
+                 metrics["contrastive_loss"], metrics["acc_x2y"], metrics["acc_y2x"],
+                 metrics["pos_cos"], metrics["neg_cos"], metrics.get("real_tokens_per_sec", 0.0),
+                 100 * metrics["padding_fraction"], eta)
+      if evaluator is not None and evaluator.due(done, steps):
+        t_eval = time.perf_counter()
+        eval_metrics = evaluator(state.params)
+        writer.write(done, eval_metrics, prefix="eval")
+        log.info("eval step %d | %s", done, periodic_eval.headline(eval_metrics))
+        if t_start is not None:  # keep evaluation time out of the throughput figures
+          t_start += time.perf_counter() - t_eval
+      evaluated = evaluator is not None and evaluator.due(done, steps)
+      if ckpt.step_end(done, steps, state, step_metrics, config=config, pipeline=pipeline,
+                       mesh=mesh, extra_metrics={f"eval/{k}": v for k, v in eval_metrics.items()}
+                       if evaluated else None):
+        break  # preempted: the state at `done` is saved
+  profiler.stop(state)  # a run that ends (or is preempted) inside the profiled range
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  log.info("%s", pipeline.report())  # what the input dropped, redrew or truncated: never silent
+  return state, metrics
+
+
+def save_initial_state(job: Job, ckpt: ckpt_lib.Checkpointer, workdir: str):
+  """train.steps=0: the state as built (from init.hf_dir, fresh optimizer) becomes checkpoint 0,
+  so that an imported model can be exported, evaluated or trained later without a step."""
+  steps = ckpt.steps()
+  if steps:
+    log.info("train.steps=0: %s already holds checkpoint(s) up to step %d: nothing written",
+             ckpt.directory, steps[-1])
+  else:
+    ckpt.save(0, job.state, config=job.config, data=ckpt_lib.data_state(job.pipeline, 0),
+              metrics={}, mesh=job.mesh)
+    ckpt.wait()
+    source = job.config.init.hf_dir or "a fresh initialisation"
+    log.info("train.steps=0: wrote checkpoint 0 (weights from %s, fresh optimizer state) to %s "
+             "and the run's config to %s; next: bepa-export --workdir %s --out DIR, or bepa-train "
+             "with the same config and --config.train.steps=N to train from it", source,
+             ckpt.directory, os.path.join(workdir, "config.json"), workdir)
+  ckpt.close()
+  return job.state
