@@ -1,8 +1,8 @@
-"""The README's pod table from the compiler: bepa-compile over configs x batch x slice x loss.
+"""The pod table of docs/pods.md from the compiler: bepa-compile over configs x batch x slice x loss.
 
   python bench/aot_table.py --run [--budget_s 3000] [--only v5e-64] [--match xlmr_B4096]
                                                     # compile what is missing
-  python bench/aot_table.py [--readme]          # the table from the JSONs (--readme: into README)
+  python bench/aot_table.py [--docs]            # the table from the JSONs (--docs: into docs/pods.md)
 
 Each cell is one `bepa-compile` process (a libtpu crash or hang costs that cell only), run
 with a time limit; its JSON goes to bench/results/aot/CELL.json. For every cell the attempts
@@ -296,12 +296,12 @@ def markdown(rows) -> str:
   return "\n".join(lines)
 
 
-README = os.path.join(REPO, "README.md")
+DOC = os.path.join(REPO, "docs", "pods.md")  # the page that holds the generated table
 BEGIN, END = "<!-- aot_table", "<!-- /aot_table -->"
 
 
-def readme_block(result: dict) -> str:
-  """The README's table: compiled cells and those that fit nowhere, then what is missing."""
+def doc_block(result: dict) -> str:
+  """The table of docs/pods.md: compiled cells and those that fit nowhere, then what is missing."""
   md = [l for l in markdown(result["rows"]).splitlines() if "not compiled (time)" not in l]
   missing = [r for r in result["rows"] if not r["attempts"]]
   out = "\n".join(md)
@@ -314,7 +314,7 @@ def readme_block(result: dict) -> str:
   return out
 
 
-def write_readme(result: dict, path: str = README) -> None:
+def write_doc(result: dict, path: str = DOC) -> None:
   with open(path) as f:
     text = f.read()
   a, b = text.find(BEGIN), text.find(END)
@@ -322,7 +322,7 @@ def write_readme(result: dict, path: str = README) -> None:
     raise SystemExit(f"{path}: no {BEGIN} ... {END} block to rewrite")
   head = text.index("\n", a) + 1
   with open(path, "w") as f:
-    f.write(text[:head] + readme_block(result) + "\n" + text[b:])
+    f.write(text[:head] + doc_block(result) + "\n" + text[b:])
 
 
 def main(argv=None):
@@ -334,7 +334,8 @@ def main(argv=None):
   p.add_argument("--match", default="",
                  help="compile only cells whose name contains this (e.g. xlmr_B4096)")
   p.add_argument("--no_table", action="store_true", help="with --run: compile only")
-  p.add_argument("--readme", action="store_true", help="also rewrite the README's table block")
+  p.add_argument("--docs", action="store_true",
+                 help="also rewrite the table block of docs/pods.md")
   args = p.parse_args(argv)
   os.makedirs(OUT, exist_ok=True)
   if args.run:
@@ -359,9 +360,9 @@ def main(argv=None):
     json.dump(result, f, indent=2)
   with open(os.path.join(REPO, "bench", "results", "aot_table.md"), "w") as f:
     f.write(md + "\n")
-  if args.readme:
-    write_readme(result)
-    print(f"rewrote the table in {README}")
+  if args.docs:
+    write_doc(result)
+    print(f"rewrote the table in {DOC}")
   print(f"{done}/{len(result['rows'])} cells compiled; wrote bench/results/aot_table.json and "
         f".md; next: python bench/aot_table.py --run to fill the rest")
 

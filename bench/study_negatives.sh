@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Worked study (README "Sweeps"): global batch x negative-pool source on Multi30k, tiny model.
+# Worked study (docs/objective.md, "Sweeps"): global batch x negative-pool source on Multi30k,
+# tiny model.
 # 4 runs x 400 steps on 8 simulated CPU devices (~7 min on 2 busy cores); runs go to $OUT,
 # the summary (csv, md, json, png) is copied to bench/results/study_negatives/.
 #   bash bench/study_negatives.sh [OUT]

@@ -4,7 +4,7 @@ names, and the `base` shape of bench/step.py (12 layers, hidden 768, 32k pieces,
   python launch/tpu.py --name bepa-v4 --zone us-central2-b --accelerator-type v4-32 train \
     --config configs/base.py --workdir gs://BUCKET/runs/base
 
-Parallel data from TFDS (prepared as array_record, see README): XNLI's 15-way premises.
+Parallel data from TFDS (prepared as array_record, see docs/data.md): XNLI's 15-way premises.
 """
 from bepa_jax.config import defaults as default_config
 
@@ -26,8 +26,8 @@ def get_config():
   c.data.source = "tfds:xnli:test;tfds:xnli:validation"
   c.data.max_length = 128
   c.data.max_predictions_per_seq = 20
-  c.data.packing = True                            # several sentences per row, exact (README,
-                                                   # "Sequence packing"); False = padded
+  c.data.packing = True                            # several sentences per row, exact
+                                                   # (docs/packing.md); False = padded
   c.optim.learning_rate = 1e-4
   c.optim.warmup_steps = 1000
   c.train.global_batch = 4096

@@ -29,8 +29,8 @@ def get_config():
                                                    # retrieval in bench/objective_study.py
   c.data.max_length = 128
   c.data.max_predictions_per_seq = 20
-  c.data.packing = True                            # several sentences per row, exact (README,
-                                                   # "Sequence packing"); False = padded
+  c.data.packing = True                            # several sentences per row, exact
+                                                   # (docs/packing.md); False = padded
   c.optim.learning_rate = 5e-5
   c.optim.weight_decay = 0.01
   c.optim.warmup_steps = 1000

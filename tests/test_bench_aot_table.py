@@ -1,5 +1,6 @@
 """bench/aot_table.py without compiling: its cells, the packed rows it asks bepa-compile for
-(bepa-train's own probe), and the README block it rewrites."""
+(bepa-train's own probe), and the docs/pods.md block it rewrites."""
+import json
 import os
 import sys
 
@@ -53,20 +54,31 @@ def test_packed_cells_ask_for_the_rows_bepa_train_would_choose(small_probe):
   assert "--config.data.packing=False" in padded and not any("packed_rows" in a for a in padded)
 
 
-def test_readme_block_rewritten_between_its_markers_only(tmp_path):
+def test_docs_block_rewritten_between_its_markers_only(tmp_path):
   row = dict(config="base", B=4096, slice="v5e-64", layout="packed", contrastive_chunk=0,
              attempts=[], analytic_step_ms=91.0, analytic_mfu=0.5)
-  readme = tmp_path / "README.md"
-  readme.write_text(f"before\n{aot_table.BEGIN} note -->\nold table\n{aot_table.END}\nafter\n")
-  aot_table.write_readme({"rows": [row]}, str(readme))
-  text = readme.read_text()
+  page = tmp_path / "pods.md"
+  page.write_text(f"before\n{aot_table.BEGIN} note -->\nold table\n{aot_table.END}\nafter\n")
+  aot_table.write_doc({"rows": [row]}, str(page))
+  text = page.read_text()
   assert text.startswith("before\n") and text.endswith(f"{aot_table.END}\nafter\n")
   assert "old table" not in text and "| config | B | slice | layout |" in text
   assert "Not compiled in the sessions' time (1 of 1 cells" in text
   assert "base 4096 v5e-64 packed chunk 0" in text
   (tmp_path / "bare.md").write_text("no block\n")
   with pytest.raises(SystemExit, match="no <!-- aot_table"):
-    aot_table.write_readme({"rows": [row]}, str(tmp_path / "bare.md"))
+    aot_table.write_doc({"rows": [row]}, str(tmp_path / "bare.md"))
+
+
+def test_docs_page_holds_the_generated_table():
+  """docs/pods.md's block is what `bench/aot_table.py --docs` writes from the stored results."""
+  with open(aot_table.DOC, encoding="utf-8") as f:
+    text = f.read()
+  a, b = text.find(aot_table.BEGIN), text.find(aot_table.END)
+  assert 0 <= a < b, f"{aot_table.DOC}: no generated table block"
+  with open(os.path.join(REPO, "bench", "results", "aot_table.json")) as f:
+    result = json.load(f)
+  assert text[text.index("\n", a) + 1:b] == aot_table.doc_block(result) + "\n"
 
 
 def test_a_compiler_crash_is_retried_with_rbg_dropout_then_the_ladder_goes_on(tmp_path, monkeypatch,

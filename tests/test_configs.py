@@ -44,10 +44,11 @@ def test_reference_config_variants():
 def test_every_config_file_named_in_launchers_and_docs_exists():
   import re
   named = set()
-  for path in glob.glob(os.path.join(REPO, "launch", "*.py")) + [os.path.join(REPO, "README.md")]:
+  docs = [os.path.join(REPO, "README.md")] + glob.glob(os.path.join(REPO, "docs", "*.md"))
+  for path in glob.glob(os.path.join(REPO, "launch", "*.py")) + docs:
     with open(path, encoding="utf-8") as f:
       named |= set(re.findall(r"configs/[A-Za-z0-9_]+\.py", f.read()))
-  assert named, "expected launch/ and README.md to name config files"
+  assert named, "expected launch/, README.md and docs/ to name config files"
   missing = sorted(n for n in named if not os.path.isfile(os.path.join(REPO, n)))
   assert not missing, f"named but absent: {missing}"
 

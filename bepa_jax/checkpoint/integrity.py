@@ -5,7 +5,7 @@ interrupted save but not bytes changed afterwards (a bad disk, a partial copy be
 an edit). So once a save has finished, `write` stores the size and SHA-256 of every file of
 the step in `<step>/checksums.json`; `verify` recomputes them before anything reads the step
 (training's restore, bepa-eval, bepa-export, bepa-ckpt). Its cost is one sequential read of
-the checkpoint (bench/checkpoint_verify.py measures it; the README states the figure).
+the checkpoint (bench/checkpoint_verify.py measures it; docs/checkpoints.md states the figure).
 """
 from __future__ import annotations
 
