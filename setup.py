@@ -53,14 +53,14 @@ setup(
   },
   entry_points={
     "console_scripts": [
-      "bepa-train=bepa_jax.train:run",
-      "bepa-export=bepa_jax.hf.export:run",
-      "bepa-eval=bepa_jax.eval.cli:run",
-      "bepa-tokenizer=bepa_jax.data.tokenizer_cli:run",
-      "bepa-ckpt=bepa_jax.checkpoint.cli:run",
-      "bepa-sweep=bepa_jax.sweep:run",
-      "bepa-transfer=bepa_jax.finetune.cli:run",
-      "bepa-compile=bepa_jax.aot:run",
+      "bepa-train=bepa_jax.cli.train:run",
+      "bepa-export=bepa_jax.cli.export:run",
+      "bepa-eval=bepa_jax.cli.eval:run",
+      "bepa-tokenizer=bepa_jax.cli.tokenizer:run",
+      "bepa-ckpt=bepa_jax.cli.ckpt:run",
+      "bepa-sweep=bepa_jax.cli.sweep:run",
+      "bepa-transfer=bepa_jax.cli.transfer:run",
+      "bepa-compile=bepa_jax.aot.compile:run",
     ],
   },
   classifiers=[

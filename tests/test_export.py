@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from bepa_jax.trainer import loop  # noqa: E402
-from bepa_jax.hf import export  # noqa: E402
+from bepa_jax.cli import export as export_cli  # noqa: E402
 from bepa_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from bepa_jax import loading  # noqa: E402
 from bepa_jax.model import BepaEncoder  # noqa: E402
@@ -41,7 +41,7 @@ def trained(request, tmp_path_factory):
 def test_export_loads_in_transformers_with_same_logits(trained, tmp_path):
   family, wd = trained
   out = str(tmp_path / "hf")
-  assert export.main(["--workdir", wd, "--out", out]) == 0
+  assert export_cli.main(["--workdir", wd, "--out", out]) == 0
   model, info = transformers.AutoModelForMaskedLM.from_pretrained(
       out, output_loading_info=True, local_files_only=True)
   assert not info["missing_keys"] and not info["unexpected_keys"], info

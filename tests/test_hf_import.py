@@ -28,6 +28,7 @@ from bepa_jax.trainer import build as build_lib  # noqa: E402
 from bepa_jax.trainer import loop  # noqa: E402
 from bepa_jax.data import corpus as corpus_lib, tokenizer as tokenizer_lib  # noqa: E402
 from bepa_jax import loading  # noqa: E402
+from bepa_jax.cli import export as export_cli  # noqa: E402
 from bepa_jax.hf import convert as hf, export  # noqa: E402
 from bepa_jax.model import BepaEncoder  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
@@ -228,7 +229,7 @@ def synthetic_import(tmp_path_factory, spm_model):
   r = _run("bepa_jax.cli.ckpt", "import", hf_dir, wd, "--config", "configs/quickstart.py",
            "--config.data.max_length=16", "--config.train.global_batch=8")
   assert r.returncode == 0, r.stderr[-3000:]
-  assert export.main(["--workdir", wd, "--out", out]) == 0
+  assert export_cli.main(["--workdir", wd, "--out", out]) == 0
   return hf_dir, os.path.join(hf_dir, "0_Transformer"), wd, out
 
 
@@ -303,7 +304,7 @@ def minilm_import(tmp_path_factory, minilm_dir):
   assert "train.steps=0: wrote checkpoint 0" in r.stderr, r.stderr[-3000:]
   assert os.path.isdir(os.path.join(wd, "checkpoints", "0"))
   assert os.path.isfile(os.path.join(wd, "config.json"))
-  assert export.main(["--workdir", wd, "--out", out]) == 0
+  assert export_cli.main(["--workdir", wd, "--out", out]) == 0
   return wd, out
 
 

@@ -1,4 +1,4 @@
-"""`bepa-export`: a bepa-train workdir -> a HuggingFace directory (PyTorch-layout safetensors).
+"""A bepa-train workdir -> a HuggingFace directory (PyTorch-layout safetensors).
 
   bepa-export --workdir DIR [--step N] --out HF_DIR
 
@@ -9,14 +9,11 @@ reproduce our logits and our token ids. An existing non-empty --out is never ove
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import types
 
-
-from bepa_jax.cli import common as cli
 from bepa_jax.errors import InputError
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -109,9 +106,9 @@ def export_sentence_transformers(st_dir: str, out_dir: str) -> bool:
 def load_workdir_params(workdir: str, step: int | None = None):
   """(config, EncoderConfig, numpy params) of checkpoint `step` (default: the latest)."""
   from bepa_jax.checkpoint import reader
-  from bepa_jax import loading
+  from bepa_jax.config import load as config_load
   from bepa_jax.model import EncoderConfig
-  config = loading.read_workdir_config(workdir)
+  config = config_load.read_saved(workdir)
   step, params = reader.read_params(workdir, step)
   vocab = int(config.model.vocab_size) or _tokenizer_vocab(config, workdir)
   return config, EncoderConfig.from_config(config.model, vocab_size=vocab), params, step
@@ -142,23 +139,3 @@ def export(workdir: str, out_dir: str, step: int | None = None) -> str:
     os.rmdir(out_dir)  # empty, checked above
   os.replace(tmp, out_dir)  # all or nothing
   return out_dir
-
-
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="bepa-export", description=__doc__.splitlines()[0])
-  p.add_argument("--workdir", required=True, help="a bepa-train workdir with checkpoints")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  p.add_argument("--out", required=True, help="new HF directory to write")
-  args = p.parse_args(argv)
-
-  def body():
-    out = export(args.workdir, args.out, args.step)
-    print(f"exported {args.workdir} -> {out}")
-  return cli.guarded("bepa-export", body)
-
-
-run = cli.entry(main)
-
-
-if __name__ == "__main__":
-  run()
