@@ -76,6 +76,7 @@ def main(argv=None, prog: str = "bepa-train") -> int:
   problem = workdir_problem(FLAGS.workdir)
   if problem:
     return cli.fail(prog, f"--workdir {FLAGS.workdir}: {problem}")
+  workdir = cli.absolute(FLAGS.workdir)  # once: Orbax and every later path need it absolute
   try:  # before XLA starts its threads (they keep the malloc arena they first use)
     host_memory.configure(FLAGS.config.train.host_malloc)
   except ConfigError as e:
@@ -86,7 +87,7 @@ def main(argv=None, prog: str = "bepa-train") -> int:
   except (ValueError, distributed.DistributedInitError) as e:
     return cli.fail(prog, e)
   cli.setup_logging(verbose=jax.process_index() == 0)
-  return cli.guarded(prog, lambda: loop.train(FLAGS.config, FLAGS.workdir), errors=(BepaError,))
+  return cli.guarded(prog, lambda: loop.train(FLAGS.config, workdir), errors=(BepaError,))
 
 
 run = cli.entry(main)
