@@ -1,5 +1,6 @@
 """The build phase of a run: config -> mesh -> tokenizer and data -> model and sharded state ->
-jitted step, shared by `bepa-train` and (its state definition) `bepa-compile`."""
+jitted step, for `bepa-train` (the state's definition, model_parts, is training/state.py's,
+shared with `bepa-compile`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,15 +11,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from bepa_jax.checkpoint import manager as ckpt_lib
 from bepa_jax.config import validate as config_lib
-from bepa_jax.objective import heads as heads_lib
 from bepa_jax.hf import init as hf_init
 from bepa_jax import mesh as mesh_lib
 from bepa_jax.training import step as step_lib
 from bepa_jax.training import state as train_state
+from bepa_jax.training.state import model_parts
 from bepa_jax.data import factory as data_factory
 from bepa_jax.data import pipeline as pipeline_lib
 from bepa_jax.data import tokenizer as tokenizer_lib
@@ -26,12 +26,6 @@ from bepa_jax.errors import ConfigError
 from bepa_jax.model import BepaEncoder, EncoderConfig
 
 log = logging.getLogger("bepa")
-
-
-def example_inputs(config) -> dict:
-  L, P = int(config.data.max_length), int(config.data.max_predictions_per_seq)
-  return dict(input_ids=np.zeros((2, L), np.int32), token_type_ids=np.zeros((2, L), np.int32),
-              attention_mask=np.ones((2, L), np.int32), mlm_positions=np.zeros((2, P), np.int32))
 
 
 # ----------------------------------------------------------------------------- build
@@ -47,29 +41,6 @@ class Job:
   state: train_state.TrainState
   shardings: Any
   step_fn: Any
-
-
-@dataclasses.dataclass
-class ModelParts:
-  """The model, its optimizer and schedule, and the arguments of train_state's state builders."""
-  model: BepaEncoder
-  schedule: Any
-  tx: Any
-  init_args: tuple
-  init_kwargs: dict
-
-
-def model_parts(config: ml_collections.ConfigDict, model_cfg: EncoderConfig, mesh) -> ModelParts:
-  """What `build` and bepa-compile (bepa_jax/aot/compile.py) share: one definition of the state."""
-  model = BepaEncoder(model_cfg)
-  steps = int(config.train.steps)
-  schedule = train_state.learning_rate_schedule(config.optim, steps)
-  tx = train_state.create_optimizer(config.optim, steps)
-  init_args = (model, tx, example_inputs(config), jax.random.key(int(config.train.seed)), mesh,
-               config.mesh)
-  init_kwargs = dict(head=heads_lib.from_config(config.loss, model_cfg.hidden_size),
-                     ema=heads_lib.uses_ema(config.loss))
-  return ModelParts(model, schedule, tx, init_args, init_kwargs)
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=None) -> Job:
