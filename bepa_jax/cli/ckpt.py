@@ -187,6 +187,7 @@ def _train(prog: str, config, workdir: str) -> int:
   problem = workdir_problem(workdir)
   if problem:
     return cli.fail(prog, f"--workdir {workdir}: {problem}")
+  workdir = cli.absolute(workdir)  # once: Orbax and every later path need it absolute
   try:
     host_memory.configure(config.train.host_malloc)
   except ConfigError as e:
