@@ -56,6 +56,15 @@ class EncoderConfig:
     return jnp.dtype(self.dtype)
 
 
+# The EncoderConfig fields that fix the parameters' shapes (and what token ids mean): a checkpoint
+# saved with other values cannot be restored (checkpoint/store.py); an HF config.json sets them.
+SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads",
+                "intermediate_size", "max_position_embeddings", "type_vocab_size")
+# The fields an HF config.json fixes (hf/init.py copies them into config.model): the shape, plus
+# the family's numerics.
+HF_FIELDS = SHAPE_FIELDS + ("layer_norm_eps", "pad_token_id")
+
+
 def gelu(x):
   return jax.nn.gelu(x, approximate=False)  # HF "gelu" is the exact erf form
 

@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bepa_jax.checkpoint import manager as ckpt_lib
+from bepa_jax.checkpoint import store as ckpt_lib
 from bepa_jax.config import validate as config_lib
 from bepa_jax.hf import init as hf_init
 from bepa_jax import mesh as mesh_lib
 from bepa_jax.training import step as step_lib
 from bepa_jax.training import state as train_state
 from bepa_jax.training.state import model_parts
+from bepa_jax.trainer import guard
 from bepa_jax.data import factory as data_factory
 from bepa_jax.data import pipeline as pipeline_lib
 from bepa_jax.data import tokenizer as tokenizer_lib
@@ -46,7 +47,7 @@ class Job:
 def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=None) -> Job:
   """Config -> mesh -> tokenizer and data -> model and sharded state -> jitted step.
 
-  With a checkpoint.Checkpointer, the state is restored from its latest readable checkpoint
+  With a checkpoint.store.Checkpointer, the state is restored from its latest readable checkpoint
   (straight into this mesh's shardings) instead of initialised, when there is one.
   """
   devices = list(jax.devices() if devices is None else devices)
@@ -79,7 +80,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=No
     restored = ckpt.restore_latest(abstract)
   if restored is not None:
     state = ckpt_lib.restore_state(abstract, restored)
-    ckpt_lib.restore_data_state(pipeline, restored, config)
+    guard.check_resumed_data(pipeline, restored, config)
     log.info("resumed from checkpoint step %d in %s (saved on mesh %s)", restored.step,
              ckpt.directory, restored.meta.get("mesh"))
   else:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bepa_jax.checkpoint import manager as ckpt_lib
+from bepa_jax.checkpoint import store as ckpt_lib
 from bepa_jax import host_memory
 from bepa_jax import mesh as mesh_lib
 from bepa_jax import profiling
@@ -18,6 +18,7 @@ from bepa_jax.training import throughput
 from bepa_jax.eval import periodic as periodic_eval
 from bepa_jax.metric_writer import MetricWriter
 from bepa_jax.trainer.build import Job, build, check_config
+from bepa_jax.trainer.guard import Guard
 
 log = logging.getLogger("bepa")
 
@@ -53,7 +54,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   check_config(config, jax.device_count())
   ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint)
   ckpt.check_config(config)  # before anything is built or workdir/config.json is rewritten
-  ckpt.install_preemption_handler()
+  guard = Guard(ckpt, handle_preemption=True)  # SIGTERM: save at the end of the step, stop
   job = build(config, workdir, ckpt=ckpt)
   mesh, pipeline, state, step_fn = job.mesh, job.pipeline, job.state, job.step_fn
   if host_memory.applied():  # set by main() before XLA started; logged once the job is valid
@@ -90,7 +91,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         window, window_steps = None, 0
         window_tokens = tokens.take()  # global: summed over processes (3 ints, log steps only)
         metrics["padding_fraction"] = window_tokens.padding_fraction
-        ckpt.check(metrics, done)
+        guard.check(metrics, done)
         now = time.perf_counter()
         if t_start is None:  # the first step includes compilation: start the clock after it
           t_start, step_start = now, done
@@ -118,7 +119,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         if t_start is not None:  # keep evaluation time out of the throughput figures
           t_start += time.perf_counter() - t_eval
       evaluated = evaluator is not None and evaluator.due(done, steps)
-      if ckpt.step_end(done, steps, state, step_metrics, config=config, pipeline=pipeline,
+      if guard.step_end(done, steps, state, step_metrics, config=config, pipeline=pipeline,
                        mesh=mesh, extra_metrics={f"eval/{k}": v for k, v in eval_metrics.items()}
                        if evaluated else None):
         break  # preempted: the state at `done` is saved
@@ -138,7 +139,7 @@ def save_initial_state(job: Job, ckpt: ckpt_lib.Checkpointer, workdir: str):
     log.info("train.steps=0: %s already holds checkpoint(s) up to step %d: nothing written",
              ckpt.directory, steps[-1])
   else:
-    ckpt.save(0, job.state, config=job.config, data=ckpt_lib.data_state(job.pipeline, 0),
+    ckpt.save(0, job.state, config=job.config, data=dict(job.pipeline.state_dict(0)),
               metrics={}, mesh=job.mesh)
     ckpt.wait()
     source = job.config.init.hf_dir or "a fresh initialisation"
