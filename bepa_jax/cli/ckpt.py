@@ -175,31 +175,8 @@ def cmd_import(hf_dir: str, workdir: str, config_file: str | None, overrides: li
     config = config_load.load_config(config_file or config_load.DEFAULT_CONFIG_FILE, overrides)
   except (ValueError, OSError) as e:  # ConfigError is a ValueError
     return cli.fail(prog, e)
-  return _train(prog, config, workdir)
-
-
-def _train(prog: str, config, workdir: str) -> int:
-  """What bepa-train does once its flags are parsed: the workdir checked, host memory and the
-  processes set up (before XLA starts), then the training loop (trainer/loop.py)."""
-  from bepa_jax import distributed, host_memory
-  from bepa_jax.cli.train import workdir_problem
-  from bepa_jax.errors import BepaError, ConfigError
-  problem = workdir_problem(workdir)
-  if problem:
-    return cli.fail(prog, f"--workdir {workdir}: {problem}")
-  workdir = cli.absolute(workdir)  # once: Orbax and every later path need it absolute
-  try:
-    host_memory.configure(config.train.host_malloc)
-  except ConfigError as e:
-    return cli.fail(prog, e)
-  try:  # from the environment only: a multi-host import runs on every host, as bepa-train
-    distributed.initialize()
-  except (ValueError, distributed.DistributedInitError) as e:
-    return cli.fail(prog, e)
-  import jax
-  from bepa_jax.trainer import loop
-  cli.setup_logging(verbose=jax.process_index() == 0)
-  return cli.guarded(prog, lambda: loop.train(config, workdir), errors=(BepaError,))
+  from bepa_jax.cli import train as train_cli  # its start, after the flags
+  return train_cli.start(prog, config, workdir)
 
 
 def main(argv=None, out=None) -> int:

@@ -44,16 +44,18 @@ class Job:
   step_fn: Any
 
 
-def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=None) -> Job:
+def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=None,
+          validated: bool = False) -> Job:
   """Config -> mesh -> tokenizer and data -> model and sharded state -> jitted step.
 
   With a checkpoint.store.Checkpointer, the state is restored from its latest readable checkpoint
   (straight into this mesh's shardings) instead of initialised, when there is one.
   """
   devices = list(jax.devices() if devices is None else devices)
-  if config.init.hf_dir:  # the model's shape comes from the pretrained checkpoint
-    hf_init.apply_to_config(config)
-  shape = config_lib.validate(config, len(devices))
+  if validated:  # by the caller's pass (check_config): not again
+    shape = mesh_lib.resolve_shape(config.mesh, len(devices))
+  else:
+    shape = check_config(config, len(devices))
   mesh = mesh_lib.create_mesh(config.mesh, devices)
   log.info("mesh %s on %d devices (%d processes)", dict(zip(mesh_lib.AXES, shape)),
            len(devices), jax.process_count())
