@@ -110,13 +110,15 @@ class StepLog:
 def train(config: ml_collections.ConfigDict, workdir: str):
   """Runs the whole job; returns (final state, last logged metrics).
 
-  Phases: validate (once) -> compare with the workdir's checkpoints -> lock the workdir ->
-  build -> loop -> summary. Nothing is written before the lock is held."""
+  Phases: validate (once) -> lock the workdir -> compare with its checkpoints ->
+  build -> loop -> summary. Nothing is written or removed before the lock is held."""
   check_config(config, jax.device_count())
-  ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint)
-  ckpt.check_config(config)  # before anything is built or workdir/config.json is rewritten
+  # Held before the checkpointer opens: opening drops incomplete saves, which on a busy
+  # workdir would be the other run's save in progress.
   lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
+    ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint)
+    ckpt.check_config(config)  # before anything is built or workdir/config.json is rewritten
     guard = Guard(ckpt, handle_preemption=True)  # SIGTERM: save at the end of the step, stop
     job = build(config, workdir, ckpt=ckpt, validated=True)
     if host_memory.applied():  # set by main() before XLA started; logged once the job is valid
