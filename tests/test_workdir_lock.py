@@ -9,7 +9,7 @@ from tests.conftest import REPO
 
 HOLD = ("import sys, time\n"
         "from bepa_jax.workdir_lock import WorkdirLock\n"
-        "WorkdirLock(sys.argv[1]).acquire()\n"
+        "lock = WorkdirLock(sys.argv[1]).acquire()\n"
         "print('held', flush=True)\n"
         "time.sleep(600)\n")
 
