@@ -159,12 +159,12 @@ def test_eval_and_export_reader_falls_back_or_refuses(run, tmp_path, caplog):
   with pytest.raises(InputError, match=r"checkpoints/4: checkpoint is damaged \(state/"):
     reader.read_params(str(wd), 4)
   out = tmp_path / "hf"
-  r = subprocess.run([sys.executable, "-m", "bepa_jax.hf.export", "--workdir", str(wd),
+  r = subprocess.run([sys.executable, "-m", "bepa_jax.cli.export", "--workdir", str(wd),
                       "--out", str(out)], capture_output=True, text=True, env=_env(), cwd=REPO,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "checkpoints/4 is damaged" in r.stderr and "Traceback" not in r.stderr + r.stdout
-  r = subprocess.run([sys.executable, "-m", "bepa_jax.hf.export", "--workdir", str(wd),
+  r = subprocess.run([sys.executable, "-m", "bepa_jax.cli.export", "--workdir", str(wd),
                       "--step", "4", "--out", str(tmp_path / "hf4")], capture_output=True,
                      text=True, env=_env(), cwd=REPO, timeout=300)
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr

@@ -63,7 +63,8 @@ def evaluate_model(path: str, sets, args, log):
   """Loads one model, returns (name, report, plot data)."""
   from bepa_jax import mesh as mesh_lib
   from bepa_jax.errors import InputError
-  from bepa_jax.eval import embed, loading, suite
+  from bepa_jax import loading
+  from bepa_jax.eval import embed, suite
 
   loaded = loading.load(path, args.tokenizer, hf=path == args.hf_dir)
   limit = loading.max_tokens(loaded.model_cfg)

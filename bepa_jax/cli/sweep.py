@@ -198,7 +198,8 @@ def _mean_retrieval(ret: dict) -> tuple[float, dict]:
 def evaluate(workdir: str, sets, batch_size: int) -> dict:
   """Held-out metrics of a finished run's final params (bepa_jax.eval)."""
   from bepa_jax import mesh as mesh_lib
-  from bepa_jax.eval import embed, loading, suite
+  from bepa_jax import loading
+  from bepa_jax.eval import embed, suite
   loaded = loading.load_workdir(workdir)
   mesh, mesh_cfg = embed.inference_mesh(loaded.mesh_cfg)
   params = embed.shard_params(loaded.model, loaded.params, mesh, mesh_cfg, loaded.max_length)

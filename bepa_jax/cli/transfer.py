@@ -100,7 +100,8 @@ def _compare(args) -> int:
 def _transfer(args) -> int:
 
   from bepa_jax.errors import BepaError
-  from bepa_jax.eval import embed, loading
+  from bepa_jax import loading
+  from bepa_jax.eval import embed
   from bepa_jax.finetune import report as report_lib
   from bepa_jax.finetune import tasks, trainer
 
