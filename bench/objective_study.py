@@ -168,11 +168,13 @@ def step_costs(configs: dict, root: str, reps: int) -> dict:
 def run_variant(config, workdir, sets, max_length):
   from bepa_jax.trainer import loop
   from bepa_jax.data import factory
+  from bepa_jax.hf import init as hf_init
   from bepa_jax.model import EncoderConfig
   t = time.time()
   state, metrics = loop.train(config, workdir)
   seconds = time.time() - t
-  tok = factory.load_tokenizer(config, workdir, train_if_missing=False)
+  tok = factory.load_tokenizer(config, workdir, train_if_missing=False,
+                               hf_dir=hf_init.tokenizer_dir(config))
   model_cfg = EncoderConfig.from_config(config.model, vocab_size=tok.vocab_size)
   report, plot = evaluate(model_cfg, state.params, tok, sets, max_length)
   steps_per_s = float(metrics.get("steps_per_sec", float("nan")))

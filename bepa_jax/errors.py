@@ -13,6 +13,11 @@ class InputError(BepaError, ValueError):
   """Bad input data: the message names the file, line or field."""
 
 
+class HFFormatError(InputError):
+  """An HF checkpoint / config that cannot be converted (bepa_jax/hf/). The message is one line
+  naming the file or key, so callers let it through as it is."""
+
+
 def one_line(e: BaseException) -> str:
   """An exception's first line (or its type's name): what every one-line error prints."""
   text = str(e).strip()

@@ -14,9 +14,10 @@ from bepa_jax.config import load as config_load
 from bepa_jax.checkpoint import reader
 from bepa_jax.data import tokenizer as tokenizer_lib
 from bepa_jax.errors import InputError
+from bepa_jax.hf import convert as hf_convert
+from bepa_jax.hf import files as hf_files
+from bepa_jax.hf import init as hf_init
 from bepa_jax.model import BepaEncoder, EncoderConfig
-
-HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 @dataclasses.dataclass
@@ -37,10 +38,11 @@ def is_hf_dir(path: str) -> bool:
   """HF weights, a sentence-transformers model (its encoder may be a subfolder), or an HF
   config.json (so a dir that lost its weights says so, not that it lacks a training workdir's
   tokenizer or checkpoints)."""
-  if any(os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHTS + ("modules.json",)):
+  if any(os.path.isfile(os.path.join(path, f))
+         for f in hf_files.WEIGHT_FILES + (hf_files.ST_MODULES,)):
     return True
   try:
-    with open(os.path.join(path, "config.json")) as f:
+    with open(os.path.join(path, hf_files.CONFIG_NAME)) as f:
       saved = json.load(f)
   except (OSError, ValueError):
     return False
@@ -54,19 +56,16 @@ def load_workdir(workdir: str, tokenizer_path: str | None = None) -> Loaded:
     tokenizer = tokenizer_lib.load(tokenizer_path)
   else:  # what training used: config.tokenizer.path (any kind) or the workdir's own model
     from bepa_jax.data import factory
-    tokenizer = factory.load_tokenizer(config, workdir, train_if_missing=False)
+    tokenizer = factory.load_tokenizer(config, workdir, train_if_missing=False,
+                                       hf_dir=hf_init.tokenizer_dir(config))
   model_cfg = EncoderConfig.from_config(config.model, vocab_size=tokenizer.vocab_size)
   return Loaded(os.path.basename(os.path.normpath(workdir)), model_cfg, params, tokenizer,
                 config.mesh, int(config.data.max_length))
 
 
 def load_hf_dir(hf_dir: str, tokenizer_path: str | None = None) -> Loaded:
-  from bepa_jax.hf import convert as hf
-  try:
-    model_cfg, params = hf.load_hf(hf_dir)
-  except ValueError as e:  # HFFormatError: one line naming the file
-    raise InputError(str(e)) from None
-  tokenizer = tokenizer_lib.load(tokenizer_path or hf.resolve_model_dir(hf_dir))
+  model_cfg, params = hf_convert.load_hf(hf_dir)
+  tokenizer = tokenizer_lib.load(tokenizer_path or hf_files.resolve_model_dir(hf_dir))
   return Loaded(os.path.basename(os.path.normpath(hf_dir)), model_cfg, params, tokenizer,
                 defaults.get_config().mesh, min(128, max_tokens(model_cfg)))
 

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen import meta
 
-from bepa_jax.hf import convert as hf
+from bepa_jax.errors import HFFormatError
+from bepa_jax.hf import convert as hf, keymaps
 from bepa_jax.model import BepaEncoder, EncoderConfig
 
 # (family, hidden, layers, heads, intermediate, vocab, max_positions, type_vocab)
@@ -168,13 +169,13 @@ def test_tree_matches_model_init_and_stack_unstack(family):
   unscanned = _init_ours(EncoderConfig(vocab_size=50, family=family, hidden_size=32, num_layers=3,
                                        num_heads=4, intermediate_size=48,
                                        max_position_embeddings=24))
-  stacked = hf.stack_layers(unscanned)
+  stacked = keymaps.stack_layers(unscanned)
   assert stacked["encoder"]["layers"]["output"]["kernel"].shape == (3, 48, 32)
-  again = hf.unstack_layers({"params": jax.tree.map(jnp.asarray, stacked)})["params"]
+  again = keymaps.unstack_layers({"params": jax.tree.map(jnp.asarray, stacked)})["params"]
   assert jax.tree.structure(again) == jax.tree.structure(unscanned)
   for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(unscanned)):
     assert np.array_equal(np.asarray(a), b)
-  assert hf.stack_layers(stacked)["encoder"].keys() == {"layers"}  # idempotent
+  assert keymaps.stack_layers(stacked)["encoder"].keys() == {"layers"}  # idempotent
 
 
 # ------------------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def test_input_tolerates_tied_decoder_pooler_and_buffers():
   # an untied decoder would silently change the model: refused
   bad = dict(sd)
   bad["cls.predictions.decoder.weight"] = sd["cls.predictions.decoder.weight"] + 1
-  with pytest.raises(hf.HFFormatError, match="cls.predictions.decoder.weight.*not tied"):
+  with pytest.raises(HFFormatError, match="cls.predictions.decoder.weight.*not tied"):
     hf.hf_state_dict_to_params(bad, cfg)
   assert params["mlm_head"]["bias"].shape == (cfg.vocab_size,)
 
@@ -274,28 +275,28 @@ def _one_line(excinfo):
 
 
 def test_error_unsupported_model_type(tmp_path):
-  with pytest.raises(hf.HFFormatError) as e:
+  with pytest.raises(HFFormatError) as e:
     hf.encoder_config_from_hf({"model_type": "gpt2"})
   msg = _one_line(e)
   assert "'gpt2'" in msg and "bert" in msg and "xlm-roberta" in msg
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "deberta-v2"}))
-  with pytest.raises(hf.HFFormatError, match="unsupported model_type 'deberta-v2'"):
+  with pytest.raises(HFFormatError, match="unsupported model_type 'deberta-v2'"):
     hf.load_hf(tmp_path)
-  with pytest.raises(hf.HFFormatError, match="hidden_act 'relu'"):
+  with pytest.raises(HFFormatError, match="hidden_act 'relu'"):
     hf.encoder_config_from_hf({"model_type": "bert", "hidden_act": "relu"})
 
 
 def test_error_missing_files(tmp_path):
-  with pytest.raises(hf.HFFormatError) as e:
+  with pytest.raises(HFFormatError) as e:
     hf.load_hf(tmp_path)
   assert "config.json" in _one_line(e) and str(tmp_path) in str(e.value)
   (tmp_path / "config.json").write_text(json.dumps(hf.hf_config_dict(
       EncoderConfig(vocab_size=10, hidden_size=8, num_heads=2, num_layers=1))))
-  with pytest.raises(hf.HFFormatError) as e:
+  with pytest.raises(HFFormatError) as e:
     hf.load_hf(tmp_path)
   msg = _one_line(e)
   assert str(tmp_path) in msg and "model.safetensors" in msg and "pytorch_model.bin" in msg
-  with pytest.raises(hf.HFFormatError, match="does not exist"):
+  with pytest.raises(HFFormatError, match="does not exist"):
     hf.load_hf(tmp_path / "nope")
 
 
@@ -304,15 +305,15 @@ def test_error_missing_key_and_unexpected_key():
   cfg = _cfg_of(model)
   sd = _state(model)
   del sd["bert.encoder.layer.1.intermediate.dense.bias"]
-  with pytest.raises(hf.HFFormatError) as e:
+  with pytest.raises(HFFormatError) as e:
     hf.hf_state_dict_to_params(sd, cfg)
   assert "'bert.encoder.layer.1.intermediate.dense.bias'" in _one_line(e)
   sd = _state(model)
   sd["bert.encoder.layer.2.output.dense.weight"] = np.zeros((32, 64), np.float32)
-  with pytest.raises(hf.HFFormatError, match="unexpected key 'bert.encoder.layer.2"):
+  with pytest.raises(HFFormatError, match="unexpected key 'bert.encoder.layer.2"):
     hf.hf_state_dict_to_params(sd, cfg)
   # an XLM-R state dict is not a BERT one
-  with pytest.raises(hf.HFFormatError, match="missing key 'bert.embeddings"):
+  with pytest.raises(HFFormatError, match="missing key 'bert.embeddings"):
     hf.hf_state_dict_to_params(_state(_hf_model(*SIZES[2])), cfg)
 
 
@@ -321,7 +322,7 @@ def test_error_wrong_shape_names_key_and_shapes(tmp_path):
   cfg = _cfg_of(model)
   sd = _state(model)
   sd["bert.encoder.layer.0.intermediate.dense.weight"] = np.zeros((65, 32), np.float32)
-  with pytest.raises(hf.HFFormatError) as e:
+  with pytest.raises(HFFormatError) as e:
     hf.hf_state_dict_to_params(sd, cfg)
   msg = _one_line(e)
   assert "'bert.encoder.layer.0.intermediate.dense.weight'" in msg
@@ -331,7 +332,7 @@ def test_error_wrong_shape_names_key_and_shapes(tmp_path):
   conf = json.loads((tmp_path / "config.json").read_text())
   conf["vocab_size"] = 101
   (tmp_path / "config.json").write_text(json.dumps(conf))
-  with pytest.raises(hf.HFFormatError) as e:
+  with pytest.raises(HFFormatError) as e:
     hf.load_hf(tmp_path)
   msg = _one_line(e)
   assert "'bert.embeddings.word_embeddings.weight'" in msg
@@ -339,12 +340,12 @@ def test_error_wrong_shape_names_key_and_shapes(tmp_path):
   # ours -> HF checks our tree against the config too
   params = hf.hf_state_dict_to_params(_state(model), cfg)
   params["encoder"]["layer_1"]["attention"]["query"]["kernel"] = np.zeros((32, 8, 4), np.float32)
-  with pytest.raises(hf.HFFormatError) as e:
+  with pytest.raises(HFFormatError) as e:
     hf.params_to_hf_state_dict(params, cfg)
   msg = _one_line(e)
   assert "encoder/layer_1/attention/query/kernel" in msg
   assert "(32, 4, 8)" in msg and "(32, 8, 4)" in msg
-  with pytest.raises(hf.HFFormatError, match="2 encoder layers but config.num_layers is 3"):
+  with pytest.raises(HFFormatError, match="2 encoder layers but config.num_layers is 3"):
     hf.params_to_hf_state_dict(hf.hf_state_dict_to_params(_state(model), cfg),
                                EncoderConfig(**{**cfg.__dict__, "num_layers": 3}))
 
@@ -353,7 +354,7 @@ def test_pickle_refused_unless_allowed(tmp_path):
   model = _hf_model(*SIZES[0])
   model.config.save_pretrained(tmp_path)
   torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-  with pytest.raises(hf.HFFormatError) as e:
+  with pytest.raises(HFFormatError) as e:
     hf.load_hf(tmp_path)
   msg = _one_line(e)
   assert "pytorch_model.bin" in msg and "allow_pickle=True" in msg
@@ -372,3 +373,26 @@ def test_load_hf_bfloat16_and_sharded(tmp_path):
       {k: v.float().numpy() for k, v in model.state_dict().items()}, cfg)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
     assert a.dtype == np.float32 and np.array_equal(a, b)
+
+
+def test_hf_errors_are_input_errors_and_hf_sits_below_loading(tmp_path):
+  """HFFormatError reaches the commands as it is (an InputError); data/ never reads HF dirs and
+  hf/ never imports loading.py, the commands or the trainer (docs: the layout's floors)."""
+  import ast
+  import glob
+  from bepa_jax.errors import InputError
+  assert issubclass(HFFormatError, InputError)
+  (tmp_path / "config.json").write_text("[1]")
+  with pytest.raises(InputError, match="config.json is not a JSON object"):
+    hf.load_hf(tmp_path)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  banned = {"data": ("bepa_jax.hf",),
+            "hf": ("bepa_jax.loading", "bepa_jax.cli", "bepa_jax.trainer")}
+  for package, prefixes in banned.items():
+    for path in glob.glob(os.path.join(root, "bepa_jax", package, "*.py")):
+      for node in ast.walk(ast.parse(open(path).read())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [f"{node.module}.{a.name}" for a in node.names]
+                 if isinstance(node, ast.ImportFrom) and node.module else [])
+        bad = [n for n in names if n.startswith(prefixes)]
+        assert not bad, f"{os.path.relpath(path, root)} imports {bad}"

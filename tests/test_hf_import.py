@@ -29,7 +29,8 @@ from bepa_jax.trainer import loop  # noqa: E402
 from bepa_jax.data import corpus as corpus_lib, tokenizer as tokenizer_lib  # noqa: E402
 from bepa_jax import loading  # noqa: E402
 from bepa_jax.cli import export as export_cli  # noqa: E402
-from bepa_jax.hf import convert as hf, export  # noqa: E402
+from bepa_jax.errors import HFFormatError  # noqa: E402
+from bepa_jax.hf import convert as hf, export, keymaps  # noqa: E402
 from bepa_jax.model import BepaEncoder  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
@@ -137,7 +138,7 @@ def test_encoder_only_checkpoint_starts_with_a_fresh_mlm_head(tmp_path, spm_mode
   _, expected = hf.load_hf(hf_dir, info=info)
   assert "mlm_head" not in expected and info["has_head"] is False
   assert info["model_dir"] == enc_dir
-  got = hf.unstack_layers(jax.device_get(job.state.params))
+  got = keymaps.unstack_layers(jax.device_get(job.state.params))
   for path, a in jax.tree_util.tree_leaves_with_path(expected):  # the encoder, bit for bit
     np.testing.assert_array_equal(np.asarray(_leaf(got, path)), a, jax.tree_util.keystr(path))
   head = got["mlm_head"]  # as a fresh model init: dense N(0, 0.02), LayerNorm 1 / 0, bias 0
@@ -164,7 +165,7 @@ def test_masked_lm_checkpoint_still_loads_its_head(tmp_path):
   # a head that is only partly there is an error naming the missing key, not a fresh head
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   del sd["cls.predictions.transform.LayerNorm.bias"]
-  with pytest.raises(hf.HFFormatError, match="missing key 'cls.predictions.transform.LayerNorm"):
+  with pytest.raises(HFFormatError, match="missing key 'cls.predictions.transform.LayerNorm"):
     hf.hf_state_dict_to_params(sd, hf.encoder_config_from_hf(model.config.to_dict()))
 
 
@@ -182,7 +183,7 @@ def test_missing_encoder_key_is_one_line_naming_it(tmp_path, spm_model, layout):
     hf_dir = _sentence_transformers_dir(str(tmp_path / "st"), spm_model)
     enc_dir = os.path.join(hf_dir, "0_Transformer")
   _drop_key(os.path.join(enc_dir, "model.safetensors"), "encoder.layer.1.attention.self.key.bias")
-  with pytest.raises(hf.HFFormatError) as e:
+  with pytest.raises(HFFormatError) as e:
     hf.load_hf(hf_dir)
   assert "\n" not in str(e.value)
   assert "missing key 'bert.encoder.layer.1.attention.self.key.bias'" in str(e.value)
@@ -372,7 +373,7 @@ def test_minilm_missing_encoder_key_is_one_line(minilm_dir):
     cfg = hf.encoder_config_from_hf(json.load(f))
   state = load_file(os.path.join(minilm_dir, "model.safetensors"))
   del state["encoder.layer.3.output.LayerNorm.weight"]
-  with pytest.raises(hf.HFFormatError) as e:
+  with pytest.raises(HFFormatError) as e:
     hf.hf_state_dict_to_params(state, cfg)
   assert "\n" not in str(e.value)
   assert str(e.value).startswith("missing key 'bert.encoder.layer.3.output.LayerNorm.weight'")

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from bepa_jax.trainer import build as build_lib  # noqa: E402
 from bepa_jax.trainer import loop  # noqa: E402
-from bepa_jax.hf import convert as hf, export  # noqa: E402
+from bepa_jax.hf import convert as hf, export, keymaps  # noqa: E402
 from bepa_jax.data import corpus as corpus_lib, tokenizer as tokenizer_lib  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
@@ -50,7 +50,7 @@ def test_training_starts_from_the_hf_weights(tmp_path, spm_model, family, scan):
   assert job.model_cfg.family == family and job.model_cfg.hidden_size == 32
   assert job.model_cfg.vocab_size == 300
   _, expected = hf.load_hf(hf_dir)
-  got = hf.unstack_layers(jax.device_get(job.state.params))
+  got = keymaps.unstack_layers(jax.device_get(job.state.params))
   for (path, a) in jax.tree_util.tree_leaves_with_path(expected):
     node = got
     for k in path:

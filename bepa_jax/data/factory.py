@@ -27,15 +27,20 @@ def training_texts(data_cfg, limit: int = 2_000_000):
   return sources.iter_texts(comps, limit)
 
 
-def load_tokenizer(config, workdir: str, train_if_missing: bool = True) -> tokenizer_lib.Tokenizer:
-  """The run's tokenizer: tokenizer.path (of tokenizer.kind), else init.hf_dir's, else the
-  sentencepiece model cached in the workdir, trained on the corpus on first use."""
+def load_tokenizer(config, workdir: str, train_if_missing: bool = True,
+                   hf_dir: str | None = None) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer: tokenizer.path (of tokenizer.kind), else `hf_dir`'s, else the
+  sentencepiece model cached in the workdir, trained on the corpus on first use.
+
+  `hf_dir` is where init.hf_dir keeps its tokenizer (for a sentence-transformers model, its
+  encoder's folder): the caller resolves it (bepa_jax.hf.init.tokenizer_dir), as data/ does
+  not read HF directories."""
   import jax
   if config.tokenizer.path:
     return pretrained_tokenizers.load(str(config.tokenizer.kind), str(config.tokenizer.path))
-  if config.init.hf_dir:
-    from bepa_jax.hf import init as hf_init  # a sentence-transformers dir: its encoder's folder
-    hf_dir = hf_init.model_dir(config)
+  if config.init.hf_dir and not hf_dir:  # a caller's bug: never train a tokenizer instead
+    raise TypeError("load_tokenizer: init.hf_dir is set but hf_dir was not passed")
+  if hf_dir:
     if tokenizer_lib.find(hf_dir) is None:
       raise InputError(f"init.hf_dir: {hf_dir} has no tokenizer (tokenizer.json, "
                        f"sentencepiece.bpe.model or spm.model); set tokenizer.path")

@@ -3,18 +3,23 @@
   bepa-export --workdir DIR [--step N] --out HF_DIR
 
 Writes config.json + model.safetensors (BertForMaskedLM or XLMRobertaForMaskedLM by model
-family, see hf.py) and tokenizer files, so that offline
+family, see hf/convert.py) and tokenizer files, so that offline
 `AutoModelForMaskedLM.from_pretrained(HF_DIR)` and `AutoTokenizer.from_pretrained(HF_DIR)`
 reproduce our logits and our token ids. An existing non-empty --out is never overwritten.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import types
 
+from bepa_jax.checkpoint import reader
+from bepa_jax.config import load as config_load
+from bepa_jax.data import factory
 from bepa_jax.errors import InputError
+from bepa_jax.hf import convert, files
+from bepa_jax.hf import init as hf_init
+from bepa_jax.model import EncoderConfig
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                       "sentencepiece.bpe.model", "vocab.txt")
@@ -47,7 +52,6 @@ def export_tokenizer(config, workdir: str, out_dir: str) -> None:
   path = str(config.tokenizer.path)
   kind = str(config.tokenizer.kind)
   if not path and config.init.hf_dir:  # the tokenizer came with the HF checkpoint
-    from bepa_jax.hf import init as hf_init
     src = hf_init.model_dir(config)
     names = HF_TOKENIZER_FILES + ("spm.model",)
     copied = [f for f in names if os.path.isfile(os.path.join(src, f))]
@@ -72,42 +76,8 @@ def export_tokenizer(config, workdir: str, out_dir: str) -> None:
     shutil.copyfile(os.path.join(src, f), os.path.join(out_dir, f))
 
 
-ST_ROOT_FILES = ("config_sentence_transformers.json",)
-ST_ENCODER_FILES = ("sentence_bert_config.json",)
-
-
-def export_sentence_transformers(st_dir: str, out_dir: str) -> bool:
-  """When the run started from a sentence-transformers model, its modules (pooling, normalize,
-  ...) go along, with the Transformer module at the top of `out_dir` (where the exported
-  encoder is), so SentenceTransformer(out_dir) computes the same kind of embedding."""
-  from bepa_jax.hf import convert as hf
-  modules = hf.sentence_transformers_modules(st_dir)
-  encoder = hf.st_encoder_module(modules) if modules else None
-  if encoder is None:
-    return False
-  enc_dir = hf.resolve_model_dir(st_dir)
-  out_modules = []
-  for m in modules:
-    sub = str(m.get("path") or "")
-    if m is encoder:
-      m = dict(m, path="")
-    elif sub and os.path.isdir(os.path.join(st_dir, sub)):  # e.g. 2_Normalize may have no folder
-      shutil.copytree(os.path.join(st_dir, sub), os.path.join(out_dir, sub))
-    out_modules.append(m)
-  with open(os.path.join(out_dir, hf.ST_MODULES), "w") as f:
-    json.dump(out_modules, f, indent=2)
-    f.write("\n")
-  for name, src in [(n, st_dir) for n in ST_ROOT_FILES] + [(n, enc_dir) for n in ST_ENCODER_FILES]:
-    if os.path.isfile(os.path.join(src, name)):
-      shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
-  return True
-
-
 def load_workdir_params(workdir: str, step: int | None = None):
   """(config, EncoderConfig, numpy params) of checkpoint `step` (default: the latest)."""
-  from bepa_jax.checkpoint import reader
-  from bepa_jax.config import load as config_load
-  from bepa_jax.model import EncoderConfig
   config = config_load.read_saved(workdir)
   step, params = reader.read_params(workdir, step)
   vocab = int(config.model.vocab_size) or _tokenizer_vocab(config, workdir)
@@ -115,12 +85,12 @@ def load_workdir_params(workdir: str, step: int | None = None):
 
 
 def _tokenizer_vocab(config, workdir):
-  from bepa_jax.data import factory
-  return factory.load_tokenizer(config, workdir, train_if_missing=False).vocab_size
+  return factory.load_tokenizer(config, workdir, train_if_missing=False,
+                                hf_dir=hf_init.tokenizer_dir(config)).vocab_size
 
 
 def export(workdir: str, out_dir: str, step: int | None = None) -> str:
-  from bepa_jax.hf import convert as hf
+  """Writes `out_dir` whole or not at all (built in a temporary sibling, then renamed)."""
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     raise InputError(f"{out_dir}: exists and is not empty; refusing to overwrite")
   config, model_cfg, params, step = load_workdir_params(workdir, step)
@@ -128,10 +98,10 @@ def export(workdir: str, out_dir: str, step: int | None = None) -> str:
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
-    hf.save_hf(tmp, params, model_cfg)
+    convert.save_hf(tmp, params, model_cfg)
     export_tokenizer(config, workdir, tmp)
     if config.init.hf_dir and os.path.isdir(str(config.init.hf_dir)):
-      export_sentence_transformers(str(config.init.hf_dir), tmp)
+      files.copy_sentence_transformers(str(config.init.hf_dir), tmp)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

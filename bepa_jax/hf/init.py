@@ -12,15 +12,14 @@ our own exported spm.model). Nothing is ever downloaded.
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
 
-from bepa_jax.errors import ConfigError, InputError
+from bepa_jax.errors import ConfigError, HFFormatError, InputError
+from bepa_jax.hf import convert, files, keymaps
 from bepa_jax.model import HF_FIELDS as SHAPE_FIELDS  # config.model keys from HF config.json
 
-
-def _hf_error(e: Exception) -> InputError:
-  return InputError(str(e).splitlines()[0] if str(e) else type(e).__name__)
+log = logging.getLogger("bepa")
 
 
 def apply_to_config(config) -> None:
@@ -29,54 +28,45 @@ def apply_to_config(config) -> None:
   Also checks that the weight files are there and whole: this runs first, so a missing or
   cut-off model.safetensors stops the run before anything is written to the workdir.
   """
-  from bepa_jax.hf import convert as hf
   hf_dir = model_dir(config)
-  path = os.path.join(hf_dir, "config.json")
+  path = os.path.join(hf_dir, files.CONFIG_NAME)
   if not os.path.isfile(path):
     raise InputError(f"init.hf_dir: {path} not found")
+  cfg = convert.encoder_config_from_hf(files.read_config(path))
   try:
-    with open(path) as f:
-      cfg = hf.encoder_config_from_hf(json.load(f))
-  except (ValueError, KeyError) as e:
-    raise _hf_error(e) from None
-  try:
-    hf.check_weights(hf_dir, allow_pickle=bool(config.init.allow_pickle))
-  except ValueError as e:
-    raise InputError(f"init.hf_dir: {_hf_error(e)}") from None
+    files.check_weights(hf_dir, allow_pickle=bool(config.init.allow_pickle))
+  except HFFormatError as e:  # the file alone does not say which flag named it
+    raise HFFormatError(f"init.hf_dir: {e}") from None
   for field in SHAPE_FIELDS:
     config.model[field] = getattr(cfg, field)
 
 
 def load_params(config, model_cfg):
   """HF weights as a plain numpy tree laid out for `model_cfg` (stacked when scan_layers)."""
-  from bepa_jax.hf import convert as hf
   info: dict = {}  # has_head, ignored: for log_import_notes
-  try:
-    hf_cfg, params = hf.load_hf(str(config.init.hf_dir), info=info,
-                                allow_pickle=bool(config.init.allow_pickle))
-  except (ValueError, KeyError) as e:
-    raise _hf_error(e) from None
+  hf_cfg, params = convert.load_hf(str(config.init.hf_dir), info=info,
+                                   allow_pickle=bool(config.init.allow_pickle))
   log_import_notes(str(config.init.hf_dir), info)
   for field in SHAPE_FIELDS:
     if getattr(hf_cfg, field) != getattr(model_cfg, field):
       raise ConfigError(f"model.{field}={getattr(model_cfg, field)} differs from "
                         f"{config.init.hf_dir}/config.json ({getattr(hf_cfg, field)})")
-  return hf.stack_layers(params) if model_cfg.scan_layers else hf.unstack_layers(params)
+  return keymaps.stack_layers(params) if model_cfg.scan_layers else keymaps.unstack_layers(params)
 
 
 def model_dir(config) -> str:
   """init.hf_dir, or the folder of a sentence-transformers model that holds its encoder."""
-  from bepa_jax.hf import convert as hf
-  try:
-    return hf.resolve_model_dir(str(config.init.hf_dir))
-  except ValueError as e:
-    raise _hf_error(e) from None
+  return files.resolve_model_dir(str(config.init.hf_dir))
+
+
+def tokenizer_dir(config) -> str | None:
+  """Where the run's tokenizer comes from when init.hf_dir is set (`model_dir`), else None:
+  the `hf_dir` of data.factory.load_tokenizer."""
+  return model_dir(config) if config.init.hf_dir else None
 
 
 def log_import_notes(hf_dir: str, info: dict) -> None:
   """One line for a missing MLM head and one for ignored tensors: never silent."""
-  import logging
-  log = logging.getLogger("bepa")
   if not info.get("has_head", True):
     log.info("init.hf_dir: %s has no MLM head (an encoder-only checkpoint): the MLM head starts "
              "fresh, its decoder tied to the word embeddings", hf_dir)

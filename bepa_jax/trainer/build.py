@@ -64,7 +64,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=No
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  tokenizer = data_factory.load_tokenizer(config, workdir)
+  tokenizer = data_factory.load_tokenizer(config, workdir, hf_dir=hf_init.tokenizer_dir(config))
   pipeline = data_factory.build_pipeline(config, tokenizer, shape[0] * shape[1])
   if pipeline.truncated:
     log.info("%d sentences are longer than data.max_length=%d and are truncated",
