@@ -6,8 +6,9 @@ import os
 
 from bepa_jax import mesh as mesh_lib
 from bepa_jax.config import validate as config_lib
-from bepa_jax.data import pair_pipeline, pretrained_tokenizers, sources
+from bepa_jax.data import pair_pipeline, sources
 from bepa_jax.data import tokenizer as tokenizer_lib
+from bepa_jax.data import tokenizers as tokenizers_lib
 from bepa_jax.errors import InputError
 
 log = logging.getLogger("bepa")
@@ -32,14 +33,14 @@ def load_tokenizer(config, workdir: str, train_if_missing: bool = True) -> token
   sentencepiece model cached in the workdir, trained on the corpus on first use."""
   import jax
   if config.tokenizer.path:
-    return pretrained_tokenizers.load(str(config.tokenizer.kind), str(config.tokenizer.path))
+    return tokenizers_lib.load(str(config.tokenizer.path), str(config.tokenizer.kind))
   if config.init.hf_dir:
     from bepa_jax.hf import init as hf_init  # a sentence-transformers dir: its encoder's folder
     hf_dir = hf_init.model_dir(config)
-    if tokenizer_lib.find(hf_dir) is None:
+    if tokenizers_lib.find(hf_dir) is None:
       raise InputError(f"init.hf_dir: {hf_dir} has no tokenizer (tokenizer.json, "
                        f"sentencepiece.bpe.model or spm.model); set tokenizer.path")
-    return tokenizer_lib.load(hf_dir)
+    return tokenizers_lib.load(hf_dir)
   path = os.path.join(workdir, "tokenizer", "spm.model")
   if not os.path.exists(path):
     if not train_if_missing:
