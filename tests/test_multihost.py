@@ -17,7 +17,8 @@ from bepa_jax import distributed
 distributed.initialize(timeout_s=120)
 import jax
 from jax.experimental import multihost_utils
-from bepa_jax.training import throughput, train
+from bepa_jax.trainer import loop as train
+from bepa_jax.training import throughput
 from tests.helpers import tiny_config
 
 out, workdir, packed = sys.argv[1], sys.argv[2], sys.argv[3] == "packed"

@@ -5,7 +5,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bepa_jax.training import throughput, train
+from bepa_jax.trainer import loop as train
+from bepa_jax.training import throughput
 from tests.helpers import tiny_config
 
 
