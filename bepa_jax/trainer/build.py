@@ -10,7 +10,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from bepa_jax.checkpoint import manager as ckpt_lib
 from bepa_jax.config import validate as config_lib
@@ -19,6 +18,7 @@ from bepa_jax.hf import init as hf_init
 from bepa_jax import mesh as mesh_lib
 from bepa_jax.training import step as step_lib
 from bepa_jax.training import state as train_state
+from bepa_jax.data import batch_spec
 from bepa_jax.data import factory as data_factory
 from bepa_jax.data import pipeline as pipeline_lib
 from bepa_jax.data import tokenizer as tokenizer_lib
@@ -29,9 +29,9 @@ log = logging.getLogger("bepa")
 
 
 def example_inputs(config) -> dict:
-  L, P = int(config.data.max_length), int(config.data.max_predictions_per_seq)
-  return dict(input_ids=np.zeros((2, L), np.int32), token_type_ids=np.zeros((2, L), np.int32),
-              attention_mask=np.ones((2, L), np.int32), mlm_positions=np.zeros((2, P), np.int32))
+  """The encoder's init arguments, from the batch spec (data/batch_spec.py)."""
+  return batch_spec.example_inputs(int(config.data.max_length),
+                                   int(config.data.max_predictions_per_seq))
 
 
 # ----------------------------------------------------------------------------- build
