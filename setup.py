@@ -60,7 +60,7 @@ setup(
       "bepa-ckpt=bepa_jax.cli.ckpt:run",
       "bepa-sweep=bepa_jax.cli.sweep:run",
       "bepa-transfer=bepa_jax.cli.transfer:run",
-      "bepa-compile=bepa_jax.aot.compile:run",
+      "bepa-compile=bepa_jax.cli.compile:run",
     ],
   },
   classifiers=[

@@ -146,7 +146,7 @@ def attempt_name(cell, remat, gc, fsdp=False, rbg=False) -> str:
 def walk(cell, compile_missing=None) -> tuple[list, bool]:
   """The cell's attempts in order until one fits or fails, each a dict (remat, gc, fsdp, rbg,
   rep), and whether the walk is complete. A compiler crash (libtpu's, with threefry dropout:
-  see bepa_jax/aot/compile.py crash_line) is retried with train.dropout_rng=rbg, the same setting
+  see bepa_jax/aot/libtpu.py crash_line) is retried with train.dropout_rng=rbg, the same setting
   otherwise. `compile_missing(name, **setting)` makes a missing report (None: not now);
   without it the walk stops there."""
   made = []

@@ -38,7 +38,7 @@ def main() -> int:
   import jax
   import numpy as np
   from bepa_jax.trainer import build as build_lib
-  from bepa_jax.checkpoint import integrity, manager
+  from bepa_jax.checkpoint import integrity, store
   from tests.helpers import tiny_config
 
   root = args.dir or tempfile.mkdtemp(prefix="bepa-ckpt-bench-")
@@ -54,19 +54,19 @@ def main() -> int:
                        if x.dtype == np.float32 else x, job.state)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                          sharding=getattr(x, "sharding", None)),
-                          manager.state_items(job.state))
-  nbytes = sum(x.nbytes for x in jax.tree.leaves(manager.state_items(state)))
+                          store.state_items(job.state))
+  nbytes = sum(x.nbytes for x in jax.tree.leaves(store.state_items(state)))
   print(f"state: {nbytes / 2**20:,.1f} MiB (params + AdamW moments), {args.reps} repetitions, "
         f"in {root}")
   rows = []
   for rep in range(args.reps):
     wd = os.path.join(root, f"wd{rep}")
-    ckpt = manager.Checkpointer(wd, config.checkpoint)
+    ckpt = store.Checkpointer(wd, config.checkpoint)
     step_dir = ckpt.directory / "1"
     t0 = time.perf_counter()
-    ckpt.manager.save(1, args=manager.ocp.args.Composite(
-        state=manager.ocp.args.StandardSave(manager.state_items(state)),
-        meta=manager.ocp.args.JsonSave({})), force=True)
+    ckpt.manager.save(1, args=store.ocp.args.Composite(
+        state=store.ocp.args.StandardSave(store.state_items(state)),
+        meta=store.ocp.args.JsonSave({})), force=True)
     ckpt.manager.wait_until_finished()
     t1 = time.perf_counter()
     hashed = integrity.write(step_dir)
@@ -74,8 +74,8 @@ def main() -> int:
     verdict = integrity.verify(step_dir)
     t3 = time.perf_counter()
     assert verdict.ok and verdict.checked, verdict
-    ckpt.manager.restore(1, args=manager.ocp.args.Composite(
-        state=manager.ocp.args.StandardRestore(abstract), meta=manager.ocp.args.JsonRestore()))
+    ckpt.manager.restore(1, args=store.ocp.args.Composite(
+        state=store.ocp.args.StandardRestore(abstract), meta=store.ocp.args.JsonRestore()))
     t4 = time.perf_counter()
     ckpt.close()
     rows.append({"save_s": t1 - t0, "checksum_write_s": t2 - t1, "verify_s": t3 - t2,

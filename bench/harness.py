@@ -97,7 +97,6 @@ def build_jax_step(config, devices=None):
   """(step_fn, state, device batch, compile seconds, memory dict) for `config` on `devices`."""
   from bepa_jax import mesh as mesh_lib
   from bepa_jax.training import step as step_lib
-  from bepa_jax.trainer import build as build_lib
   from bepa_jax.trainer import loop
   from bepa_jax.training import state as train_state
   from bepa_jax.model import BepaEncoder, EncoderConfig
@@ -107,7 +106,7 @@ def build_jax_step(config, devices=None):
   model = BepaEncoder(EncoderConfig.from_config(config.model))
   tx = train_state.create_optimizer(config.optim, 1000)
   state, shardings = train_state.create_sharded_state(
-      model, tx, build_lib.example_inputs(config), jax.random.key(0), mesh, config.mesh)
+      model, tx, train_state.example_inputs(config), jax.random.key(0), mesh, config.mesh)
   step_fn = step_lib.make_train_step(model, config, mesh, shardings)
   batch = loop.global_batch(synthetic_batch(config), mesh)
   t0 = time.perf_counter()

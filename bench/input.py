@@ -33,7 +33,9 @@ def main():
     print(f"skip: {DATA} is absent")
     return 0
   import jax
-  from bepa_jax.config import defaults as default_config, train
+  from bepa_jax.config import defaults as default_config
+  from bepa_jax.trainer import build as build_lib
+  from bepa_jax.trainer import loop
   from bepa_jax.data import factory as data_factory
 
   c = default_config.get_config()
@@ -69,10 +71,10 @@ def main():
   in_tokens = ntok / dt
 
   # --- train step of the same config on this machine's devices
-  job = train.build(c, workdir)
+  job = build_lib.build(c, workdir)
   state = job.state
   with jax.set_mesh(job.mesh):
-    batches = [train.global_batch(pipe.batch(s), job.mesh) for s in range(args.train_steps + 1)]
+    batches = [loop.global_batch(pipe.batch(s), job.mesh) for s in range(args.train_steps + 1)]
     state, m = job.step_fn(state, batches[0])
     jax.block_until_ready(m)                             # compile
     t0 = time.perf_counter()

@@ -259,7 +259,8 @@ def main(argv=None):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   import jax
   from bepa_jax.cli import tokenizer as tokenizer_cli
-  from bepa_jax.eval import diagnostics, loading, retrieval
+  from bepa_jax import loading
+  from bepa_jax.eval import diagnostics, retrieval
 
   t0 = time.time()
   root = args.workdir or tempfile.mkdtemp(prefix="objective_study_")

@@ -11,7 +11,7 @@ OUT=${1:-/tmp/study_negatives}
 PY=${PYTHON:-python}
 export XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 # one tokenizer for all runs (2k pieces on the training captions)
-[ -f "$OUT/tok/spm.model" ] || $PY -m bepa_jax.tokenizer_cli train \
+[ -f "$OUT/tok/spm.model" ] || $PY -m bepa_jax.cli.tokenizer train \
   --input "aligned:$DATA/train.{en,de,fr,cs}" --vocab-size 2000 --out "$OUT/tok"
 $PY -m bepa_jax.cli.sweep --config configs/quickstart.py \
   --grid 'train.global_batch=16,64' --grid 'loss.negatives=global,local' \

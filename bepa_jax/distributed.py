@@ -24,7 +24,7 @@ always fires first and the caller gets a :class:`DistributedInitError` with one
 clear line; after that error the process cannot join the job any more and
 should exit (it is aborted by JAX ``_JAX_GRACE_S`` seconds later otherwise).
 
-This module deliberately imports nothing else from ``bepa_jax``.
+This module imports nothing from ``bepa_jax`` but its errors.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import time
 from typing import Mapping, Sequence
 
 import jax
+
+from bepa_jax.errors import BepaError, ConfigError, one_line
 
 __all__ = [
   "DistributedInitError",
@@ -63,8 +65,9 @@ _SLURM_PORT_BASE = 61440
 _SLURM_PORT_SPAN = 4096
 
 
-class DistributedInitError(RuntimeError):
-  """jax.distributed could not be brought up (timeout, unreachable coordinator, ...)."""
+class DistributedInitError(BepaError, RuntimeError):
+  """jax.distributed could not be brought up (timeout, unreachable coordinator, a process that
+  was not started, ...): the job's set-up, not a bug, so one line and exit 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +93,7 @@ def _as_int(value, name: str) -> int | None:
   if value is None:
     return None
   if isinstance(value, bool):
-    raise ValueError(f"{name} must be an integer, got {value!r}")
+    raise ConfigError(f"{name} must be an integer, got {value!r}")
   if isinstance(value, int):
     return value
   text = str(value).strip()
@@ -99,14 +102,14 @@ def _as_int(value, name: str) -> int | None:
   try:
     return int(text, 10)
   except ValueError:
-    raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    raise ConfigError(f"{name} must be an integer, got {value!r}") from None
 
 
 def _check_address(address: str, name: str) -> str:
   address = address.strip()
   host, sep, port = address.rpartition(":")
   if not sep or not host or not port.isdigit() or not (0 < int(port) < 65536):
-    raise ValueError(f"{name} must look like HOST:PORT (e.g. 10.0.0.2:1234), got {address!r}")
+    raise ConfigError(f"{name} must look like HOST:PORT (e.g. 10.0.0.2:1234), got {address!r}")
   return address
 
 
@@ -119,7 +122,7 @@ def slurm_first_host(nodelist: str) -> str:
   """
   text = nodelist.strip()
   if not text:
-    raise ValueError("SLURM_JOB_NODELIST is empty")
+    raise ConfigError("SLURM_JOB_NODELIST is empty")
   # First top-level item: commas inside [...] do not separate hosts.
   depth, end = 0, len(text)
   for i, ch in enumerate(text):
@@ -138,7 +141,7 @@ def slurm_first_host(nodelist: str) -> str:
 
   host = re.sub(r"\[([^\]]*)\]", first_of_group, first)
   if not host or "[" in host or "]" in host:
-    raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    raise ConfigError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
   return host
 
 
@@ -185,8 +188,8 @@ def resolve(
 ) -> DistributedSetup:
   """Work out where this process belongs, without touching JAX.
 
-  Raises ValueError (naming the offending variable) on bad or inconsistent
-  values.
+  Raises ConfigError (a ValueError), naming the offending variable, on bad or
+  inconsistent values.
   """
   env = os.environ if env is None else env
   names = {
@@ -226,11 +229,11 @@ def resolve(
     return DistributedSetup("single")
 
   if n is not None and n < 1:
-    raise ValueError(f"{names['num_processes']} must be >= 1, got {n}")
+    raise ConfigError(f"{names['num_processes']} must be >= 1, got {n}")
   if pid is not None and pid < 0:
-    raise ValueError(f"{names['process_id']} must be >= 0, got {pid}")
+    raise ConfigError(f"{names['process_id']} must be >= 0, got {pid}")
   if n is not None and pid is not None and pid >= n:
-    raise ValueError(
+    raise ConfigError(
       f"{names['process_id']}={pid} must be smaller than {names['num_processes']}={n}"
     )
   if address is not None:
@@ -246,7 +249,7 @@ def resolve(
     ]
     if on_cloud_tpu(env):  # let JAX's TPU auto-detection fill in the rest
       return DistributedSetup("tpu", address, n, pid)
-    raise ValueError(
+    raise ConfigError(
       "incomplete multi-process setup: " + ", ".join(missing) + " not set "
       f"(need {ENV_ADDRESS}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}, or a SLURM step)"
     )
@@ -288,12 +291,13 @@ def initialize(
   multi-process initialization is a no-op.
 
   Raises:
-    ValueError: bad values (non-integer, process_id >= num_processes, ...).
+    ConfigError (a ValueError): bad values (non-integer, process_id >= num_processes, ...),
+      naming the flag or environment variable.
     DistributedInitError: the coordinator could not be reached, or not all
       processes joined within ``timeout_s`` seconds.
   """
   if timeout_s is None or timeout_s <= 0:
-    raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+    raise ConfigError(f"timeout_s must be > 0, got {timeout_s!r}")
   setup = resolve(coordinator_address, num_processes, process_id)
   if setup.method == "single":
     return setup
@@ -332,10 +336,9 @@ def initialize(
     )
   if "error" in outcome:
     err = outcome["error"]
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     raise DistributedInitError(
       f"jax.distributed.initialize failed ({_describe(setup, timeout_s)}): "
-      f"{type(err).__name__}: {first_line}"
+      f"{type(err).__name__}: {one_line(err)}"
     ) from err
   return setup
 

@@ -324,7 +324,7 @@ def matmul_flops(module: Module) -> tuple[float, float]:
 
   XLA's cost_analysis() counts a while body once (its HloCostAnalysis cannot know the trip
   count): with nn.scan over 12 layers it reports the encoder's FLOPs / 12. The ratio of these
-  two sums rescales it (bepa_jax/aot/compile.py)."""
+  two sums rescales it (bepa_jax/aot/report.py)."""
   mult = module.multiplicities()
   once = looped = 0.0
   for cname, comp in module.computations.items():

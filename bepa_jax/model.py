@@ -56,15 +56,27 @@ class EncoderConfig:
     return jnp.dtype(self.dtype)
 
 
+# The EncoderConfig fields that fix the parameters' shapes (and what token ids mean): a checkpoint
+# saved with other values cannot be restored (checkpoint/store.py); an HF config.json sets them.
+SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads",
+                "intermediate_size", "max_position_embeddings", "type_vocab_size")
+# The fields an HF config.json fixes (hf/init.py copies them into config.model): the shape, plus
+# the family's numerics.
+HF_FIELDS = SHAPE_FIELDS + ("layer_norm_eps", "pad_token_id")
+
+
 def gelu(x):
   return jax.nn.gelu(x, approximate=False)  # HF "gelu" is the exact erf form
 
 
-def _init(cfg: EncoderConfig, names):
+def normal_init(cfg: EncoderConfig, names):
+  """BERT's N(0, initializer_range) initialiser, sharded by the logical axes `names` (also the
+  task heads' of bepa_jax/finetune)."""
   return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
 
 
-def _zeros(names):
+def zeros_init(names):
+  """Zeros, sharded by the logical axes `names` (biases)."""
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
@@ -74,7 +86,7 @@ def _ones(names):
 
 def layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                      scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)), name=name)
+                      scale_init=_ones(("embed",)), bias_init=zeros_init(("embed",)), name=name)
 
 
 def position_ids(cfg: EncoderConfig, input_ids, segment_ids=None):
@@ -126,13 +138,13 @@ class Embeddings(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
-                                    embedding_init=_init(cfg, ("vocab", "embed")))
+                                    embedding_init=normal_init(cfg, ("vocab", "embed")))
     self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
                                         dtype=cfg.compute_dtype,
-                                        embedding_init=_init(cfg, ("position", "embed")))
+                                        embedding_init=normal_init(cfg, ("position", "embed")))
     self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.hidden_size,
                                           dtype=cfg.compute_dtype,
-                                          embedding_init=_init(cfg, ("type", "embed")))
+                                          embedding_init=normal_init(cfg, ("type", "embed")))
     self.LayerNorm = layer_norm(cfg, "LayerNorm")
     self.dropout = nn.Dropout(cfg.hidden_dropout)
 
@@ -159,9 +171,9 @@ class HeadsDense(nn.Module):
 
   @nn.compact
   def weights(self):
-    kernel = self.param("kernel", _init(self.cfg, self.kernel_axes),
+    kernel = self.param("kernel", normal_init(self.cfg, self.kernel_axes),
                         self.in_dims + self.out_dims, jnp.float32)
-    bias = self.param("bias", _zeros(self.bias_axes), self.out_dims, jnp.float32)
+    bias = self.param("bias", zeros_init(self.bias_axes), self.out_dims, jnp.float32)
     return kernel, bias
 
   def __call__(self, x):
@@ -209,10 +221,10 @@ class Layer(nn.Module):
     h = SelfAttention(cfg, name="attention")(x, segment_ids, deterministic)
     x = layer_norm(cfg, "attention_LayerNorm")(x + drop(h, deterministic=deterministic))
     h = nn.Dense(cfg.intermediate_size, dtype=cfg.compute_dtype,
-                 kernel_init=_init(cfg, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
+                 kernel_init=normal_init(cfg, ("embed", "mlp")), bias_init=zeros_init(("mlp",)),
                  name="intermediate")(x)
     h = nn.Dense(cfg.hidden_size, dtype=cfg.compute_dtype,
-                 kernel_init=_init(cfg, ("mlp", "embed")), bias_init=_zeros(("embed",)),
+                 kernel_init=normal_init(cfg, ("mlp", "embed")), bias_init=zeros_init(("embed",)),
                  name="output")(gelu(h))
     x = layer_norm(cfg, "output_LayerNorm")(x + drop(h, deterministic=deterministic))
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
@@ -255,11 +267,11 @@ class MLMHead(nn.Module):
   def __call__(self, h, word_embeddings: nn.Embed):
     cfg = self.cfg
     h = nn.Dense(cfg.hidden_size, dtype=cfg.compute_dtype,
-                 kernel_init=_init(cfg, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
+                 kernel_init=normal_init(cfg, ("embed", "mlp")), bias_init=zeros_init(("mlp",)),
                  name="dense")(h)
     h = layer_norm(cfg, "LayerNorm")(gelu(h))
     logits = word_embeddings.attend(h.astype(cfg.compute_dtype))
-    bias = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), jnp.float32)
+    bias = self.param("bias", zeros_init(("vocab",)), (cfg.vocab_size,), jnp.float32)
     return logits.astype(jnp.float32) + bias
 
 

@@ -153,6 +153,42 @@ def train_command(
   return command + list(overrides)
 
 
+def pod_spec(
+  tpu: TpuSliceType,
+  container: dict,
+  service_account: str | None = None,
+  priority_class: str | None = None,
+) -> dict:
+  """One TPU host's pod: host network, pinned to the slice's accelerator and topology."""
+  spec: dict = {
+    "restartPolicy": "Never",
+    "hostNetwork": True,
+    "dnsPolicy": "ClusterFirstWithHostNet",
+    "nodeSelector": {
+      "cloud.google.com/gke-tpu-accelerator": tpu.gke_accelerator,
+      "cloud.google.com/gke-tpu-topology": tpu.topology,
+    },
+    "containers": [container],
+  }
+  if service_account:
+    spec["serviceAccountName"] = service_account
+  if priority_class:
+    spec["priorityClassName"] = priority_class
+  return spec
+
+
+def _metadata(name: str, tpu: TpuSliceType, queue: str | None) -> dict:
+  metadata: dict = {
+    "name": name,
+    "labels": {"app.kubernetes.io/name": "bepa-jax", "bepa-jax/accelerator": tpu.accelerator_type},
+    # One slice (child Job) per node pool, as xpk does.
+    "annotations": {"alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"},
+  }
+  if queue:
+    metadata["labels"]["kueue.x-k8s.io/queue-name"] = queue
+  return metadata
+
+
 def build_jobset(
   name: str,
   image: str,
@@ -186,34 +222,10 @@ def build_jobset(
     "ports": [{"containerPort": p} for p in CONTAINER_PORTS],
     "resources": {"limits": {"google.com/tpu": tpu.chips_per_host}},
   }
-  pod_spec: dict = {
-    "restartPolicy": "Never",
-    "hostNetwork": True,
-    "dnsPolicy": "ClusterFirstWithHostNet",
-    "nodeSelector": {
-      "cloud.google.com/gke-tpu-accelerator": tpu.gke_accelerator,
-      "cloud.google.com/gke-tpu-topology": tpu.topology,
-    },
-    "containers": [container],
-  }
-  if service_account:
-    pod_spec["serviceAccountName"] = service_account
-  if priority_class:
-    pod_spec["priorityClassName"] = priority_class
-
-  metadata: dict = {
-    "name": name,
-    "labels": {"app.kubernetes.io/name": "bepa-jax", "bepa-jax/accelerator": tpu.accelerator_type},
-    # One slice (child Job) per node pool, as xpk does.
-    "annotations": {"alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"},
-  }
-  if queue:
-    metadata["labels"]["kueue.x-k8s.io/queue-name"] = queue
-
   return {
     "apiVersion": "jobset.x-k8s.io/v1alpha2",
     "kind": "JobSet",
-    "metadata": metadata,
+    "metadata": _metadata(name, tpu, queue),
     "spec": {
       "failurePolicy": {"maxRestarts": max_restarts},
       "network": {"enableDNSHostnames": True},
@@ -228,7 +240,7 @@ def build_jobset(
               "backoffLimit": 0,  # any pod failing fails the slice (and restarts the JobSet)
               "template": {
                 "metadata": {"labels": {"app.kubernetes.io/name": "bepa-jax"}},
-                "spec": pod_spec,
+                "spec": pod_spec(tpu, container, service_account, priority_class),
               },
             }
           },

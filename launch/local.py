@@ -171,6 +171,140 @@ def _restore_handlers(previous: dict[int, object]) -> None:
       signal.signal(sig, old)
 
 
+def _check(command: Sequence[str], num_processes: int, devices_per_process: int,
+           stop_timeout_s: float) -> None:
+  if not command:
+    raise ValueError("no command to run")
+  if shutil.which(command[0]) is None and not os.path.isfile(command[0]):
+    raise FileNotFoundError(
+      f"command not found: {command[0]} (is the project installed in "
+      f"this environment? `pip install -e .`)"
+    )
+  if num_processes < 1:
+    raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+  if devices_per_process < 1:
+    raise ValueError(f"devices_per_process must be >= 1, got {devices_per_process}")
+  if stop_timeout_s < 0:
+    raise ValueError(f"stop_timeout_s must be >= 0, got {stop_timeout_s}")
+
+
+class _Workers:
+  """The workers of one run_local call: their processes, log files, worker 0's tee thread and
+  the console lines about them."""
+
+  def __init__(self, command, num_processes, devices_per_process, port, log_dir, env, stream,
+               cwd, stop_timeout_s):
+    self.command, self.num_processes = list(command), num_processes
+    self.devices_per_process, self.port, self.log_dir = devices_per_process, port, log_dir
+    self.env, self.stream, self.cwd, self.stop_timeout_s = env, stream, cwd, stop_timeout_s
+    self.procs: list[subprocess.Popen] = []
+    self.logs: list[str] = []
+    self.files = []
+    self.tee_thread = None
+    self.stopping = False
+
+  def say(self, msg: str) -> None:
+    try:
+      self.stream.write(f"[local] {msg}\n")
+      self.stream.flush()
+    except (ValueError, OSError):  # console gone (SIGHUP): keep stopping the workers
+      pass
+
+  def start(self, k: int) -> None:
+    """Worker k, in its own session; worker 0's output is teed to the console."""
+    path = os.path.join(self.log_dir, f"worker_{k}.log")
+    log_file = open(path, "wb")
+    self.files.append(log_file)
+    self.logs.append(path)
+    proc = subprocess.Popen(
+      self.command,
+      env=worker_env(k, self.num_processes, self.devices_per_process, self.port, extra=self.env),
+      stdin=subprocess.DEVNULL,
+      stdout=subprocess.PIPE if k == 0 else log_file,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+      cwd=self.cwd,
+    )
+    self.procs.append(proc)
+    if k == 0:
+      self.tee_thread = threading.Thread(
+        target=_tee, args=(proc.stdout, log_file, self.stream), daemon=True
+      )
+      self.tee_thread.start()
+
+  def stop_all(self) -> None:
+    """SIGTERM, wait up to ``stop_timeout_s``, SIGKILL; say which way it ended."""
+    self.stopping = True
+    killed, waited, codes = _stop(self.procs, self.stop_timeout_s)
+    codes = ", ".join(str(c) for c in codes)
+    if killed:
+      self.say(
+        f"killed worker(s) {', '.join(map(str, killed))} with SIGKILL, still running "
+        f"{waited:.1f}s after SIGTERM (exit codes: {codes})"
+      )
+    else:
+      self.say(f"all workers exited {waited:.1f}s after SIGTERM (exit codes: {codes})")
+
+  def supervise(self, stop: _StopRequest, grace_s: float, timeout_s: float | None,
+                tail_lines: int) -> int:
+    """Poll until every worker exited, one failed (+ ``grace_s``), a stop signal or the
+    timeout; -> run_local's exit code."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    failed: int | None = None
+    while True:
+      if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        self.say(
+          f"got {name}, stopping all workers (SIGTERM to each process group, "
+          f"SIGKILL after {self.stop_timeout_s:g}s)"
+        )
+        self.stop_all()
+        _join(self.tee_thread)
+        return 128 + stop.signum
+      codes = [p.poll() for p in self.procs]
+      if failed is None:
+        failed = next((k for k, c in enumerate(codes) if c not in (None, 0)), None)
+        if failed is not None:
+          kill_at = time.monotonic() + grace_s
+      if all(c is not None for c in codes):
+        break
+      if failed is not None and time.monotonic() >= kill_at:
+        break
+      if deadline is not None and time.monotonic() >= deadline:
+        self.say(f"timeout after {timeout_s:g}s, stopping all workers")
+        self.stop_all()
+        _join(self.tee_thread)
+        return 124
+      time.sleep(0.05)
+    if failed is None:
+      _kill_groups(self.procs)  # children left behind; they would also hold worker 0's pipe open
+      _join(self.tee_thread)
+      self.say("all workers finished successfully")
+      return 0
+    return self.report_failure(failed, tail_lines)
+
+  def report_failure(self, failed: int, tail_lines: int) -> int:
+    """Stop the others, print the failed worker's exit code and the tail of its log."""
+    procs = self.procs
+    still_running = [k for k, p in enumerate(procs) if p.poll() is None]
+    _stop(procs, 5.0)
+    _join(self.tee_thread)
+    code = _exit_code(procs[failed].returncode)
+    lines = [
+      f"worker {failed} failed with exit code {procs[failed].returncode}"
+      + (f"; killed worker(s) {', '.join(map(str, still_running))}" if still_running else ""),
+      f"last {tail_lines} lines of {self.logs[failed]}:",
+    ]
+    lines += ["  | " + line for line in _tail(self.logs[failed], tail_lines)]
+    self.say("\n".join(lines))
+    return code or 1
+
+  def close(self) -> None:
+    _kill_groups(self.procs)
+    for f in self.files:
+      f.close()
+
+
 def run_local(
   command: Sequence[str],
   num_processes: int = 2,
@@ -193,55 +327,17 @@ def run_local(
   When stopped, workers get SIGTERM and ``stop_timeout_s`` to exit (to save a
   checkpoint) before SIGKILL. ``env`` adds variables to every worker's environment.
   """
-  if not command:
-    raise ValueError("no command to run")
-  if shutil.which(command[0]) is None and not os.path.isfile(command[0]):
-    raise FileNotFoundError(
-      f"command not found: {command[0]} (is the project installed in "
-      f"this environment? `pip install -e .`)"
-    )
-  if num_processes < 1:
-    raise ValueError(f"num_processes must be >= 1, got {num_processes}")
-  if devices_per_process < 1:
-    raise ValueError(f"devices_per_process must be >= 1, got {devices_per_process}")
-  if stop_timeout_s < 0:
-    raise ValueError(f"stop_timeout_s must be >= 0, got {stop_timeout_s}")
+  _check(command, num_processes, devices_per_process, stop_timeout_s)
   stream = sys.stdout if stream is None else stream
   port = free_port() if port is None else port
   log_dir = log_dir or tempfile.mkdtemp(prefix="bepa-local-")
   os.makedirs(log_dir, exist_ok=True)
-
-  def say(msg: str) -> None:
-    try:
-      stream.write(f"[local] {msg}\n")
-      stream.flush()
-    except (ValueError, OSError):  # console gone (SIGHUP): keep stopping the workers
-      pass
-
-  stopping = False
-
-  def stop_all() -> None:
-    """SIGTERM, wait up to ``stop_timeout_s``, SIGKILL; say which way it ended."""
-    nonlocal stopping
-    stopping = True
-    killed, waited, codes = _stop(procs, stop_timeout_s)
-    codes = ", ".join(str(c) for c in codes)
-    if killed:
-      say(
-        f"killed worker(s) {', '.join(map(str, killed))} with SIGKILL, still running "
-        f"{waited:.1f}s after SIGTERM (exit codes: {codes})"
-      )
-    else:
-      say(f"all workers exited {waited:.1f}s after SIGTERM (exit codes: {codes})")
-
-  say(
+  workers = _Workers(command, num_processes, devices_per_process, port, log_dir, env, stream,
+                     cwd, stop_timeout_s)
+  workers.say(
     f"{num_processes} worker(s) x {devices_per_process} CPU device(s), coordinator "
     f"127.0.0.1:{port}, logs in {log_dir}: {shlex.join(command)}"
   )
-  procs: list[subprocess.Popen] = []
-  logs: list[str] = []
-  files = []
-  tee_thread = None
   stop = _StopRequest()
   previous_handlers = {}
   try:
@@ -250,83 +346,17 @@ def run_local(
     for k in range(num_processes):
       if stop.signum is not None:
         break
-      path = os.path.join(log_dir, f"worker_{k}.log")
-      log_file = open(path, "wb")
-      files.append(log_file)
-      logs.append(path)
-      proc = subprocess.Popen(
-        list(command),
-        env=worker_env(k, num_processes, devices_per_process, port, extra=env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE if k == 0 else log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=cwd,
-      )
-      procs.append(proc)
-      if k == 0:
-        tee_thread = threading.Thread(
-          target=_tee, args=(proc.stdout, log_file, stream), daemon=True
-        )
-        tee_thread.start()
-
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    failed: int | None = None
-    while True:
-      if stop.signum is not None:
-        name = signal.Signals(stop.signum).name
-        say(
-          f"got {name}, stopping all workers (SIGTERM to each process group, "
-          f"SIGKILL after {stop_timeout_s:g}s)"
-        )
-        stop_all()
-        _join(tee_thread)
-        return 128 + stop.signum
-      codes = [p.poll() for p in procs]
-      if failed is None:
-        failed = next((k for k, c in enumerate(codes) if c not in (None, 0)), None)
-        if failed is not None:
-          kill_at = time.monotonic() + grace_s
-      if all(c is not None for c in codes):
-        break
-      if failed is not None and time.monotonic() >= kill_at:
-        break
-      if deadline is not None and time.monotonic() >= deadline:
-        say(f"timeout after {timeout_s:g}s, stopping all workers")
-        stop_all()
-        _join(tee_thread)
-        return 124
-      time.sleep(0.05)
-
-    if failed is None:
-      _kill_groups(procs)  # children left behind; they would also hold worker 0's pipe open
-      _join(tee_thread)
-      say("all workers finished successfully")
-      return 0
-
-    still_running = [k for k, p in enumerate(procs) if p.poll() is None]
-    _stop(procs, 5.0)
-    _join(tee_thread)
-    code = _exit_code(procs[failed].returncode)
-    lines = [
-      f"worker {failed} failed with exit code {procs[failed].returncode}"
-      + (f"; killed worker(s) {', '.join(map(str, still_running))}" if still_running else ""),
-      f"last {tail_lines} lines of {logs[failed]}:",
-    ]
-    lines += ["  | " + line for line in _tail(logs[failed], tail_lines)]
-    say("\n".join(lines))
-    return code or 1
+      workers.start(k)
+    return workers.supervise(stop, grace_s, timeout_s, tail_lines)
   except KeyboardInterrupt:
-    if stopping:  # Ctrl-C while waiting for the workers: do not wait again
-      say("interrupted while stopping, killing all workers")
+    if workers.stopping:  # Ctrl-C while waiting for the workers: do not wait again
+      workers.say("interrupted while stopping, killing all workers")
       return 130  # the finally below SIGKILLs every group
-    say("interrupted, stopping all workers")
-    stop_all()
+    workers.say("interrupted, stopping all workers")
+    workers.stop_all()
     return 130
   finally:
-    _kill_groups(procs)
-    for f in files:
-      f.close()
+    workers.close()
     _restore_handlers(previous_handlers)  # last: a SIGTERM until here still stops workers
 
 
@@ -358,6 +388,30 @@ def _join(thread: threading.Thread | None) -> None:
     thread.join(timeout=5)
 
 
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+    prog="launch/local.py",
+    description="Run N local CPU processes of a JAX program: ... [options] -- COMMAND ...",
+  )
+  parser.add_argument("--num_processes", "--num-processes", type=int, default=2)
+  parser.add_argument("--devices_per_process", "--devices-per-process", type=int, default=1)
+  parser.add_argument("--port", type=int, default=None,
+                      help="coordinator port (default: a free one)")
+  parser.add_argument("--log_dir", "--log-dir", default=None, help="default: a new temp dir")
+  parser.add_argument("--grace_s", "--grace-s", type=float, default=3.0,
+                      help="seconds the other workers get after one fails")
+  parser.add_argument("--timeout_s", "--timeout-s", type=float, default=None,
+                      help="stop everything after this many seconds")
+  parser.add_argument(
+    "--stop_timeout_s", "--stop-timeout-s", type=float, default=60.0,
+    help="on SIGTERM/SIGHUP (forwarded to the workers as SIGTERM), Ctrl-C or --timeout_s: "
+    "seconds the workers get to save and exit before they are SIGKILLed (default: 60)",
+  )
+  parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                      help="extra environment variable for every worker (repeatable)")
+  return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if "--" in argv:
@@ -365,45 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv, command = argv[:split], argv[split + 1 :]
   else:
     command = []
-  parser = argparse.ArgumentParser(
-    prog="launch/local.py",
-    description="Run N local CPU processes of a JAX program: ... [options] -- COMMAND ...",
-  )
-  parser.add_argument("--num_processes", "--num-processes", type=int, default=2)
-  parser.add_argument("--devices_per_process", "--devices-per-process", type=int, default=1)
-  parser.add_argument(
-    "--port", type=int, default=None, help="coordinator port (default: a free one)"
-  )
-  parser.add_argument("--log_dir", "--log-dir", default=None, help="default: a new temp dir")
-  parser.add_argument(
-    "--grace_s",
-    "--grace-s",
-    type=float,
-    default=3.0,
-    help="seconds the other workers get after one fails",
-  )
-  parser.add_argument(
-    "--timeout_s",
-    "--timeout-s",
-    type=float,
-    default=None,
-    help="stop everything after this many seconds",
-  )
-  parser.add_argument(
-    "--stop_timeout_s",
-    "--stop-timeout-s",
-    type=float,
-    default=60.0,
-    help="on SIGTERM/SIGHUP (forwarded to the workers as SIGTERM), Ctrl-C or --timeout_s: "
-    "seconds the workers get to save and exit before they are SIGKILLed (default: 60)",
-  )
-  parser.add_argument(
-    "--env",
-    action="append",
-    default=[],
-    metavar="KEY=VALUE",
-    help="extra environment variable for every worker (repeatable)",
-  )
+  parser = _parser()
   args = parser.parse_args(argv)
   if not command:
     parser.error("give the command to run after '--'")
@@ -415,15 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra[key] = value
   try:
     return run_local(
-      command,
-      num_processes=args.num_processes,
-      devices_per_process=args.devices_per_process,
-      port=args.port,
-      log_dir=args.log_dir,
-      env=extra,
-      grace_s=args.grace_s,
-      timeout_s=args.timeout_s,
-      stop_timeout_s=args.stop_timeout_s,
+      command, num_processes=args.num_processes, devices_per_process=args.devices_per_process,
+      port=args.port, log_dir=args.log_dir, env=extra, grace_s=args.grace_s,
+      timeout_s=args.timeout_s, stop_timeout_s=args.stop_timeout_s,
     )
   except (FileNotFoundError, ValueError) as e:
     print(f"launch/local.py: error: {e}", file=sys.stderr)

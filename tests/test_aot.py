@@ -7,14 +7,18 @@ import sys
 import numpy as np
 import pytest
 
-from bepa_jax.aot import compile as aot, hlo_stats, tpu_specs
+from bepa_jax import hlo_stats, tpu_specs
+from bepa_jax.aot import batch as aot_batch
+from bepa_jax.aot import compile as aot
+from bepa_jax.aot import libtpu
+from bepa_jax.cli import compile as compile_cli
 from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data import factory
 from bepa_jax.data import tokenizer as tokenizer_lib
 from bepa_jax.errors import ConfigError
 from tests.conftest import REPO
 
-needs_libtpu = pytest.mark.skipif(not aot.libtpu_available(),
+needs_libtpu = pytest.mark.skipif(not libtpu.libtpu_available(),
                                   reason="libtpu not installed (pip install -e '.[test]')")
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
 B, D = 40, 64  # B differs from every other dimension, so a B x B buffer is unambiguous
@@ -31,7 +35,7 @@ def tiny(*extra):
 
 
 def run_cli(capsys, *args):
-  code = aot.main(["--config", QUICKSTART, *args])
+  code = compile_cli.main(["--config", QUICKSTART, *args])
   out, err = capsys.readouterr()
   return code, out, [line for line in err.splitlines() if "error" in line]
 
@@ -129,7 +133,7 @@ def test_abstract_batch_is_what_the_pipeline_yields(tok, cls_input, mlm_input):
   config = tiny(f"--config.loss.cls_input={cls_input}", f"--config.loss.mlm_input={mlm_input}",
                 "--config.train.global_batch=8", "--config.data.packing=False")
   real = factory.build_pipeline(config, tok).batch(0)
-  spec = aot.batch_shapes(config)
+  spec = aot_batch.batch_shapes(config)
   assert sorted(spec) == sorted(real)
   for k, v in real.items():
     assert (spec[k][0], spec[k][1]) == (v.shape, np.asarray(v).dtype), k
@@ -148,20 +152,20 @@ def test_abstract_packed_batch_is_what_the_pipeline_yields(tok, cls_input, mlm_i
   R, R2 = auto.rows
   assert 0 < R < 2 * 16 // (shards * 2)  # packed: fewer rows than sentences per group
   config = tiny(*args, f"--config.data.packed_rows={R}", f"--config.data.packed_pair_rows={R2}")
-  assert aot.packed_rows(config) == (R, R2 if mlm_input == "pair" else 0)
+  assert aot_batch.packed_rows(config) == (R, R2 if mlm_input == "pair" else 0)
   real = factory.build_pipeline(config, tok, batch_shards=shards).batch(0)
-  spec = aot.batch_shapes(config, batch_shards=shards)
+  spec = aot_batch.batch_shapes(config, batch_shards=shards)
   assert sorted(spec) == sorted(real)
   for k, v in real.items():
     assert (spec[k][0], spec[k][1]) == (v.shape, np.asarray(v).dtype), k
   assert spec["input_ids"][0] == (shards * 2, R, 128)
-  assert aot.token_slots(config, shards) == shards * 2 * R * 128
+  assert aot_batch.token_slots(config, shards) == shards * 2 * R * 128
   # rows chosen from the data (0): no packed shape without data
-  assert aot.packed_rows(tiny(*args)) is None
+  assert aot_batch.packed_rows(tiny(*args)) is None
 
 
 def test_without_libtpu_one_line_says_how_to_install(capsys, monkeypatch):
-  monkeypatch.setattr(aot, "libtpu_available", lambda: False)
+  monkeypatch.setattr(libtpu, "libtpu_available", lambda: False)
   code, out, err = run_cli(capsys, "--topology", "v5e-8", *TINY)
   assert code == 2 and len(err) == 1
   assert "libtpu is not installed" in err[0] and "pip install 'libtpu==" in err[0]
@@ -170,8 +174,9 @@ def test_without_libtpu_one_line_says_how_to_install(capsys, monkeypatch):
 def test_vocab_size_from_a_tokenizer_file_must_be_given():
   config = tiny("--config.model.vocab_size=0", "--config.tokenizer.path=/some/spm.model")
   with pytest.raises(ConfigError, match="--config.model.vocab_size"):
-    aot.vocab_size(config)
-  assert aot.vocab_size(tiny("--config.model.vocab_size=0"))[0] == 1000  # tokenizer.vocab_size
+    aot_batch.vocab_size(config)
+  # tokenizer.vocab_size
+  assert aot_batch.vocab_size(tiny("--config.model.vocab_size=0"))[0] == 1000
 
 
 CRASH = """import os, signal, sys
@@ -187,7 +192,7 @@ def test_a_compiler_crash_is_one_line_and_a_json(capfd, tmp_path):
   """XLA:TPU can die of a signal (no Python exception): the child's crash dump becomes one
   line naming where, exit 1, and {"failed": "crash"} where the report would have been."""
   out = tmp_path / "r.json"
-  code = aot.run_isolated([sys.executable, "-c", CRASH], str(out))
+  code = compile_cli.run_isolated([sys.executable, "-c", CRASH], str(out))
   err = capfd.readouterr().err.splitlines()
   assert code == 1 and err[0] == "compiling ..." and len(err) == 2, err
   assert err[1].startswith("bepa-compile: error: XLA:TPU crashed compiling the step (SIGSEGV "
@@ -195,15 +200,18 @@ def test_a_compiler_crash_is_one_line_and_a_json(capfd, tmp_path):
   assert "--config.train.dropout_rng=rbg" in err[1]
   assert json.loads(out.read_text())["failed"] == "crash"
   # a child that exits normally: its code and its output, untouched
-  assert aot.run_isolated([sys.executable, "-c", "import sys; print('PC: @ x', file=sys.stderr);"
-                           " sys.exit(3)"]) == 3
+  assert compile_cli.run_isolated([sys.executable, "-c", "import sys; print('PC: @ x', "
+                                   "file=sys.stderr); sys.exit(3)"]) == 3
   assert capfd.readouterr().err == "PC: @ x\n"
+  # the library's side: the crash is an error (the command turns it into exit 1)
+  with pytest.raises(libtpu.CompilerCrashed, match="stack overflow"):
+    libtpu.run_isolated([sys.executable, "-c", CRASH])
 
 
 # ----------------------------------------------------------------------------- with libtpu
 @needs_libtpu
 def test_v4_topologies_have_one_device_per_chip():
-  devices = aot.topology_devices(tpu_specs.parse("v4-32"), 1)
+  devices = libtpu.topology_devices(tpu_specs.parse("v4-32"), 1)
   assert len(devices) == 16 and devices[0].device_kind == "TPU v4"
 
 

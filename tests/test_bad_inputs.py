@@ -124,12 +124,12 @@ CASES = [
      "--config.train is a section, not a value"),
     # 6. every grid point is parsed and validated before the first run
     ("sweep-grid-bad-type", "bepa-sweep", ["--grid", "train.global_batch=8,abc"],
-     "--grid loop.global_batch=8,abc: config key loop.global_batch expects an int, got 'abc'"),
+     "--grid train.global_batch=8,abc: config key train.global_batch expects an int, got 'abc'"),
     ("sweep-set-bad-type", "bepa-sweep", ["--grid", "train.global_batch=8,16",
                                           "--set", "train.steps=ten"],
      "--set train.steps=ten: config key train.steps expects an int, got 'ten'"),
     ("sweep-grid-invalid-point", "bepa-sweep", ["--grid", "train.global_batch=8,12"],
-     "run global_batch-12 (loop.global_batch=12): loop.global_batch=12 (micro-batch 12) is "
+     "run global_batch-12 (train.global_batch=12): train.global_batch=12 (micro-batch 12) is "
      "not divisible by the 8 batch shards"),
     ("sweep-grid-tiny-temperature", "bepa-sweep", ["--grid", "loss.temperature=0.07,1e-40"],
      "run temperature-1e-40 (loss.temperature=1e-40): loss.temperature=1e-40 is below 0.001"),

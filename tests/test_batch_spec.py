@@ -4,11 +4,11 @@ what the model is initialised from and which encoder passes the throughput count
 import numpy as np
 import pytest
 
-from bepa_jax.aot import compile as aot
+from bepa_jax.aot import batch as aot
 from bepa_jax.data import batch_spec, pair_pipeline, sources
 from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data import tokenizer as tokenizer_lib
-from bepa_jax.trainer import build as build_lib
+from bepa_jax.training import state as train_state
 from tests.helpers import tiny_config
 
 MODES = {"masked": ("masked", "sentence"), "clean": ("clean", "sentence"),
@@ -108,7 +108,7 @@ def test_spec_of_config_is_the_built_pipelines(tok, tmp_path):
 
 def test_example_inputs_come_from_the_spec():
   config = tiny_config(**{"data.max_length": 12, "data.max_predictions_per_seq": 5})
-  got = build_lib.example_inputs(config)
+  got = train_state.example_inputs(config)
   want = dict(input_ids=np.zeros((2, 12), np.int32), token_type_ids=np.zeros((2, 12), np.int32),
               attention_mask=np.ones((2, 12), np.int32), mlm_positions=np.zeros((2, 5), np.int32))
   assert sorted(got) == sorted(want)

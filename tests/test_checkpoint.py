@@ -164,7 +164,7 @@ def test_restore_onto_another_mesh_continues_with_the_same_loss(ctx, tmp_path):
 def test_incomplete_and_truncated_checkpoints_are_skipped(ctx, tmp_path, caplog):
   """A crash mid-save (tmp dir) and a truncated copy of step 8: resume from 6, with warnings."""
   from bepa_jax.trainer import build as build_lib
-  from bepa_jax.checkpoint import manager as checkpoint
+  from bepa_jax.checkpoint import store as checkpoint
   wd = _copy(ctx, tmp_path)
   shutil.copytree(wd / "checkpoints" / "8", wd / "checkpoints" / "10.orbax-checkpoint-tmp-1")
   for root, _, files in os.walk(wd / "checkpoints" / "8" / "state"):
@@ -255,7 +255,7 @@ def test_every_minutes_and_keep_best(tmp_path):
   import jax.numpy as jnp
   import optax
   from bepa_jax.training import state as train_state
-  from bepa_jax.checkpoint import manager as checkpoint
+  from bepa_jax.checkpoint import store as checkpoint
   cfg = tiny_config(**{"checkpoint.every_steps": 0, "checkpoint.every_minutes": 1 / 60,
                        "checkpoint.keep": 1, "checkpoint.keep_best_metric": "loss",
                        "checkpoint.async_save": False})
@@ -321,7 +321,7 @@ def test_resume_on_other_data_is_refused_unless_asked(tmp_path, caplog):
   a change, restarts the data position at the restored step and keeps that on later resumes."""
   from bepa_jax.trainer import loop
   from bepa_jax.errors import ConfigError
-  from bepa_jax.checkpoint import manager as ckpt_lib
+  from bepa_jax.checkpoint import store as ckpt_lib
   from tests.helpers import tiny_config
   wd = str(tmp_path / "run")
   overrides = {"train.steps": 2, "checkpoint.every_steps": 2, "train.global_batch": 8}

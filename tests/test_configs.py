@@ -115,6 +115,8 @@ def test_fused_qkv_override_from_the_readme_is_accepted(tmp_path):
     ({"mesh.rules": (("batch", "dataa"),)}, "mesh axes must be None or among"),
     ({"mesh.rules": (("batch",),)}, "is not a (logical axis, mesh axes) pair"),
     ({"checkpoint.keep": 0}, "checkpoint.keep"),
+    ({"checkpoint.every_minutes": -1.0}, "checkpoint.every_minutes must be >= 0"),
+    ({"checkpoint.keep_best_mode": "median"}, "checkpoint.keep_best_mode='median'"),
     ({"train.host_malloc": "tcmalloc"}, "train.host_malloc"),
     ({"train.profile_steps": -1}, "train.profile_steps"),
     ({"eval.every_steps": 5}, "eval.every_steps > 0 needs"),

@@ -73,11 +73,11 @@ def test_export_refuses_to_overwrite_and_names_missing_step(trained, tmp_path):
   out.mkdir()
   (out / "keep.txt").write_text("precious")
   env = dict(os.environ, PYTHONPATH=REPO)
-  r = subprocess.run([sys.executable, "-m", "bepa_jax.hf.export", "--workdir", wd, "--out", str(out)],
+  r = subprocess.run([sys.executable, "-m", "bepa_jax.cli.export", "--workdir", wd, "--out", str(out)],
                      capture_output=True, text=True, env=env)
   assert r.returncode == 2 and "refusing to overwrite" in r.stderr
   assert (out / "keep.txt").read_text() == "precious"
-  r = subprocess.run([sys.executable, "-m", "bepa_jax.hf.export", "--workdir", wd, "--step", "77",
+  r = subprocess.run([sys.executable, "-m", "bepa_jax.cli.export", "--workdir", wd, "--step", "77",
                       "--out", str(tmp_path / "new")], capture_output=True, text=True, env=env)
   assert r.returncode == 2 and "no checkpoint at step 77" in r.stderr, r.stderr
   assert not (tmp_path / "new").exists()

@@ -95,7 +95,7 @@ def test_every_checkpoint_has_checksums_and_a_bit_flip_in_any_file_is_found(run,
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_training_resumes_from_the_previous_checkpoint(run, tmp_path, caplog, damage):
   from bepa_jax.trainer import build as build_lib
-  from bepa_jax.checkpoint import manager
+  from bepa_jax.checkpoint import store
   wd = _copy(run, tmp_path)
   step_dir = wd / "checkpoints" / "4"
   target = step_dir / (_state_file(step_dir) if damage != "delete" else "state/_METADATA")
@@ -107,7 +107,7 @@ def test_training_resumes_from_the_previous_checkpoint(run, tmp_path, caplog, da
     os.remove(target)
   config = tiny_config(**{**RUN, "train.steps": 6})
   with caplog.at_level(logging.WARNING, logger="bepa"):
-    job = build_lib.build(config, str(wd), ckpt=manager.Checkpointer(str(wd), config.checkpoint))
+    job = build_lib.build(config, str(wd), ckpt=store.Checkpointer(str(wd), config.checkpoint))
   assert int(job.state.step) == 2
   warnings = [r.getMessage() for r in caplog.records if "checkpoints/4" in r.getMessage()]
   assert len(warnings) == 1 and "damaged or unreadable" in warnings[0], caplog.text
@@ -159,12 +159,12 @@ def test_eval_and_export_reader_falls_back_or_refuses(run, tmp_path, caplog):
   with pytest.raises(InputError, match=r"checkpoints/4: checkpoint is damaged \(state/"):
     reader.read_params(str(wd), 4)
   out = tmp_path / "hf"
-  r = subprocess.run([sys.executable, "-m", "bepa_jax.hf.export", "--workdir", str(wd),
+  r = subprocess.run([sys.executable, "-m", "bepa_jax.cli.export", "--workdir", str(wd),
                       "--out", str(out)], capture_output=True, text=True, env=_env(), cwd=REPO,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "checkpoints/4 is damaged" in r.stderr and "Traceback" not in r.stderr + r.stdout
-  r = subprocess.run([sys.executable, "-m", "bepa_jax.hf.export", "--workdir", str(wd),
+  r = subprocess.run([sys.executable, "-m", "bepa_jax.cli.export", "--workdir", str(wd),
                       "--step", "4", "--out", str(tmp_path / "hf4")], capture_output=True,
                      text=True, env=_env(), cwd=REPO, timeout=300)
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
@@ -236,7 +236,7 @@ def test_disk_full_during_a_background_save_stops_at_once(tmp_path):
       import os, sys, time, jax, numpy as np
       from bepa_jax.trainer import build as build_lib
       from bepa_jax.trainer import loop
-      from bepa_jax.checkpoint import manager
+      from bepa_jax.checkpoint import store
       from bepa_jax.errors import BepaError
       from tests.helpers import tiny_config
       config = tiny_config(**{{"checkpoint.async_save": True}})
@@ -244,8 +244,8 @@ def test_disk_full_during_a_background_save_stops_at_once(tmp_path):
       rng = np.random.default_rng(0)  # dense values: nothing compresses away
       state = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype)
                            if x.dtype == np.float32 else x, job.state)
-      ckpt = manager.Checkpointer({str(mnt / "run")!r}, config.checkpoint)
-      need = sum(x.nbytes for x in jax.tree.leaves(manager.state_items(state)))
+      ckpt = store.Checkpointer({str(mnt / "run")!r}, config.checkpoint)
+      need = sum(x.nbytes for x in jax.tree.leaves(store.state_items(state)))
       free = os.statvfs({str(mnt)!r}).f_bavail * os.statvfs({str(mnt)!r}).f_frsize
       with open({str(mnt / "filler")!r}, "wb") as f:  # leave the estimate + 8 KiB free
         f.write(b"0" * (free - need - 8192))

@@ -17,25 +17,28 @@ from bepa_jax import distributed
 distributed.initialize(timeout_s=120)
 import jax
 from jax.experimental import multihost_utils
-from bepa_jax.trainer import loop as train
 from bepa_jax.training import throughput
+from bepa_jax.trainer import build as build_lib
+from bepa_jax.trainer import loop
+from bepa_jax.config import load as config_load
+from bepa_jax.cli import train as train_cli
 from tests.helpers import tiny_config
 
 out, workdir, packed = sys.argv[1], sys.argv[2], sys.argv[3] == "packed"
 config = tiny_config(**{"train.steps": 4, "train.log_every": 1, "train.global_batch": 16,
                         "data.packing": packed, "data.max_length": 128 if packed else 16,
                         "model.max_position_embeddings": 130 if packed else 64})
-job = train.build(config, workdir)
+job = build_lib.build(config, workdir)
 losses, shards, tokens = [], [], []
 with jax.set_mesh(job.mesh):
   state = job.state
   for step in range(4):
-    local = train.local_batch(job.pipeline, step, jax.process_index(), jax.process_count())
+    local = loop.local_batch(job.pipeline, step, jax.process_index(), jax.process_count())
     shards.append(local["input_ids"].tolist())
     local_counts = throughput.count(local, config.loss)
     tokens.append([local_counts.real, throughput.global_counts(local_counts).real,
                    throughput.global_counts(local_counts).processed])
-    state, metrics = job.step_fn(state, train.global_batch(local, job.mesh))
+    state, metrics = job.step_fn(state, loop.global_batch(local, job.mesh))
     losses.append(float(metrics["loss"]))
 params = multihost_utils.process_allgather(state.params, tiled=True)
 flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
@@ -68,7 +71,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", ["", "_packed"], ids=["padded", "packed"])
 def test_two_processes_equal_one_process(runs, layout):
-  """Packed: each process packs its own groups and they agree on the rows (train.local_batch)."""
+  """Packed: each process packs its own groups and they agree on the rows (loop.local_batch)."""
   single = json.load(open(runs["single" + layout] / "p0.json"))
   multi = [json.load(open(runs["multi" + layout] / f"p{i}.json")) for i in range(2)]
   assert single["device_count"] == 4 and multi[0]["device_count"] == 4

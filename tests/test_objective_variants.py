@@ -6,7 +6,9 @@ import pytest
 from jax.sharding import AxisType
 
 from bepa_jax.config import validate as config_lib
-from bepa_jax.training import step as step_lib, train
+from bepa_jax.training import step as step_lib
+from bepa_jax.trainer import build as build_lib
+from bepa_jax.trainer import loop
 from bepa_jax.objective import heads, infonce as contrastive
 from bepa_jax.objective.infonce import Options
 from tests.helpers import devices, tiny_config
@@ -306,7 +308,7 @@ def test_train_step_optimises_temperature_and_heads_and_updates_ema(workdir):
   cfg = tiny_config(**{"loss.projector_layers": 1, "loss.predictor_layers": 2,
                        "loss.learn_temperature": True, "loss.ema_decay": 0.9,
                        "loss.same_language_negatives": True, "loss.mask_duplicates": True})
-  job = train.build(cfg, workdir, devices(8))
+  job = build_lib.build(cfg, workdir, devices(8))
   state0 = jax.device_get(job.state)
   hp0 = state0.params[heads.HEAD_KEY]
   assert set(hp0) == {"proj", "pred", "log_temperature"}
@@ -315,7 +317,7 @@ def test_train_step_optimises_temperature_and_heads_and_updates_ema(workdir):
   batch = job.pipeline.batch(0)
   assert batch["text_hash"].shape == (16, 2)
   with jax.set_mesh(job.mesh):
-    state1, metrics = job.step_fn(job.state, train.global_batch(batch, job.mesh))
+    state1, metrics = job.step_fn(job.state, loop.global_batch(batch, job.mesh))
   state1 = jax.device_get(state1)
   hp1 = state1.params[heads.HEAD_KEY]
   assert float(metrics["temperature"]) == pytest.approx(0.07, rel=1e-5)
@@ -334,8 +336,8 @@ def test_train_step_optimises_temperature_and_heads_and_updates_ema(workdir):
 def test_lambda_zero_with_variants_is_pure_mlm(workdir):
   cfg = tiny_config(**{"loss.weight": 0.0, "loss.projector_layers": 1, "loss.margin": 0.3,
                        "loss.negatives": "local"})
-  job = train.build(cfg, workdir, devices(8))
+  job = build_lib.build(cfg, workdir, devices(8))
   with jax.set_mesh(job.mesh):
-    _, m = job.step_fn(job.state, train.global_batch(job.pipeline.batch(0), job.mesh))
+    _, m = job.step_fn(job.state, loop.global_batch(job.pipeline.batch(0), job.mesh))
   assert float(m["loss"]) == pytest.approx(float(m["mlm_loss"]), rel=1e-7)
   assert float(m["contrastive_loss"]) > 0

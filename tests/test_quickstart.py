@@ -3,14 +3,15 @@ import json
 
 import numpy as np
 
-from bepa_jax.config import defaults as default_config, train
+from bepa_jax.config import defaults as default_config
+from bepa_jax.trainer import loop
 
 
 def test_quickstart_loss_falls_over_30_steps(tmp_path):
   config = default_config.get_config()
   config.train.steps = 30
   config.train.log_every = 1
-  train.train(config, str(tmp_path))
+  loop.train(config, str(tmp_path))
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in records] == list(range(1, 31))
   loss = np.array([r["train/loss"] for r in records])

@@ -9,6 +9,7 @@ import shlex
 
 import pytest
 
+from bepa_jax import sweep as sweep_lib
 from bepa_jax.cli import sweep
 from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data import tokenizer as tokenizer_lib
@@ -59,7 +60,7 @@ def test_grid_runs_are_trained_evaluated_and_tabulated(swept):
     assert 1.0 <= float(r["effective_rank"]) <= 32.0
     assert 0.0 < float(r["pc1_share"]) <= 1.0
     wd = os.path.join(out, "runs", r["name"])
-    assert os.path.isfile(os.path.join(wd, sweep.RESULT))
+    assert os.path.isfile(os.path.join(wd, sweep_lib.RESULT))
     cmd = open(os.path.join(wd, "train.log")).readline()
     assert f"--config.train.global_batch={r['train.global_batch']}" in cmd
     assert f"--config.loss.negatives={r['loss.negatives']}" in cmd
@@ -122,13 +123,13 @@ def test_bad_grid_is_one_line_exit_2(grid, message, capsys, tmp_path):
 def test_tables_and_plots_for_one_or_three_axes(keys, tmp_path):
   values = {"loss.temperature": ["0.02", "0.07"], "loss.negatives": ["global", "local"],
             "train.global_batch": ["16", "64"], "loss.margin": ["0.0", "0.3"]}
-  points = sweep.expand_grid([(k, values[k]) for k in keys])
-  rows = [{"name": sweep.run_name(p), **p, "status": "ok", "retrieval_acc": 0.1 * i,
+  points = sweep_lib.expand_grid([(k, values[k]) for k in keys])
+  rows = [{"name": sweep_lib.run_name(p), **p, "status": "ok", "retrieval_acc": 0.1 * i,
            "effective_rank": 2.0 + i, "pc1_share": 0.5, "gap": 0.1, "inbatch_acc": 0.5,
            "loss": 1.0, "contrastive_loss": 0.5, "train_s": 3.0} for i, p in enumerate(points)]
   rows[-1] = {**rows[-1], "status": "failed (exit 1)"}
-  sweep.write_tables(str(tmp_path), keys, rows, {"note": ""})
-  paths = sweep.write_plots(str(tmp_path), keys, rows)
+  sweep_lib.write_tables(str(tmp_path), keys, rows, {"note": ""})
+  paths = sweep_lib.write_plots(str(tmp_path), keys, rows)
   assert sorted(os.path.basename(p) for p in paths) == [
       "sweep_effective_rank.png", "sweep_pc1_share.png", "sweep_retrieval_acc.png"]
   table = open(tmp_path / "sweep.md").read()

@@ -5,8 +5,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bepa_jax.trainer import loop as train
 from bepa_jax.training import throughput
+from bepa_jax.trainer import build as build_lib
+from bepa_jax.trainer import loop
 from tests.helpers import tiny_config
 
 
@@ -62,10 +63,10 @@ def test_train_logs_real_tokens_and_padding_fraction(tmp_path, loss, caplog):
   config = tiny_config(**{"train.steps": 6, "train.log_every": 2, "data.max_length": 64,
                           **{f"loss.{k}": v for k, v in loss.items()}})
   with caplog.at_level("INFO", logger="bepa"):
-    _, last = train.train(config, str(tmp_path))
+    _, last = loop.train(config, str(tmp_path))
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in records] == [1, 2, 4, 6]
-  job = train.build(config, str(tmp_path))  # the same batches: a function of the step
+  job = build_lib.build(config, str(tmp_path))  # the same batches: a function of the step
   counts = [throughput.count(job.pipeline.batch(s), config.loss) for s in range(6)]
   assert 0.2 < counts[0].padding_fraction < 0.95  # short sentences padded to 64
   windows = {1: range(0, 1), 2: range(1, 2), 4: range(2, 4), 6: range(4, 6)}

@@ -21,7 +21,8 @@ from bepa_jax.cli import transfer as cli
 from bepa_jax.finetune import features, tasks, trainer
 from bepa_jax.finetune import report as report_lib
 from bepa_jax.model import BepaEncoder, EncoderConfig
-from bepa_jax.config import defaults as default_config, mesh as mesh_lib
+from bepa_jax import mesh as mesh_lib
+from bepa_jax.config import defaults as default_config
 
 L = 32
 

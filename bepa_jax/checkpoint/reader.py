@@ -1,7 +1,7 @@
 """The one reader of saved parameters: bepa-eval, bepa-export, bepa-transfer and bepa-sweep
 read a training workdir's weights here, as host numpy, on any number of devices.
 
-It reads the layout `manager.Checkpointer` writes (WORKDIR/checkpoints/<step>/state, an Orbax
+It reads the layout `store.Checkpointer` writes (WORKDIR/checkpoints/<step>/state, an Orbax
 pytree of the TrainState's arrays) and restores only the `params` subtree: the optimizer
 state (twice the size of the weights under AdamW) is never read.
 """
@@ -19,8 +19,8 @@ log = logging.getLogger("bepa")
 
 def checkpoint_steps(workdir: str) -> tuple[str, list[int]]:
   """(checkpoint directory, its complete steps in increasing order)."""
-  from bepa_jax.checkpoint import manager
-  ckpt = manager.Checkpointer(workdir, None, read_only=True)
+  from bepa_jax.checkpoint import store
+  ckpt = store.Checkpointer(workdir, None, read_only=True)
   try:
     return str(ckpt.directory), sorted(ckpt.steps())
   finally:
@@ -75,7 +75,7 @@ def _restore_params(path: str) -> dict:
   """Only the `params` subtree of a saved TrainState, as host numpy."""
   import jax
   import orbax.checkpoint as ocp
-  from bepa_jax.checkpoint.manager import quiet_reads
+  from bepa_jax.checkpoint.quiet import quiet_reads
   ckptr = ocp.PyTreeCheckpointer()
   with quiet_reads():
     meta = ckptr.metadata(path)

@@ -112,7 +112,7 @@ def cmd_show(ckpt, step: int | None, out) -> int:
   meta = _meta(ckpt, step)
   if "error" in meta:
     raise ValueError(f"checkpoint {step} metadata cannot be read: {meta['error']}")
-  from bepa_jax.checkpoint.manager import config_value
+  from bepa_jax.checkpoint.store import config_value
   n = _param_count(ckpt, step)
   n = meta.get("num_params") if n is None else n
   print(f"checkpoint  {ckpt.directory / str(step)}", file=out)
@@ -159,7 +159,8 @@ def cmd_verify(ckpt, out) -> int:
 
 
 def cmd_import(hf_dir: str, workdir: str, config_file: str | None, overrides: list[str]) -> int:
-  """Runs bepa-train with train.steps=0 (last, so that they win) on HF_DIR."""
+  """bepa-train's run of the config with init.hf_dir=HF_DIR and train.steps=0 (last, so that
+  they win): the same checks, set-up and messages, under the name `bepa-ckpt import`."""
   import os
   if not os.path.isdir(hf_dir):
     return cli.fail(PROG, f"{hf_dir}: HF model directory not found")
@@ -167,14 +168,15 @@ def cmd_import(hf_dir: str, workdir: str, config_file: str | None, overrides: li
   if bad:
     return cli.fail(PROG, f"import: unrecognized argument {bad[0]} (only --config FILE and "
                     f"--config.a.b=value)")
-  from bepa_jax.cli import train as train_cli
-  argv = [PROG, "--workdir", workdir] + (["--config", config_file] if config_file else [])
-  argv += overrides + [f"--config.init.hf_dir={hf_dir}", "--config.train.steps=0"]
-  saved, sys.argv = sys.argv, argv  # config_flags finds the --config.* overrides in sys.argv
+  from bepa_jax.config import load as config_load
+  prog = f"{PROG} import"
+  overrides = overrides + [f"--config.init.hf_dir={hf_dir}", "--config.train.steps=0"]
   try:
-    return train_cli.main(argv, prog=f"{PROG} import")
-  finally:
-    sys.argv = saved
+    config = config_load.load_config(config_file or config_load.DEFAULT_CONFIG_FILE, overrides)
+  except (ValueError, OSError) as e:  # ConfigError is a ValueError
+    return cli.fail(prog, e)
+  from bepa_jax.cli import train as train_cli  # its start, after the flags
+  return train_cli.start(prog, config, workdir)
 
 
 def main(argv=None, out=None) -> int:
@@ -203,7 +205,7 @@ def main(argv=None, out=None) -> int:
   import logging
   logging.getLogger("absl").setLevel(logging.ERROR)
   from etils import epath
-  from bepa_jax.checkpoint import manager as checkpoint
+  from bepa_jax.checkpoint import store as checkpoint
   if not epath.Path(args.workdir).exists():
     return cli.fail(PROG, f"{args.workdir} does not exist")
   if not epath.Path(args.workdir).is_dir():

@@ -7,6 +7,7 @@ input (`BepaError`, and the ValueError/OSError that file and flag handling raise
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -24,6 +25,12 @@ def setup_logging(verbose: bool = True) -> None:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   if not verbose:
     logging.getLogger("bepa").setLevel(logging.WARNING)
+
+
+def absolute(path: str) -> str:
+  """A path the user gave, made absolute once (relative to the current directory), so that
+  Orbax (which refuses relative paths) and every later step see the same place; gs://... as is."""
+  return path if "://" in path else os.path.abspath(path)
 
 
 def fail(prog: str, message) -> int:

@@ -61,9 +61,10 @@ def parse_args(argv):
 
 def evaluate_model(path: str, sets, args, log):
   """Loads one model, returns (name, report, plot data)."""
+  from bepa_jax import loading
   from bepa_jax import mesh as mesh_lib
   from bepa_jax.errors import InputError
-  from bepa_jax.eval import embed, loading, suite
+  from bepa_jax.eval import embed, suite
 
   loaded = loading.load(path, args.tokenizer, hf=path == args.hf_dir)
   limit = loading.max_tokens(loaded.model_cfg)
@@ -118,6 +119,9 @@ def _evaluate(args) -> int:
   log.info("wrote %s", ", ".join(os.path.join(out, f) for f in
                                  ["report.json", "summary.md"] + [os.path.basename(p) for p in pngs]))
   print(suite.markdown(reports))
+  print(f"{PROG}: wrote {os.path.join(out, 'report.json')}, summary.md and {len(pngs)} plots; "
+        f"next: `{PROG} --compare A B` puts two models side by side, `bepa-transfer "
+        f"--{'hf-dir' if args.hf_dir else 'workdir'} {paths[0]} --task xnli` fine-tunes one")
   return 0
 
 

@@ -73,21 +73,29 @@ def main(argv=None, prog: str = "bepa-train") -> int:
     return cli.fail(prog, e)
   if not FLAGS.workdir:
     return cli.fail(prog, "--workdir is required")
-  problem = workdir_problem(FLAGS.workdir)
+  return start(prog, FLAGS.config, FLAGS.workdir, coordinator_address=FLAGS.coordinator_address,
+               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+               timeout_s=FLAGS.distributed_timeout)
+
+
+def start(prog: str, config, workdir: str, **processes) -> int:
+  """What a training command does once its config is parsed (bepa-train, bepa-ckpt import):
+  the workdir checked and made absolute, host memory and the processes set up (before XLA
+  starts), then the training loop. `processes`: distributed.initialize's arguments."""
+  problem = workdir_problem(workdir)
   if problem:
-    return cli.fail(prog, f"--workdir {FLAGS.workdir}: {problem}")
+    return cli.fail(prog, f"--workdir {workdir}: {problem}")
+  workdir = cli.absolute(workdir)  # once: Orbax and every later path need it absolute
   try:  # before XLA starts its threads (they keep the malloc arena they first use)
-    host_memory.configure(FLAGS.config.train.host_malloc)
+    host_memory.configure(config.train.host_malloc)
   except ConfigError as e:
     return cli.fail(prog, e)
   try:  # first thing, before any JAX computation: join the other processes, if any
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                           timeout_s=FLAGS.distributed_timeout)
+    distributed.initialize(**processes)
   except (ValueError, distributed.DistributedInitError) as e:
     return cli.fail(prog, e)
   cli.setup_logging(verbose=jax.process_index() == 0)
-  return cli.guarded(prog, lambda: loop.train(FLAGS.config, FLAGS.workdir), errors=(BepaError,))
-
+  return cli.guarded(prog, lambda: loop.train(config, workdir), errors=(BepaError,))
 
 run = cli.entry(main)
 

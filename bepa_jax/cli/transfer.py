@@ -98,9 +98,9 @@ def _compare(args) -> int:
 
 
 def _transfer(args) -> int:
-
-  from bepa_jax.errors import BepaError
-  from bepa_jax.eval import embed, loading
+  from bepa_jax import loading
+  from bepa_jax.errors import InputError
+  from bepa_jax.eval import embed
   from bepa_jax.finetune import report as report_lib
   from bepa_jax.finetune import tasks, trainer
 
@@ -111,7 +111,7 @@ def _transfer(args) -> int:
   taken = [p for p in (os.path.join(out, f"{stem}.{e}") for e in ("json", "md"))
            if os.path.exists(p)]
   if taken:  # checked before hours of fine-tuning, and nothing saved is overwritten
-    raise BepaError(f"{taken[0]} exists (nothing overwritten): pick another --out")
+    raise InputError(f"{taken[0]} exists (nothing overwritten): pick another --out")
   task = tasks.get_task(args.task, args.data_dir, langs, args.train_jsonl, args.evals,
                         args.num_labels, args.mlqa_data, args.mlqa_split)
   loaded = loading.load(path, args.tokenizer)
@@ -119,7 +119,7 @@ def _transfer(args) -> int:
   limit = loaded.model_cfg.max_position_embeddings - (
       loaded.model_cfg.pad_token_id + 1 if loaded.model_cfg.family == "xlmr" else 0)
   if args.max_length > limit:
-    raise BepaError(f"--max-length {args.max_length} exceeds the model's {limit} positions")
+    raise InputError(f"--max-length {args.max_length} exceeds the model's {limit} positions")
   report = trainer.run(task, loaded, mesh, mesh_cfg, steps=args.steps,
                        batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
                        max_eval=args.max_eval, seed=args.seed, doc_stride=args.doc_stride)

@@ -141,7 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
                                      # auto = retain when the CPU is the accelerator
   ))
 
-  # --- Checkpoints in WORKDIR/checkpoints (bepa_jax/checkpoint/manager.py); rerunning resumes from them.
+  # --- Checkpoints in WORKDIR/checkpoints (bepa_jax/checkpoint/store.py); rerunning resumes from them.
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=100,               # save every N steps (0 = off); always after the last step
       every_minutes=30.0,            # and when T minutes passed since the last save (0 = off)

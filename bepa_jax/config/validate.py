@@ -10,9 +10,11 @@ import math
 
 import ml_collections
 
+from bepa_jax import host_memory
 from bepa_jax import mesh as mesh_lib
 from bepa_jax.errors import ConfigError
 from bepa_jax.model import POOLINGS, EncoderConfig
+from bepa_jax.objective import infonce
 
 
 _CHOICES = {
@@ -34,12 +36,34 @@ def get(config, dotted):
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-  """Checks `config` for `num_devices`; returns the resolved (data, fsdp, tensor) mesh."""
+  """The one validation pass: checks `config` for `num_devices`; returns the resolved
+  (data, fsdp, tensor) mesh. Every rule lives here (or in the function of the library that
+  owns it, called from here), once, and runs before anything is built or written."""
   for key, choices in _CHOICES.items():
     value = get(config, key)
     if value not in choices:
       raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
-  m = config.model
+  _validate_model(config.model, config.data)
+  _validate_temperature(float(config.loss.temperature))
+  if float(config.loss.weight) < 0.0:
+    raise ConfigError(f"loss.weight (lambda) must be >= 0, got {config.loss.weight}")
+  _validate_loss_options(config.loss)
+  validate_checkpoint(config.checkpoint)
+  _validate_eval(config)
+  _validate_rules(config.mesh.rules)
+  _validate_data(config.data)
+  _validate_train(config.train, config.optim)
+  shape = mesh_lib.resolve_shape(config.mesh, num_devices)
+  _validate_layout(config, shape)
+  return shape
+
+
+def _validate_model(m, d) -> None:
+  known = {f.name for f in dataclasses.fields(EncoderConfig)}
+  unknown = sorted(set(m.keys()) - known)
+  if unknown:
+    raise ConfigError(f"model.{unknown[0]} is not an encoder setting (known: "
+                      f"{', '.join(sorted(known))})")
   for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
               "max_position_embeddings", "type_vocab_size"):
     if int(m[key]) <= 0:
@@ -50,22 +74,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
   for key in ("hidden_dropout", "attention_dropout"):
     if not 0.0 <= float(m[key]) < 1.0:
       raise ConfigError(f"model.{key} must be in [0, 1), got {m[key]}")
-  _validate_temperature(float(config.loss.temperature))
-  if float(config.loss.weight) < 0.0:
-    raise ConfigError(f"loss.weight (lambda) must be >= 0, got {config.loss.weight}")
-  _validate_loss_options(config.loss)
-  _validate_model_keys(config.model)
-  validate_checkpoint(config.checkpoint)
-  _validate_eval(config)
-  _validate_rules(config.mesh.rules)
-  from bepa_jax import host_memory  # local: no jax needed, but keep this module's imports light
-  if str(config.train.host_malloc) not in host_memory.MODES:
-    raise ConfigError(f"train.host_malloc={config.train.host_malloc!r} must be one of "
-                      f"{', '.join(host_memory.MODES)}")
-  if int(config.train.profile_steps) < 0 or int(config.train.profile_start) < 0:
-    raise ConfigError(f"train.profile_start={config.train.profile_start} / train.profile_steps="
-                      f"{config.train.profile_steps} must be >= 0")
-  d = config.data
   if int(d.max_length) < 3:
     raise ConfigError(f"data.max_length must be >= 3 ([CLS] s [SEP]), got {d.max_length}")
   positions_needed = int(d.max_length) + (
@@ -74,6 +82,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     raise ConfigError(
         f"data.max_length={d.max_length} needs {positions_needed} position embeddings but "
         f"model.max_position_embeddings={m.max_position_embeddings}")
+
+
+def _validate_data(d) -> None:
   if not isinstance(d.packing, bool):
     raise ConfigError(f"data.packing must be True or False, got {d.packing!r}")
   for key in ("packed_rows", "packed_pair_rows"):
@@ -83,19 +94,31 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     raise ConfigError(f"data.mask_prob must be in (0, 1), got {d.mask_prob}")
   if int(d.max_predictions_per_seq) < 1:
     raise ConfigError(f"data.max_predictions_per_seq must be >= 1, got {d.max_predictions_per_seq}")
-  t = config.train
+
+
+def _validate_train(t, optim) -> None:
+  if str(t.host_malloc) not in host_memory.MODES:
+    raise ConfigError(f"train.host_malloc={t.host_malloc!r} must be one of "
+                      f"{', '.join(host_memory.MODES)}")
+  if int(t.profile_steps) < 0 or int(t.profile_start) < 0:
+    raise ConfigError(f"train.profile_start={t.profile_start} / train.profile_steps="
+                      f"{t.profile_steps} must be >= 0")
   if int(t.steps) < 0:  # 0: write the initial state (e.g. imported from init.hf_dir), no step
     raise ConfigError(f"train.steps must be >= 0, got {t.steps}")
   if int(t.global_batch) < 1:
     raise ConfigError(f"train.global_batch must be >= 1, got {t.global_batch}")
   if int(t.grad_accum_steps) < 1:
     raise ConfigError(f"train.grad_accum_steps must be >= 1, got {t.grad_accum_steps}")
-  if float(config.optim.learning_rate) <= 0:
-    raise ConfigError(f"optim.learning_rate must be > 0, got {config.optim.learning_rate}")
-  if int(config.optim.warmup_steps) < 0:
-    raise ConfigError(f"optim.warmup_steps must be >= 0, got {config.optim.warmup_steps}")
+  if float(optim.learning_rate) <= 0:
+    raise ConfigError(f"optim.learning_rate must be > 0, got {optim.learning_rate}")
+  if int(optim.warmup_steps) < 0:
+    raise ConfigError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
 
-  data, fsdp, tensor = mesh_lib.resolve_shape(config.mesh, num_devices)
+
+def _validate_layout(config, shape: tuple[int, int, int]) -> None:
+  """How the batch splits over the resolved mesh: shards, micro-batches, chunks, packing."""
+  data, fsdp, tensor = shape
+  t, d, m = config.train, config.data, config.model
   shards = data * fsdp
   micro = int(t.global_batch) // int(t.grad_accum_steps)
   if int(t.global_batch) % int(t.grad_accum_steps):
@@ -120,9 +143,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     pool = int(t.global_batch) if chunks > 1 else micro
     if str(config.loss.negatives) == "local":
       pool //= shards
-    if pool % chunk:
-      raise ConfigError(f"loss.contrastive_chunk={chunk} must divide the {pool} candidates each "
-                        f"device scores (train.global_batch={t.global_batch}, grad_accum_steps="
+    infonce.check_chunk(chunk, pool, f" (train.global_batch={t.global_batch}, grad_accum_steps="
                         f"{t.grad_accum_steps}, loss.negatives={config.loss.negatives})")
   if bool(d.packing):  # a packing group: one batch shard's share of one micro-batch
     group = int(t.global_batch) // (shards * packing_micro_batches(t))
@@ -133,7 +154,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
                           f"one per row is the padded layout")
   if m.num_heads % tensor:
     raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={tensor}")
-  return data, fsdp, tensor
 
 
 def packing_micro_batches(train_cfg) -> int:
@@ -159,11 +179,8 @@ def _validate_temperature(tau: float) -> None:
 
 
 def _validate_loss_options(loss) -> None:
-  from bepa_jax.objective import infonce  # local: config.py stays importable without jax
-  opts = infonce.Options.from_config(loss)  # choices, margin, chunk combinations
-  if opts.chunk and bool(loss.learn_temperature):
-    raise ConfigError(f"loss.contrastive_chunk={opts.chunk} cannot be combined with "
-                      f"loss.learn_temperature: set loss.contrastive_chunk=0")
+  opts = infonce.Options.from_config(loss).check()  # choices, margin, chunk combinations
+  infonce.check_static_temperature(opts.chunk, bool(loss.learn_temperature))
   lo, hi = float(loss.temperature_min), float(loss.temperature_max)
   if bool(loss.learn_temperature) and not 0.0 < lo <= float(loss.temperature) <= hi:
     raise ConfigError(f"loss.temperature={loss.temperature} must lie in [temperature_min="
@@ -183,14 +200,6 @@ def _validate_loss_options(loss) -> None:
   if str(loss.mlm_input) == "pair" and str(loss.cls_input) != "clean":
     raise ConfigError("loss.mlm_input=pair needs loss.cls_input=clean: the [CLS] of a pair "
                       "sequence is not a sentence embedding")
-
-
-def _validate_model_keys(model) -> None:
-  known = {f.name for f in dataclasses.fields(EncoderConfig)}
-  unknown = sorted(set(model.keys()) - known)
-  if unknown:
-    raise ConfigError(f"model.{unknown[0]} is not an encoder setting (known: "
-                      f"{', '.join(sorted(known))})")
 
 
 def validate_checkpoint(ckpt_cfg) -> None:

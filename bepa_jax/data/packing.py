@@ -5,7 +5,7 @@ masks them, then packs), so the two hold the same tokens and the same MLM target
 
 Packing groups. The global batch of B pairs is cut into G = (batch shards) x k groups, k the
 number of micro-batches or GradCache chunks (1 without either). Group (shard s, micro-batch i)
-holds the pairs that `step._microbatches` / `gradcache.split` put into micro-batch i on shard s,
+holds the pairs that `gradcache.split` put into micro-batch i on shard s,
 so every shard packs only its own rows and every micro-batch keeps whole groups:
 
   local pair q = s * g * k + j * k + i   (g = pairs per group, j < g)   ->  group s * k + i

@@ -31,7 +31,7 @@ import os
 import re
 from typing import Callable, Sequence
 
-from bepa_jax.errors import ConfigError, InputError
+from bepa_jax.errors import ConfigError, InputError, one_line
 
 XNLI_LANGS = ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi",
               "zh")
@@ -118,7 +118,7 @@ def glue_layout(name: str) -> tuple[list[str], int]:
   try:
     feats = _import_tfds().builder(name).info.features
   except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; the user needs one line
-    raise InputError(f"TFDS dataset {name!r}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    raise InputError(f"TFDS dataset {name!r}: {one_line(e)}") from None
   return [k for k in feats.keys() if k not in ("label", "idx")], feats["label"].num_classes
 
 
@@ -273,6 +273,78 @@ def _span_score_lang(key: str, where: str):
 
 
 # ----------------------------------------------------------------------------- tasks
+def _xnli(data_dir):
+  """multi_nli:train -> xnli:test -> (task, its languages, label type)."""
+  train = lambda: Records(tfds_source("multi_nli", "train", data_dir)[1],
+                          classification_fields(("premise", "hypothesis")))
+  test = functools.lru_cache(None)(lambda: tfds_source("xnli", "test", data_dir)[1])
+  def xnli_eval(lang):  # 15 languages, one data source
+    return lambda: Records(test(), xnli_record(lang))
+  evals = {l: xnli_eval(l) for l in XNLI_LANGS}
+  return Task("xnli", "classification", NLI_LABELS, train, evals), XNLI_LANGS, int
+
+
+def _mlqa(name, data_dir, mlqa_data, mlqa_split, eval_jsonl):
+  """squad/v1.1:train -> MLQA (TFDS, or the release files of `mlqa_data`)."""
+  train = lambda: Records(tfds_source("squad/v1.1", "train", data_dir)[1], span_record)
+  if name == "mlqa-gxlt" and not mlqa_data:
+    raise ConfigError("--task mlqa-gxlt reads MLQA's release files: pass --mlqa-data DIR "
+                      "(TFDS's mlqa builder has the same-language pairs only)")
+  if name == "mlqa-gxlt" and eval_jsonl:
+    raise ConfigError("--task mlqa-gxlt takes its data from --mlqa-data (a directory or a "
+                      ".jsonl with context_lang / question_lang), not --eval-jsonl")
+  pairs = {}
+  if mlqa_data:
+    found = mlqa_pairs(mlqa_data, mlqa_split)
+    if name == "mlqa":
+      found = {k: v for k, v in found.items() if k[0] == k[1]}
+      if not found:
+        raise InputError(f"--mlqa-data {mlqa_data}: no same-language pair "
+                         f"(context-<l>-question-<l>)")
+    all_langs = tuple(dict.fromkeys(l for pair in found for l in pair))
+    keys = {pair: (pair[0] if name == "mlqa" else f"{pair[0]}-{pair[1]}") for pair in found}
+    evals = {keys[p]: fn for p, fn in found.items()}
+    pairs = {keys[p]: p for p in found} if name == "mlqa-gxlt" else {}
+  else:
+    all_langs = MLQA_LANGS
+    evals = {l: (lambda l=l: Records(tfds_source(f"mlqa/{l}", "test", data_dir)[1],
+                                     span_record)) for l in all_langs}
+  return Task(name, "span", 2, train, evals, "span", pairs=pairs), all_langs, int
+
+
+def _glue(name, data_dir):
+  """glue/X:train -> glue/X:validation (mnli: both validation splits)."""
+  sub = name.split("/", 1)[1]
+  if sub not in GLUE_TASKS:
+    raise ConfigError(f"--task {name}: unknown or unsupported GLUE task (one of "
+                      f"{', '.join(GLUE_TASKS)})")
+  label_type = int
+  if sub == "stsb":  # a similarity score in [0, 5]: one output, squared error
+    kind, n, label_type, fields = "regression", 1, float, ["sentence1", "sentence2"]
+  else:
+    kind = "classification"
+    fields, n = glue_layout(name)
+  def glue(split):
+    return lambda: Records(tfds_source(name, split, data_dir)[1],
+                           classification_fields(fields, label_type))
+  all_langs = (("validation_matched", "validation_mismatched") if sub == "mnli"
+               else ("validation",))
+  evals = {s: glue(s) for s in all_langs}
+  task = Task(name, kind, n, glue("train"), evals, GLUE_METRICS.get(sub, "accuracy"))
+  return task, all_langs, label_type
+
+
+def _select(task: Task, langs: Sequence[str], all_langs) -> Task:
+  """Only the evaluation sets of `langs` (mlqa-gxlt: the pairs of two of them)."""
+  unknown = [l for l in langs if l not in all_langs]
+  if unknown:
+    raise ConfigError(f"--langs: {task.name} has no {unknown[0]!r} (has {', '.join(all_langs)})")
+  if task.pairs:  # mlqa-gxlt: the pairs whose two languages are both asked for
+    evals = {k: v for k, v in task.evals.items() if all(l in langs for l in task.pairs[k])}
+    return dataclasses.replace(task, evals=evals, pairs={k: task.pairs[k] for k in evals})
+  return dataclasses.replace(task, evals={l: task.evals[l] for l in langs})
+
+
 def get_task(name: str, data_dir: str | None = None, langs: Sequence[str] | None = None,
              train_jsonl: str | None = None, eval_jsonl: dict | None = None,
              num_labels: int = 0, mlqa_data: str | None = None,
@@ -280,84 +352,32 @@ def get_task(name: str, data_dir: str | None = None, langs: Sequence[str] | None
   """The task called `name`; JSONL files, where given, replace the TFDS train / eval data,
   and mlqa_data (MLQA's release files) replaces TFDS's mlqa."""
   eval_jsonl = dict(eval_jsonl or {})
-  metric_set, label_type, pairs, score_langs = "accuracy", int, {}, {}
   if mlqa_data and name not in ("mlqa", "mlqa-gxlt"):
     raise ConfigError(f"--mlqa-data is for --task mlqa or mlqa-gxlt, not {name}")
   if name == "xnli":
-    kind, n = "classification", NLI_LABELS
-    train = lambda: Records(tfds_source("multi_nli", "train", data_dir)[1],
-                            classification_fields(("premise", "hypothesis")))
-    test = functools.lru_cache(None)(lambda: tfds_source("xnli", "test", data_dir)[1])
-    def xnli_eval(lang):  # 15 languages, one data source
-      return lambda: Records(test(), xnli_record(lang))
-    all_langs = XNLI_LANGS
-    evals = {l: xnli_eval(l) for l in all_langs}
+    task, all_langs, label_type = _xnli(data_dir)
   elif name in ("mlqa", "mlqa-gxlt"):
-    kind, n, metric_set = "span", 2, "span"
-    train = lambda: Records(tfds_source("squad/v1.1", "train", data_dir)[1], span_record)
-    if name == "mlqa-gxlt" and not mlqa_data:
-      raise ConfigError("--task mlqa-gxlt reads MLQA's release files: pass --mlqa-data DIR "
-                        "(TFDS's mlqa builder has the same-language pairs only)")
-    if name == "mlqa-gxlt" and eval_jsonl:
-      raise ConfigError("--task mlqa-gxlt takes its data from --mlqa-data (a directory or a "
-                        ".jsonl with context_lang / question_lang), not --eval-jsonl")
-    if mlqa_data:
-      found = mlqa_pairs(mlqa_data, mlqa_split)
-      if name == "mlqa":
-        found = {k: v for k, v in found.items() if k[0] == k[1]}
-        if not found:
-          raise InputError(f"--mlqa-data {mlqa_data}: no same-language pair "
-                           f"(context-<l>-question-<l>)")
-      all_langs = tuple(dict.fromkeys(l for pair in found for l in pair))
-      keys = {pair: (pair[0] if name == "mlqa" else f"{pair[0]}-{pair[1]}") for pair in found}
-      evals = {keys[p]: fn for p, fn in found.items()}
-      pairs = {keys[p]: p for p in found} if name == "mlqa-gxlt" else {}
-    else:
-      all_langs = MLQA_LANGS
-      evals = {l: (lambda l=l: Records(tfds_source(f"mlqa/{l}", "test", data_dir)[1],
-                                       span_record)) for l in all_langs}
+    task, all_langs, label_type = _mlqa(name, data_dir, mlqa_data, mlqa_split, eval_jsonl)
   elif name.startswith("glue/"):
-    sub = name.split("/", 1)[1]
-    if sub not in GLUE_TASKS:
-      raise ConfigError(f"--task {name}: unknown or unsupported GLUE task (one of "
-                        f"{', '.join(GLUE_TASKS)})")
-    metric_set = GLUE_METRICS.get(sub, "accuracy")
-    if sub == "stsb":  # a similarity score in [0, 5]: one output, squared error
-      kind, n, label_type, fields = "regression", 1, float, ["sentence1", "sentence2"]
-    else:
-      kind = "classification"
-      fields, n = glue_layout(name)
-    def glue(split):
-      return lambda: Records(tfds_source(name, split, data_dir)[1],
-                             classification_fields(fields, label_type))
-    train = glue("train")
-    all_langs = (("validation_matched", "validation_mismatched") if sub == "mnli"
-                 else ("validation",))
-    evals = {s: glue(s) for s in all_langs}
+    task, all_langs, label_type = _glue(name, data_dir)
   else:
     raise ConfigError(f"--task {name!r}: unknown (xnli, mlqa, mlqa-gxlt or glue/<task>)")
-  data_kind = "span" if kind == "span" else "classification"
+  data_kind = "span" if task.kind == "span" else "classification"
   if train_jsonl:
-    train = lambda: jsonl_records(train_jsonl, data_kind, label_type=label_type)
+    task.train = lambda: jsonl_records(train_jsonl, data_kind, label_type=label_type)
   if eval_jsonl:  # local files replace the TFDS evaluation sets entirely
-    evals = {l: (lambda p=p: jsonl_records(p, data_kind, label_type=label_type))
-             for l, p in eval_jsonl.items()}
+    task.evals = {l: (lambda p=p: jsonl_records(p, data_kind, label_type=label_type))
+                  for l, p in eval_jsonl.items()}
   elif langs:
-    unknown = [l for l in langs if l not in all_langs]
-    if unknown:
-      raise ConfigError(f"--langs: {name} has no {unknown[0]!r} (has {', '.join(all_langs)})")
-    if pairs:  # mlqa-gxlt: the pairs whose two languages are both asked for
-      evals = {k: v for k, v in evals.items() if all(l in langs for l in pairs[k])}
-      pairs = {k: pairs[k] for k in evals}
-    else:
-      evals = {l: evals[l] for l in langs}
-  if kind == "span":
+    task = _select(task, langs, all_langs)
+  if task.kind == "span":
     where = "--eval-jsonl" if eval_jsonl else f"--task {name}"
-    score_langs = {k: _span_score_lang(pairs[k][0] if pairs else k, where) for k in evals}
+    task.score_langs = {k: _span_score_lang(task.pairs[k][0] if task.pairs else k, where)
+                        for k in task.evals}
   if num_labels:
-    if kind == "regression" and int(num_labels) != 1:
+    if task.kind == "regression" and int(num_labels) != 1:
       raise ConfigError(f"--num-labels: {name} is a regression (one output), got {num_labels}")
-    n = int(num_labels)
-  if kind == "classification" and n < 2:
+    task.num_labels = int(num_labels)
+  if task.kind == "classification" and task.num_labels < 2:
     raise ConfigError(f"--task {name}: number of labels unknown; pass --num-labels")
-  return Task(name, kind, n, train, evals, metric_set, score_langs, pairs)
+  return task

@@ -20,7 +20,7 @@ from bepa_jax import mesh as mesh_lib
 from bepa_jax.training import state as train_state
 from bepa_jax.errors import InputError
 from bepa_jax.finetune import features, metrics, report
-from bepa_jax.model import BepaEncoder, EncoderConfig, _init, _zeros
+from bepa_jax.model import BepaEncoder, EncoderConfig, normal_init, zeros_init
 
 log = logging.getLogger("bepa.transfer")
 # The pretrained encoder minus its MLM head, which no task uses.
@@ -40,14 +40,14 @@ class TaskHead(nn.Module):
     cfg = self.cfg
     drop = nn.Dropout(cfg.hidden_dropout)
     if self.kind == "span":
-      return nn.Dense(2, kernel_init=_init(cfg, ("embed", None)), bias_init=_zeros((None,)),
-                      name="span")(hidden.astype(jnp.float32))
+      return nn.Dense(2, kernel_init=normal_init(cfg, ("embed", None)),
+                      bias_init=zeros_init((None,)), name="span")(hidden.astype(jnp.float32))
     x = drop(hidden[:, 0].astype(jnp.float32), deterministic=deterministic)
-    x = jnp.tanh(nn.Dense(cfg.hidden_size, kernel_init=_init(cfg, ("embed", "mlp")),
-                          bias_init=_zeros(("mlp",)), name="dense")(x))
+    x = jnp.tanh(nn.Dense(cfg.hidden_size, kernel_init=normal_init(cfg, ("embed", "mlp")),
+                          bias_init=zeros_init(("mlp",)), name="dense")(x))
     x = drop(x, deterministic=deterministic)
-    return nn.Dense(self.num_labels, kernel_init=_init(cfg, ("mlp", None)),
-                    bias_init=_zeros((None,)), name="out")(x)
+    return nn.Dense(self.num_labels, kernel_init=normal_init(cfg, ("mlp", None)),
+                    bias_init=zeros_init((None,)), name="out")(x)
 
 
 class TaskModel(BepaEncoder):

@@ -16,11 +16,7 @@ import json
 import os
 
 from bepa_jax.errors import ConfigError, InputError
-
-# config.model keys that come from the HF config.json.
-SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads",
-                "intermediate_size", "max_position_embeddings", "type_vocab_size",
-                "layer_norm_eps", "pad_token_id")
+from bepa_jax.model import HF_FIELDS as SHAPE_FIELDS  # config.model keys from HF config.json
 
 
 def _hf_error(e: Exception) -> InputError:

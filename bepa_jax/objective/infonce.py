@@ -59,7 +59,7 @@ class Options:
                negatives=str(loss_cfg.negatives),
                same_language=bool(loss_cfg.same_language_negatives),
                mask_self=bool(loss_cfg.mask_self), mask_duplicates=bool(loss_cfg.mask_duplicates),
-               chunk=int(loss_cfg.contrastive_chunk)).check()
+               chunk=int(loss_cfg.contrastive_chunk))
 
   def check(self) -> "Options":
     """Raises ConfigError (naming the config keys) for a choice or combination not supported."""
@@ -160,10 +160,7 @@ def _direction(anchors, pos_pool, same_pool, labels, tau, opts, pos_hash, pool_h
 def _streaming_direction(anchors, pool, labels, tau, chunk):
   """`_direction` without the [b, n] logits (no margin, same-language pool or hashes)."""
   b, n = anchors.shape[0], pool.shape[0]
-  if n % chunk:
-    raise ConfigError(f"loss.contrastive_chunk={chunk} must be a positive divisor of the "
-                      f"{n} candidates each device scores (the (micro-)batch, or its shard "
-                      f"with loss.negatives=local)")
+  check_chunk(chunk, n)
   lse, row_max = streaming_lse(anchors, pool, 1.0 / tau, chunk)
   pos_sim = jnp.sum(anchors * pool[labels], axis=-1)
   pos_logit = pos_sim / tau
@@ -218,10 +215,24 @@ def _prepare(ax, ay, cx, cy):
   return ax, ay, cx, cy
 
 
-def _static_tau(temperature, opts):
-  if opts.chunk and not isinstance(temperature, (int, float)):
-    raise ConfigError(f"loss.contrastive_chunk={opts.chunk} cannot be combined with "
+def check_chunk(chunk: int, candidates: int, context: str = " (the (micro-)batch, or its "
+                "shard with loss.negatives=local)") -> None:
+  """The chunked form scores the candidates `chunk` columns at a time: it must divide them.
+  (The config's validation pass calls this with the config's terms in `context`.)"""
+  if candidates % chunk:
+    raise ConfigError(f"loss.contrastive_chunk={chunk} must divide the {candidates} candidates "
+                      f"each device scores{context}")
+
+
+def check_static_temperature(chunk: int, learned: bool) -> None:
+  """The chunked form's custom VJP takes 1/tau as a constant: a learned tau cannot stream."""
+  if chunk and learned:
+    raise ConfigError(f"loss.contrastive_chunk={chunk} cannot be combined with "
                       f"loss.learn_temperature: set loss.contrastive_chunk=0")
+
+
+def _static_tau(temperature, opts):
+  check_static_temperature(opts.chunk, not isinstance(temperature, (int, float)))
 
 
 def infonce_reference(ax, ay, temperature, opts: Options = Options(), cx=None, cy=None,

@@ -24,8 +24,8 @@ class Objective:
 
   def __init__(self, model, loss_cfg, mesh, head=None):
     self.model, self.loss_cfg, self.mesh, self.head = model, loss_cfg, mesh, head
-    self.cls_input = str(loss_cfg.get("cls_input", "masked"))
-    self.mlm_input = str(loss_cfg.get("mlm_input", "sentence"))
+    self.cls_input = str(loss_cfg.cls_input)
+    self.mlm_input = str(loss_cfg.mlm_input)
     self.weight = float(loss_cfg.weight)
     self.temperature = float(loss_cfg.temperature)
     self.opts = infonce.Options.from_config(loss_cfg)
@@ -143,8 +143,3 @@ class Objective:
     target = None if ema_params is None else self.target(ema_params, batch)
     return self.combine(ce, correct, count, self.contrastive(params, cls, target, batch),
                         mlm_norm)
-
-
-def make_loss_fn(model, loss_cfg, mesh, head=None):
-  """`loss_fn(params, batch, rng, ema_params=None) -> (loss, metrics)`."""
-  return Objective(model, loss_cfg, mesh, head).loss_fn

@@ -1,5 +1,6 @@
 """The build phase of a run: config -> mesh -> tokenizer and data -> model and sharded state ->
-jitted step, shared by `bepa-train` and (its state definition) `bepa-compile`."""
+jitted step, for `bepa-train` (the state's definition, model_parts, is training/state.py's,
+shared with `bepa-compile`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,14 +12,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bepa_jax.checkpoint import manager as ckpt_lib
+from bepa_jax.checkpoint import store as ckpt_lib
 from bepa_jax.config import validate as config_lib
-from bepa_jax.objective import heads as heads_lib
 from bepa_jax.hf import init as hf_init
 from bepa_jax import mesh as mesh_lib
 from bepa_jax.training import step as step_lib
 from bepa_jax.training import state as train_state
-from bepa_jax.data import batch_spec
+from bepa_jax.training.state import model_parts
+from bepa_jax.trainer import guard
 from bepa_jax.data import factory as data_factory
 from bepa_jax.data import pipeline as pipeline_lib
 from bepa_jax.data import tokenizer as tokenizer_lib
@@ -26,12 +27,6 @@ from bepa_jax.errors import ConfigError
 from bepa_jax.model import BepaEncoder, EncoderConfig
 
 log = logging.getLogger("bepa")
-
-
-def example_inputs(config) -> dict:
-  """The encoder's init arguments, from the batch spec (data/batch_spec.py)."""
-  return batch_spec.example_inputs(int(config.data.max_length),
-                                   int(config.data.max_predictions_per_seq))
 
 
 # ----------------------------------------------------------------------------- build
@@ -49,39 +44,18 @@ class Job:
   step_fn: Any
 
 
-@dataclasses.dataclass
-class ModelParts:
-  """The model, its optimizer and schedule, and the arguments of train_state's state builders."""
-  model: BepaEncoder
-  schedule: Any
-  tx: Any
-  init_args: tuple
-  init_kwargs: dict
-
-
-def model_parts(config: ml_collections.ConfigDict, model_cfg: EncoderConfig, mesh) -> ModelParts:
-  """What `build` and bepa-compile (bepa_jax/aot/compile.py) share: one definition of the state."""
-  model = BepaEncoder(model_cfg)
-  steps = int(config.train.steps)
-  schedule = train_state.learning_rate_schedule(config.optim, steps)
-  tx = train_state.create_optimizer(config.optim, steps)
-  init_args = (model, tx, example_inputs(config), jax.random.key(int(config.train.seed)), mesh,
-               config.mesh)
-  init_kwargs = dict(head=heads_lib.from_config(config.loss, model_cfg.hidden_size),
-                     ema=heads_lib.uses_ema(config.loss))
-  return ModelParts(model, schedule, tx, init_args, init_kwargs)
-
-
-def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=None) -> Job:
+def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=None,
+          validated: bool = False) -> Job:
   """Config -> mesh -> tokenizer and data -> model and sharded state -> jitted step.
 
-  With a checkpoint.Checkpointer, the state is restored from its latest readable checkpoint
+  With a checkpoint.store.Checkpointer, the state is restored from its latest readable checkpoint
   (straight into this mesh's shardings) instead of initialised, when there is one.
   """
   devices = list(jax.devices() if devices is None else devices)
-  if config.init.hf_dir:  # the model's shape comes from the pretrained checkpoint
-    hf_init.apply_to_config(config)
-  shape = config_lib.validate(config, len(devices))
+  if validated:  # by the caller's pass (check_config): not again
+    shape = mesh_lib.resolve_shape(config.mesh, len(devices))
+  else:
+    shape = check_config(config, len(devices))
   mesh = mesh_lib.create_mesh(config.mesh, devices)
   log.info("mesh %s on %d devices (%d processes)", dict(zip(mesh_lib.AXES, shape)),
            len(devices), jax.process_count())
@@ -108,7 +82,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=No
     restored = ckpt.restore_latest(abstract)
   if restored is not None:
     state = ckpt_lib.restore_state(abstract, restored)
-    ckpt_lib.restore_data_state(pipeline, restored, config)
+    guard.check_resumed_data(pipeline, restored, config)
     log.info("resumed from checkpoint step %d in %s (saved on mesh %s)", restored.step,
              ckpt.directory, restored.meta.get("mesh"))
   else:

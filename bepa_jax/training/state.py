@@ -1,16 +1,21 @@
-"""Train state, optimizer and its schedule, and the sharded initialisation of both."""
+"""Train state, optimizer and its schedule, and the sharded initialisation of both; the one
+definition of the state (`model_parts`) that bepa-train and bepa-compile build."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
+from bepa_jax.data import batch_spec
 from bepa_jax.objective import heads as heads_lib
 from bepa_jax import mesh as mesh_lib
+from bepa_jax.model import BepaEncoder, EncoderConfig
 
 
 @flax.struct.dataclass
@@ -109,3 +114,33 @@ def abstract_state(model, tx, example_inputs, rng, mesh, mesh_cfg, head=None, em
 
 def count_params(params) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def example_inputs(config) -> dict:
+  """The encoder's init arguments, from the batch spec (data/batch_spec.py)."""
+  return batch_spec.example_inputs(int(config.data.max_length),
+                                   int(config.data.max_predictions_per_seq))
+
+
+@dataclasses.dataclass
+class ModelParts:
+  """The model, its optimizer and schedule, and the arguments of the state builders above."""
+  model: BepaEncoder
+  schedule: Any
+  tx: Any
+  init_args: tuple
+  init_kwargs: dict
+
+
+def model_parts(config: ml_collections.ConfigDict, model_cfg: EncoderConfig, mesh) -> ModelParts:
+  """What trainer/build.py and bepa-compile (bepa_jax/aot/compile.py) share: one definition of
+  the state."""
+  model = BepaEncoder(model_cfg)
+  steps = int(config.train.steps)
+  schedule = learning_rate_schedule(config.optim, steps)
+  tx = create_optimizer(config.optim, steps)
+  init_args = (model, tx, example_inputs(config), jax.random.key(int(config.train.seed)), mesh,
+               config.mesh)
+  init_kwargs = dict(head=heads_lib.from_config(config.loss, model_cfg.hidden_size),
+                     ema=heads_lib.uses_ema(config.loss))
+  return ModelParts(model, schedule, tx, init_args, init_kwargs)

@@ -17,24 +17,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bepa_jax.objective import gradcache
 from bepa_jax.objective import heads
 from bepa_jax import mesh as mesh_lib
-from bepa_jax.objective.loss import Objective, make_loss_fn  # noqa: F401
+from bepa_jax.objective.loss import Objective
 
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "mlm_positions", "mlm_ids",
               "mlm_weights")
-
-
-def _microbatches(batch, k: int, mesh):
-  """[B, ...] -> [k, B/k, ...] so that every micro-batch is spread over all batch shards."""
-  def split(a):
-    a = a.reshape((a.shape[0] // k, k) + a.shape[1:])
-    a = jnp.moveaxis(a, 1, 0)
-    return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES)))
-  return jax.tree.map(split, batch)
 
 
 def accumulate(grad_fn, params, batch, rng, k: int, mesh, ema_params=None):
@@ -47,7 +37,7 @@ def accumulate(grad_fn, params, batch, rng, k: int, mesh, ema_params=None):
   count / k, and the mean over the k micro-batches is sum(ce_i) / count.
   `grad_fn(params, batch, rng, ema_params, mlm_norm)`, e.g. value_and_grad(Objective.loss_fn).
   """
-  micro = _microbatches(batch, k, mesh)
+  micro = gradcache.split(batch, k, mesh)  # every micro-batch spread over all shards
   norm = jnp.maximum(jnp.sum(batch["mlm_weights"]), 1.0) / k
   def body(acc, xs):
     i, mb = xs

@@ -1,4 +1,6 @@
-"""Checkpoints: an Orbax CheckpointManager around the train state, the data position and the config.
+"""The checkpoint store: an Orbax CheckpointManager around the train state, the data position and
+the config. It saves, lists, restores and keeps; what to save when training misbehaves (a NaN
+loss, a preemption notice) is the trainer's guard (bepa_jax/trainer/guard.py).
 
 Layout (local path or gs://bucket/...; Orbax/TensorStore write both):
 
@@ -7,8 +9,8 @@ Layout (local path or gs://bucket/...; Orbax/TensorStore write both):
 
 Why each piece is enough for an exact resume: dropout RNG is fold_in(key(train.seed), step) and
 the batch of step s is a pure function of s (data/pipeline.py), so the state plus the step
-reproduce the run bit for bit. `data_state` records the pipeline position anyway, so that a
-stateful pipeline can extend it later (see `data_state`).
+reproduce the run bit for bit. `data_state` (a plain dict the trainer gets from its pipeline)
+records the pipeline position anyway, so that a stateful pipeline can extend it later.
 
 Safety: Orbax writes each step into a temporary directory and renames it when complete, so a
 crash mid-save leaves a `*.orbax-checkpoint-tmp*` directory that is never listed (we warn and
@@ -16,8 +18,8 @@ remove it). On gs://, where renames are not atomic, Orbax marks complete steps w
 commit_success.txt instead. Once a save has finished, <step>/checksums.json records the size and
 SHA-256 of each of its files (checkpoint/integrity.py); every restore verifies them first. A
 checkpoint that fails (a flipped bit, a truncated copy, a lost file) or cannot be read is
-skipped with one warning line and the previous one is used. A state whose loss is NaN/Inf is
-never kept as a checkpoint; a background save that fails (disk full) stops training at once.
+skipped with one warning line and the previous one is used. A background save that fails (disk
+full) stops training at once.
 """
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import signal
 import time
 from typing import Any
 
@@ -36,35 +37,23 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from bepa_jax.config import validate as config_lib
-from bepa_jax.checkpoint import integrity
-from bepa_jax.data.pipeline import Pipeline
+from bepa_jax.checkpoint import integrity, quiet
 from bepa_jax.errors import BepaError, ConfigError, one_line
+from bepa_jax.model import SHAPE_FIELDS
 
 log = logging.getLogger("bepa")
 
 SUBDIR = "checkpoints"
 # Config keys that fix the shapes / tree structure of the saved state (and what token ids mean).
-SHAPE_KEYS = ("model.family", "model.vocab_size", "model.hidden_size", "model.num_layers",
-              "model.num_heads", "model.intermediate_size", "model.max_position_embeddings",
-              "model.type_vocab_size", "model.scan_layers", "loss.learn_temperature",
-              "loss.projector_layers", "loss.projector_dim", "loss.predictor_layers",
-              "loss.predictor_dim", "tokenizer.path", "tokenizer.kind", "tokenizer.vocab_size",
-              "tokenizer.model_type")
+SHAPE_KEYS = tuple(f"model.{f}" for f in SHAPE_FIELDS) + (
+    "model.scan_layers", "loss.learn_temperature", "loss.projector_layers", "loss.projector_dim",
+    "loss.predictor_layers", "loss.predictor_dim", "tokenizer.path", "tokenizer.kind",
+    "tokenizer.vocab_size", "tokenizer.model_type")
 # Keys whose value may change but whose on/off state fixes the tree (EMA copy, clip state).
 SWITCH_KEYS = ("loss.ema_decay", "optim.grad_clip_norm")
 # Orbax splits the write of a replicated array over its replicas; below this many bytes per
 # slice that only costs a compiled slice per device and shape (seconds on CPU), so don't.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-LOSS_KEYS = ("loss", "mlm_loss", "contrastive_loss", "grad_norm")
-
-
-class NonFiniteLossError(BepaError, FloatingPointError):
-  """Training diverged: a loss (or the gradient norm) is NaN or Inf. Nothing was saved."""
-
-  def __init__(self, message: str, step: int):
-    super().__init__(message)
-    self.step = step
 
 
 def directory(workdir: str) -> epath.Path:
@@ -91,36 +80,6 @@ def config_conflicts(saved: dict, new: dict) -> list[str]:
            if on(config_value(saved, k)) != on(config_value(new, k))])
 
 
-def check_finite(metrics: dict, step: int) -> None:
-  """Raises NonFiniteLossError naming the step and every non-finite loss."""
-  bad = [f"{k}={metrics[k]}" for k in LOSS_KEYS if k in metrics and not np.isfinite(metrics[k])]
-  if bad:
-    raise NonFiniteLossError(
-        f"non-finite loss at step {step}: {', '.join(bad)}; training stopped, no diverged state "
-        f"was kept as a checkpoint (lower optim.learning_rate or check the data, then rerun to "
-        f"resume)", step)
-
-
-def data_state(pipeline: Pipeline, step: int) -> dict:
-  """The input position to store (the step and the data fingerprint; data/pipeline.py)."""
-  return dict(pipeline.state_dict(step))
-
-
-def restore_data_state(pipeline: Pipeline, restored: "Restored", config) -> None:
-  """Checks the saved input position against this run's data: a resume on other data stops
-  with one line naming the changed keys, unless data.continue_on_new_data (then the new
-  stream starts at the restored step, and that is logged)."""
-  allow = bool(config.data.continue_on_new_data)
-  changes = pipeline.verify_state(dict(restored.meta.get("data_state", {}),
-                                       next_step=restored.step), continue_on_new_data=allow)
-  if changes:
-    log.warning("data.continue_on_new_data=True: the data changed since step %d (%s); the new "
-                "data stream starts at its position 0 at step %d", restored.step,
-                "; ".join(changes), restored.step)
-  elif allow:
-    log.info("data.continue_on_new_data=True, but the data is unchanged: resuming its position")
-
-
 def _all_processes(ok: bool) -> bool:
   """True only if `ok` on every process (all must restore the same step)."""
   if jax.process_count() == 1:
@@ -131,14 +90,9 @@ def _all_processes(ok: bool) -> bool:
 
 def _register_array_handler() -> None:
   """jax.Array handler with MIN_REPLICA_SLICE_BYTES (Orbax warns when overriding: hush it)."""
-  absl_log = logging.getLogger("absl")
-  level = absl_log.level
-  absl_log.setLevel(logging.ERROR)
-  try:
+  with quiet.hushed("absl"):
     ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
         min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
-  finally:
-    absl_log.setLevel(level)
 
 
 @dataclasses.dataclass
@@ -146,46 +100,6 @@ class Restored:
   step: int
   state: Any
   meta: dict
-
-
-def _drop_failed_read_echoes() -> None:
-  """After a damaged checkpoint's read failed (reported once, by the caller), its read
-  coroutines that are collected unfinished, which can be long after the restore returned,
-  reach sys.unraisablehook ("Exception ignored in" with a traceback on stderr): those are
-  dropped for the rest of the process; other unraisable exceptions still print."""
-  import sys
-  previous = sys.unraisablehook
-  if getattr(previous, "_bepa_failed_reads", False):
-    return
-
-  def hook(unraisable):
-    if "while reading array index" in str(unraisable.exc_value):
-      return
-    previous(unraisable)
-
-  hook._bepa_failed_reads = True
-  sys.unraisablehook = hook
-
-
-@contextlib.contextmanager
-def quiet_reads():
-  """Silences the loggers that print a traceback per file of a damaged checkpoint while Orbax
-  tries it (asyncio, absl): its failure is reported once, by the caller. After a failure, the
-  failed read's late echoes are dropped too (`_drop_failed_read_echoes`)."""
-  import gc
-  loggers = [logging.getLogger(n) for n in ("asyncio", "absl")]
-  levels = [lg.level for lg in loggers]
-  for lg in loggers:
-    lg.setLevel(logging.CRITICAL)
-  try:
-    yield
-  except BaseException:
-    _drop_failed_read_echoes()
-    raise
-  finally:
-    gc.collect()
-    for lg, level in zip(loggers, levels):
-      lg.setLevel(level)
 
 
 def verify_step(directory: epath.Path, step: int) -> integrity.Verdict:
@@ -215,42 +129,6 @@ def _disk_full(error: BaseException) -> bool:
   return False
 
 
-class _BackgroundErrors(logging.Filter):
-  """While this process writes checkpoints: Orbax's writer threads log each failure with a
-  traceback per file, and TensorStore's callbacks print 'Event loop is closed' tracebacks
-  after it. Both are kept off the console; the first message is kept, and `poll` stops
-  training with one line (so nothing Orbax reports is lost)."""
-
-  def __init__(self):
-    super().__init__()
-    self.first: str | None = None
-    self._hook = None
-
-  def filter(self, record) -> bool:
-    if "orbax" in record.pathname and record.levelno >= logging.ERROR:
-      if self.first is None:
-        self.first = record.getMessage()
-      return False
-    return True
-
-  def _unraisable(self, unraisable) -> None:
-    if isinstance(unraisable.exc_value, RuntimeError) and \
-        "Event loop is closed" in str(unraisable.exc_value):
-      return
-    self._hook(unraisable)
-
-  def install(self) -> None:
-    import sys
-    logging.getLogger("absl").addFilter(self)
-    self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
-
-  def remove(self) -> None:
-    import sys
-    logging.getLogger("absl").removeFilter(self)
-    if self._hook is not None and sys.unraisablehook == self._unraisable:
-      sys.unraisablehook = self._hook
-
-
 def _free_bytes(path: epath.Path) -> int | None:
   """Free bytes of a local directory's file system (None for gs:// and the like)."""
   import os
@@ -267,42 +145,42 @@ def _mib(n: float) -> str:
   return f"{n / 2**20:,.1f} MiB"
 
 
+def _policies(ckpt_cfg) -> tuple[list, list]:
+  """(save policies, preservation policies) of checkpoint.* (already validated with the rest of
+  the config: config/validate.py)."""
+  save, keep = [], [policies.LatestN(n=int(ckpt_cfg.keep) if ckpt_cfg else None)]
+  if ckpt_cfg is None:
+    return save, keep
+  if int(ckpt_cfg.every_steps) > 0:
+    save.append(policies.FixedIntervalPolicy(int(ckpt_cfg.every_steps)))
+  if float(ckpt_cfg.every_minutes) > 0:  # decided on process 0, broadcast to all
+    save.append(policies.ContinuousCheckpointingPolicy(
+        minimum_interval_secs=max(int(round(60 * float(ckpt_cfg.every_minutes))), 1)))
+  if ckpt_cfg.keep_best_metric:
+    name, lower = ckpt_cfg.keep_best_metric, ckpt_cfg.keep_best_mode == "min"
+    worst = float("inf") if lower else float("-inf")  # a save without the metric
+    keep.append(policies.BestN(get_metric_fn=lambda m: m.get(name, worst), n=1, reverse=lower,
+                               keep_checkpoints_without_metrics=False))
+  return save, keep
+
+
 class Checkpointer:
-  """Saves/restores a workdir's checkpoints; decides when to save; catches SIGTERM."""
+  """Saves/restores a workdir's checkpoints; decides when a save is due (checkpoint.*)."""
 
   def __init__(self, workdir: str, ckpt_cfg=None, *, read_only: bool = False):
     self.directory = directory(workdir)
     _register_array_handler()
     self._drop_incomplete(remove=not read_only)
-    save_policies, keep = [], [policies.LatestN(n=int(ckpt_cfg.keep) if ckpt_cfg else None)]
-    if ckpt_cfg is not None:
-      config_lib.validate_checkpoint(ckpt_cfg)
-      if int(ckpt_cfg.every_steps) > 0:
-        save_policies.append(policies.FixedIntervalPolicy(int(ckpt_cfg.every_steps)))
-      if float(ckpt_cfg.every_minutes) > 0:  # decided on process 0, broadcast to all
-        save_policies.append(policies.ContinuousCheckpointingPolicy(
-            minimum_interval_secs=max(int(round(60 * float(ckpt_cfg.every_minutes))), 1)))
-      if ckpt_cfg.keep_best_metric:
-        name, lower = ckpt_cfg.keep_best_metric, ckpt_cfg.keep_best_mode == "min"
-        worst = float("inf") if lower else float("-inf")  # a save without the metric
-        keep.append(policies.BestN(get_metric_fn=lambda m: m.get(name, worst), n=1, reverse=lower,
-                                   keep_checkpoints_without_metrics=False))
-    absl_log = logging.getLogger("absl")
-    level = absl_log.level
-    if read_only:  # Orbax warns that a read-only manager is read-only: not news to a reader
-      absl_log.setLevel(logging.ERROR)
-    try:
+    save_policies, keep = _policies(ckpt_cfg)
+    # Orbax warns that a read-only manager is read-only: not news to a reader
+    with quiet.hushed("absl") if read_only else contextlib.nullcontext():
       self._open(save_policies, keep, ckpt_cfg, read_only)
-    finally:
-      absl_log.setLevel(level)
     self._closed = False
-    self._errors = _BackgroundErrors()
+    self._errors = quiet.BackgroundErrors()
     if not read_only:
       self._errors.install()
     atexit.register(self.close)  # also on an error exit: no Orbax thread outlives the interpreter
-    self._preempted = False
     self._saved_this_run: set[int] = set()
-    self._unverified = None  # the last saved step until the next step's loss shows it is finite
     self._unsummed: list[int] = []  # saved steps whose checksums are not written yet
     self._save_bytes = 0
 
@@ -367,7 +245,7 @@ class Checkpointer:
         log.warning("checkpoint %s/%d: %s", self.directory, step, verdict.problem)
       if error is None:
         try:
-          with quiet_reads():
+          with quiet.quiet_reads():
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(state_items(abstract_state)),
                 meta=ocp.args.JsonRestore()))
@@ -388,47 +266,11 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self.manager.should_save(step)
 
-  def check(self, metrics: dict, step: int) -> None:
-    """check_finite for the metrics logged at `step` (computed from the state at step - 1).
-
-    On failure the state at step - 1 is known to diverge: a checkpoint this run saved there is
-    deleted (so a rerun resumes from the last good one), pending saves finish, and it raises."""
-    try:
-      check_finite(metrics, step)
-    except NonFiniteLossError:
-      self.discard_diverged(step - 1)
-      raise
-
-  def step_end(self, step: int, last_step: int, state, step_metrics, *, config, pipeline,
-               mesh=None, extra_metrics=None) -> bool:
-    """Called once per step by every process: saves when due (every N steps, every T minutes,
-    the last step, preemption). Returns True when the loop must stop (preempted; saved)."""
-    self.poll()
-    host = lambda: {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-    metrics = None
-    if self._unverified == step - 1:  # this step's loss is that of the state saved last step
-      metrics = host()
-      self.check(metrics, step)
-      self._unverified = None
-    preempted = self.reached_preemption(step)
-    if not (preempted or step == last_step or self.should_save(step)):
-      return False
-    metrics = metrics or host()
-    self.check(metrics, step)  # never save a diverged state
-    metrics.update(extra_metrics or {})
-    self.save(step, state, config=config, data=data_state(pipeline, step), metrics=metrics,
-              mesh=mesh)
-    self._unverified = step
-    if preempted:
-      self.wait()
-      log.warning("preempted: saved checkpoint %d to %s; rerun the same command to resume",
-                  step, self.directory)
-    return preempted
-
   def save(self, step: int, state, *, config, data: dict, metrics: dict, mesh=None) -> None:
     """Asynchronous save of `state` at `step` (returns once the arrays are copied off device).
 
-    `metrics` must already have passed `check_finite`."""
+    `data` is the input position (the pipeline's state_dict); `metrics` must be finite (the
+    trainer's guard checks them: trainer/guard.py)."""
     meta = {
         "step": int(step), "time": time.time(),
         "config": json.loads(config.to_json_best_effort()),
@@ -496,13 +338,14 @@ class Checkpointer:
           if step in present:  # not already dropped by keep=N
             integrity.write(self.directory / str(step))
 
-  def discard_diverged(self, step: int) -> None:
-    """Deletes the checkpoint this run saved at `step` if the state saved there gave a
-    non-finite loss: resuming from it would diverge again at once."""
+  def discard(self, step: int) -> bool:
+    """Deletes checkpoint `step` if this run saved it (once pending saves are finished);
+    returns whether it did. A checkpoint of an earlier run is never touched."""
     self.manager.wait_until_finished()
     if step in self._saved_this_run and step in self.steps():
       self.manager.delete(step)
-      log.warning("deleted checkpoint %d: its state gives a non-finite loss", step)
+      return True
+    return False
 
   def wait(self) -> None:
     """Blocks until pending saves are written, checked and checksummed."""
@@ -524,26 +367,6 @@ class Checkpointer:
       except Exception:  # noqa: BLE001  (the failed save again)
         pass
       self._errors.remove()
-
-  # ------------------------------------------------------------------ preemption
-  def install_preemption_handler(self) -> None:
-    """Single process: SIGTERM sets a flag checked once per step. Several processes: JAX's own
-    preemption service (installed by jax.distributed.initialize) handles SIGTERM instead."""
-    if jax.process_count() == 1:
-      def handler(signum, frame):
-        self._preempted = True
-        log.warning("received signal %d: saving at the end of this step, then exiting", signum)
-      signal.signal(signal.SIGTERM, handler)
-
-  def reached_preemption(self, step: int) -> bool:
-    """True on every process at the same step once a preemption notice arrived."""
-    if jax.process_count() == 1:
-      return self._preempted
-    from jax.experimental import multihost_utils
-    try:
-      return multihost_utils.reached_preemption_sync_point(step)
-    except RuntimeError:  # preemption service not running
-      return False
 
 
 def state_items(state) -> dict:
