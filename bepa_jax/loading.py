@@ -13,6 +13,7 @@ from bepa_jax.config import defaults
 from bepa_jax.config import load as config_load
 from bepa_jax.checkpoint import reader
 from bepa_jax.data import tokenizer as tokenizer_lib
+from bepa_jax.data import tokenizers as tokenizers_lib
 from bepa_jax.errors import InputError
 from bepa_jax.hf import convert as hf_convert
 from bepa_jax.hf import files as hf_files
@@ -53,7 +54,7 @@ def load_workdir(workdir: str, tokenizer_path: str | None = None) -> Loaded:
   config = config_load.read_saved(workdir)
   _, params = reader.read_params(workdir)  # first: missing weights are named as such
   if tokenizer_path:
-    tokenizer = tokenizer_lib.load(tokenizer_path)
+    tokenizer = tokenizers_lib.load(tokenizer_path)
   else:  # what training used: config.tokenizer.path (any kind) or the workdir's own model
     from bepa_jax.data import factory
     tokenizer = factory.load_tokenizer(config, workdir, train_if_missing=False,
@@ -65,7 +66,7 @@ def load_workdir(workdir: str, tokenizer_path: str | None = None) -> Loaded:
 
 def load_hf_dir(hf_dir: str, tokenizer_path: str | None = None) -> Loaded:
   model_cfg, params = hf_convert.load_hf(hf_dir)
-  tokenizer = tokenizer_lib.load(tokenizer_path or hf_files.resolve_model_dir(hf_dir))
+  tokenizer = tokenizers_lib.load(tokenizer_path or hf_files.resolve_model_dir(hf_dir))
   return Loaded(os.path.basename(os.path.normpath(hf_dir)), model_cfg, params, tokenizer,
                 defaults.get_config().mesh, min(128, max_tokens(model_cfg)))
 

@@ -8,6 +8,7 @@ from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data import factory
 from bepa_jax.data import pipeline as pipeline_lib
 from bepa_jax.data import tokenizer as tokenizer_lib
+from bepa_jax.data import tokenizers as tokenizers_lib
 from bepa_jax.data.masking import mask_batch
 
 
@@ -119,7 +120,7 @@ def test_position_is_a_pure_function_of_step(pipe, tok):
 
 
 def test_one_tokenizer_loader_finds_each_layout(tok, tmp_path):
-  """data.tokenizer.load: a .model file, a dir with spm.model, a workdir (tokenizer/spm.model),
+  """data.tokenizers.load: a .model file, a dir with spm.model, a workdir (tokenizer/spm.model),
   an HF tokenizer.json; anything else is one InputError line naming the path."""
   import shutil
 
@@ -130,11 +131,11 @@ def test_one_tokenizer_loader_finds_each_layout(tok, tmp_path):
   (tmp_path / "wd" / "tokenizer").mkdir(parents=True)
   shutil.copy(path, tmp_path / "wd" / "tokenizer" / "spm.model")
   for where in (path, tmp_path / "hf", tmp_path / "wd"):
-    got = tokenizer_lib.load(str(where))
+    got = tokenizers_lib.load(str(where))
     assert got.encode_batch(["Guten Morgen"]) == tok.encode_batch(["Guten Morgen"]), where
-  assert tokenizer_lib.find(str(tmp_path / "wd")) == (
+  assert tokenizers_lib.find(str(tmp_path / "wd")) == (
       "spm", str(tmp_path / "wd" / "tokenizer" / "spm.model"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(InputError, match="empty: no tokenizer found") as e:
-    tokenizer_lib.load(str(tmp_path / "empty"))
+    tokenizers_lib.load(str(tmp_path / "empty"))
   assert "\n" not in str(e.value)

@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from bepa_jax.data import pretrained_tokenizers, sources
+from bepa_jax.data import sources
 from bepa_jax.data import corpus as corpus_lib
 from bepa_jax.data import tokenizer as tokenizer_lib
+from bepa_jax.data import tokenizers as tokenizers_lib
 from bepa_jax.errors import ConfigError, InputError
 from conftest import SHARED_DATA
 
@@ -264,7 +265,7 @@ def _raw_spm(tmp_path):
 
 def test_xlmr_fairseq_layout(tmp_path):
   path, sp = _raw_spm(tmp_path)
-  tok = pretrained_tokenizers.load("xlmr_spm", path)
+  tok = tokenizers_lib.load(path, "xlmr_spm")
   assert (tok.cls_id, tok.pad_id, tok.sep_id, tok.unk_id) == (0, 1, 2, 3)
   assert tok.vocab_size == sp.get_piece_size() + 2 and tok.mask_id == tok.vocab_size - 1
   text = "The weather is nice today ☃"
@@ -283,15 +284,15 @@ def test_hf_tokenizer_json_wordpiece(tmp_path):
   hf.train_from_iterator(corpus_lib.load_embedded().texts(), trainers.WordPieceTrainer(
       vocab_size=500, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
   hf.save(str(tmp_path / "tokenizer.json"))
-  tok = pretrained_tokenizers.load("hf_json", str(tmp_path))
+  tok = tokenizers_lib.load(str(tmp_path), "hf_json")
   assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
   ids = tok.encode_batch(["The weather is nice", "Die Katze"])
   assert ids[0] == hf.encode("The weather is nice", add_special_tokens=False).ids
   assert tok.decode(ids[0]).replace(" ##", "") == "The weather is nice"
   with pytest.raises(InputError, match="tokenizer.json not found"):
-    pretrained_tokenizers.load("hf_json", str(tmp_path / "nope"))
+    tokenizers_lib.load(str(tmp_path / "nope"), "hf_json")
   with pytest.raises(ConfigError, match="tokenizer.kind"):
-    pretrained_tokenizers.load("bpe", "x")
+    tokenizers_lib.load("x", "bpe")
 
 
 def test_bepa_tokenizer_cli(tmp_path, capsys):

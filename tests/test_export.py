@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from bepa_jax.trainer import loop  # noqa: E402
 from bepa_jax.cli import export as export_cli  # noqa: E402
-from bepa_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from bepa_jax.data import tokenizers as tokenizers_lib  # noqa: E402
 from bepa_jax import loading  # noqa: E402
 from bepa_jax.model import BepaEncoder  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
@@ -50,7 +50,7 @@ def test_export_loads_in_transformers_with_same_logits(trained, tmp_path):
   model.eval()
 
   tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
-  ours = tokenizer_lib.load(os.path.join(wd, "tokenizer", "spm.model"))
+  ours = tokenizers_lib.load(os.path.join(wd, "tokenizer", "spm.model"))
   for text in TEXTS:  # the same ids, [CLS] s [SEP] laid out as in training
     ids = tok(text)["input_ids"]
     assert ids == [ours.cls_id] + ours.encode_batch([text])[0] + [ours.sep_id], text

@@ -81,6 +81,8 @@ def test_pair_needs_clean_cls_in_one_line():
     config_lib.validate(tiny_config(**{"loss.mlm_input": "pair"}), 8)
   with pytest.raises(ConfigError, match="loss.cls_input must be masked or clean"):
     config_lib.validate(tiny_config(**{"loss.cls_input": "dirty"}), 8)
+  with pytest.raises(ConfigError, match="loss.mlm_input must be sentence or pair"):
+    config_lib.validate(tiny_config(**{"loss.cls_input": "clean", "loss.mlm_input": "both"}), 8)
 
 
 def _reference(model, params, batch, cfg):

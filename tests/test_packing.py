@@ -163,8 +163,29 @@ def test_resume_with_other_packing_is_named(tmp_path):
 
 
 def test_packing_config_errors_are_one_line():
+  """The config's validation pass is the one place the data.packing rules are checked (the
+  pipeline does not check them again)."""
   from bepa_jax.config import validate as config_lib
   with pytest.raises(ConfigError, match=r"data.packed_rows=5 exceeds the 4 sequences"):
     config_lib.validate(_cfg(**{"data.packed_rows": 5}), 8)
   with pytest.raises(ConfigError, match="data.packed_pair_rows must be >= 0"):
     config_lib.validate(_cfg(**{"data.packed_pair_rows": -1}), 8)
+  with pytest.raises(ConfigError, match=r"data.packed_pair_rows=3 exceeds the 2 sequences"):
+    config_lib.validate(_cfg("pair", **{"data.packed_pair_rows": 3}), 8)
+  assert config_lib.validate(_cfg("pair", **{"data.packed_rows": 4,
+                                             "data.packed_pair_rows": 2}), 8) == (4, 2, 1)
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"train.global_batch": 12}, r"global_batch=12 \(micro-batch 12\) is not divisible by the 8 "
+                                 r"batch shards"),
+    ({"train.grad_accum_steps": 4}, r"global_batch=16 \(micro-batch 4\) is not divisible by the "
+                                    r"8 batch shards"),
+    ({"train.gradcache_chunks": 4}, r"global_batch=16 is not divisible by "
+                                    r"train.gradcache_chunks=4 x 8 batch shards"),
+], ids=["shards", "accum", "gradcache"])
+def test_packing_groups_must_divide_the_batch(over, match):
+  """Packing groups (batch shards x micro-batches or chunks) split the global batch evenly."""
+  from bepa_jax.config import validate as config_lib
+  with pytest.raises(ConfigError, match=match):
+    config_lib.validate(_cfg(**over), 8)

@@ -14,8 +14,9 @@ import sys
 import time
 
 from bepa_jax.cli import common as cli
-from bepa_jax.data import pretrained_tokenizers, sources
+from bepa_jax.data import sources
 from bepa_jax.data import tokenizer as tokenizer_lib
+from bepa_jax.data import tokenizers as tokenizers_lib
 from bepa_jax.errors import BepaError
 
 PROG = "bepa-tokenizer"
@@ -36,7 +37,7 @@ def _parser():
   t.add_argument("--invalid-utf8", choices=("error", "skip"), default="error")
   e = sub.add_parser("encode", help="print the ids of texts (a quick check of a model)")
   e.add_argument("--model", required=True)
-  e.add_argument("--kind", choices=pretrained_tokenizers.KINDS, default="spm")
+  e.add_argument("--kind", choices=tokenizers_lib.KINDS, default="spm")
   e.add_argument("text", nargs="+")
   return p
 
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
       print(f"{path}: {tok.vocab_size} pieces ({args.model_type}), "
             f"{len(comps)} language pairs, {stats.report()}, {time.perf_counter() - t0:.1f}s")
     else:
-      tok = pretrained_tokenizers.load(args.kind, args.model)
+      tok = tokenizers_lib.load(args.model, args.kind)
       for text, ids in zip(args.text, tok.encode_batch(args.text)):
         print(" ".join(map(str, ids)))
   # RuntimeError: sentencepiece trainer errors (e.g. vocab too large for the text)

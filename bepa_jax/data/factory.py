@@ -6,8 +6,9 @@ import os
 
 from bepa_jax import mesh as mesh_lib
 from bepa_jax.config import validate as config_lib
-from bepa_jax.data import pair_pipeline, pretrained_tokenizers, sources
+from bepa_jax.data import pair_pipeline, sources
 from bepa_jax.data import tokenizer as tokenizer_lib
+from bepa_jax.data import tokenizers as tokenizers_lib
 from bepa_jax.errors import InputError
 
 log = logging.getLogger("bepa")
@@ -37,14 +38,14 @@ def load_tokenizer(config, workdir: str, train_if_missing: bool = True,
   not read HF directories."""
   import jax
   if config.tokenizer.path:
-    return pretrained_tokenizers.load(str(config.tokenizer.kind), str(config.tokenizer.path))
+    return tokenizers_lib.load(str(config.tokenizer.path), str(config.tokenizer.kind))
   if config.init.hf_dir and not hf_dir:  # a caller's bug: never train a tokenizer instead
     raise TypeError("load_tokenizer: init.hf_dir is set but hf_dir was not passed")
   if hf_dir:
-    if tokenizer_lib.find(hf_dir) is None:
+    if tokenizers_lib.find(hf_dir) is None:
       raise InputError(f"init.hf_dir: {hf_dir} has no tokenizer (tokenizer.json, "
                        f"sentencepiece.bpe.model or spm.model); set tokenizer.path")
-    return tokenizer_lib.load(hf_dir)
+    return tokenizers_lib.load(hf_dir)
   path = os.path.join(workdir, "tokenizer", "spm.model")
   if not os.path.exists(path):
     if not train_if_missing:

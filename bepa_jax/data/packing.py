@@ -17,7 +17,11 @@ the model gathers [CLS] and MLM positions from the packed rows by index, in the 
 """
 from __future__ import annotations
 
+import collections
+
 import numpy as np
+
+from bepa_jax.errors import ConfigError
 
 
 def group_of_pairs(b: int, shards: int, k: int) -> np.ndarray:
@@ -86,3 +90,141 @@ def pack(seqs: list[np.ndarray], lengths: np.ndarray, capacity: int, rows: int, 
       segment_ids[gi, r, o:o + m] = count[r]
       start[gi, i] = r * L + o
   return out, segment_ids, start
+
+
+class Packer:
+  """The packed layout of a pipeline: G = batch shards x micro-batches groups of `group_pairs`
+  pairs, each packed into R rows (the sentence passes) and R2 rows (the TLM pair pass, or 0).
+
+  The data.packing rules (rows at most one sequence per row, groups dividing the batch) are
+  checked by the config's validation pass (config/validate.py), not here.
+  """
+
+  def __init__(self, *, global_batch: int, max_length: int, pad_id: int, mlm_input: str,
+               packed_rows: int, packed_pair_rows: int, batch_shards: int, micro_batches: int,
+               counters: collections.Counter):
+    self.batch_shards, self.micro_batches = int(batch_shards), int(micro_batches)
+    self.group_pairs = int(global_batch) // (self.batch_shards * self.micro_batches)
+    self.max_length, self.pad_id, self.tlm = int(max_length), int(pad_id), mlm_input == "pair"
+    self.packed_rows, self.packed_pair_rows = int(packed_rows), int(packed_pair_rows)
+    self.rows_config = (self.packed_rows, self.packed_pair_rows)  # as configured (0 = auto)
+    self.probe_result = None   # what the start-up probe measured (auto rows), for the log
+    self.counters = counters   # packing fallback steps
+
+  @property
+  def needs_probe(self) -> bool:
+    """Rows are chosen from the data (data.packed_rows / data.packed_pair_rows = 0)."""
+    return not self.packed_rows or (self.tlm and not self.packed_pair_rows)
+
+  @property
+  def rows(self) -> tuple[int, int]:
+    """(rows per packing group for the sentence passes, for the TLM pair pass or 0)."""
+    return self.packed_rows, self.packed_pair_rows if self.tlm else 0
+
+  @property
+  def fallback_rows(self) -> tuple[int, int]:
+    """Rows that always fit: one sequence per row (the padded layout's cost)."""
+    return 2 * self.group_pairs, self.group_pairs if self.tlm else 0
+
+  def local_groups(self, pairs: int, process_count: int) -> np.ndarray:
+    """[G_local, g] this process's pairs by packing group."""
+    if self.batch_shards % process_count:
+      raise ConfigError(f"data.packing: the {self.batch_shards} batch shards do not split over "
+                        f"{process_count} processes")
+    return pairs_by_group(pairs, self.batch_shards // process_count, self.micro_batches)
+
+  def pack(self, out: dict, lengths: np.ndarray, pair_lengths, process_count: int = 1,
+           rows: tuple[int, int] | None = None) -> dict:
+    """The padded batch `out` (sentence lengths [b, 2], TLM lengths [b] or None) packed group
+    by group.
+
+    A step whose sentences do not fit the rows of some group is never cut: the whole step
+    (every group of this process) is packed into `fallback_rows`, one sequence per row, which
+    always fits; it is counted (`packing fallback steps` in the report). With several processes
+    the train loop makes every process take the same rows (the largest any process needs).
+    """
+    groups = self.local_groups(lengths.shape[0], process_count)
+    G, g = groups.shape
+    want = self.rows if rows is None else rows
+    by_group = lambda a: a[groups].reshape((G, 2 * g) + a.shape[2:])
+    seq_keys = ["input_ids"] + (["mlm_input_ids"] if "mlm_input_ids" in out and
+                                not self.tlm else [])
+    packed = pack([by_group(out[k]) for k in seq_keys], by_group(lengths), self.max_length,
+                  want[0], self.pad_id)
+    pair = None
+    if self.tlm:
+      pair = pack([out["mlm_input_ids"][groups]], pair_lengths[groups], self.max_length,
+                  want[1], self.pad_id)
+    if packed is None or (self.tlm and pair is None):
+      if rows is not None and tuple(rows) == self.fallback_rows:
+        raise AssertionError("the fallback layout always fits")  # one sequence per row
+      self.counters["packing_fallback_steps"] += 1
+      return self.pack(out, lengths, pair_lengths, process_count, self.fallback_rows)
+    return self._assemble(out, groups, seq_keys, packed, pair)
+
+  @staticmethod
+  def _assemble(out: dict, groups: np.ndarray, seq_keys: list, packed, pair) -> dict:
+    """The packed batch from the packed grids; [CLS] and MLM positions as flat grid indices."""
+    G, g = groups.shape
+    b = G * g
+    arrays, segment_ids, start = packed
+    res = {k: a for k, a in zip(seq_keys, arrays)}
+    res["token_type_ids"] = np.zeros_like(segment_ids)
+    res["segment_ids"] = segment_ids
+    res["attention_mask"] = (segment_ids > 0).astype(np.int32)
+    cls_index = np.zeros((b, 2), np.int32)
+    cls_index[groups.reshape(-1)] = start.reshape(G * g, 2)
+    res["cls_index"] = cls_index
+    if pair is None:  # MLM positions of each sentence, in its group's grid
+      res["mlm_positions"] = (cls_index[..., None] + out["mlm_positions"]).astype(np.int32)
+    else:
+      (pair_ids,), pair_segments, pair_start = pair
+      pair_first = np.zeros(b, np.int64)
+      pair_first[groups.reshape(-1)] = pair_start.reshape(-1)
+      res.update(mlm_input_ids=pair_ids, mlm_segment_ids=pair_segments,
+                 mlm_attention_mask=(pair_segments > 0).astype(np.int32),
+                 mlm_positions=(pair_first[:, None] + out["mlm_positions"]).astype(np.int32))
+    for k in ("mlm_ids", "mlm_weights", "text_hash"):
+      res[k] = out[k]
+    return res
+
+  def choose_rows(self, lengths: list[np.ndarray]) -> None:
+    """Auto rows (data.packed_rows=0) from the sentence lengths [B, 2] (without [CLS]/[SEP])
+    of the global batches of the first steps of the stream: the most rows any of their groups
+    needs (a later step needing more takes the counted fallback). Deterministic: a function of
+    the data and the config, the same on every process."""
+    B = lengths[0].shape[0]
+    groups = pairs_by_group(B, self.batch_shards, self.micro_batches)
+    L, half = self.max_length, (self.max_length - 4) // 2
+    need, need_pair, real = [], [], 0
+    for n in lengths:
+      real += int((n + 2).sum())
+      need += list(rows_needed((n + 2)[groups].reshape(len(groups), -1), L))
+      pair = np.minimum(n, half).sum(1) + 4
+      need_pair += list(rows_needed(pair[groups], L))
+    most, most_pair = self.fallback_rows
+    if not self.packed_rows:
+      self.packed_rows = min(most, max(need))
+    if self.tlm and not self.packed_pair_rows:
+      self.packed_pair_rows = min(most_pair, max(need_pair))
+    self.probe_result = {
+        "steps": len(lengths), "groups": len(need), "sentences_per_group": 2 * self.group_pairs,
+        "mean_tokens_per_sentence": real / (2 * B * len(lengths)),
+        "rows_needed_max": int(max(need)), "rows_needed_mean": float(np.mean(need)),
+        **({"pair_rows_needed_max": int(max(need_pair))} if self.tlm else {})}
+
+  def summary(self) -> str:
+    """One log line: the packed layout and what it saves."""
+    R, R2 = self.rows
+    G = self.batch_shards * self.micro_batches
+    line = (f"packing: {G} groups of {self.group_pairs} pairs, each {2 * self.group_pairs} "
+            f"sentences in {R} rows of {self.max_length} tokens")
+    if R2:
+      line += f", TLM pair sequences in {R2} rows"
+    line += f" ({2 * self.group_pairs / R:.1f}x fewer rows than padded)"
+    p = self.probe_result
+    if p:
+      line += (f"; rows chosen from {p['groups']} groups of the first {p['steps']} steps: "
+               f"{p['mean_tokens_per_sentence']:.1f} tokens per sentence, rows needed "
+               f"mean {p['rows_needed_mean']:.1f} max {p['rows_needed_max']}")
+    return line

@@ -9,13 +9,23 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from bepa_jax.data.batch_spec import BatchSpec
+
 
 @runtime_checkable
 class Pipeline(Protocol):
   truncated: int                     # sentences cut to data.max_length so far
+  packing: bool                      # batches are packed (data.packing): see `batch`'s rows
 
-  def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
-    """This process's rows of the global batch at `step`, numpy arrays [b, 2, ...]."""
+  def batch(self, step: int, process_index: int = 0, process_count: int = 1,
+            rows: tuple[int, int] | None = None) -> dict:
+    """This process's rows of the global batch at `step`, numpy arrays as `spec` describes.
+    Packed: `rows` = (sentence rows, TLM pair rows) per packing group, default the pipeline's
+    own; a step that does not fit them takes one sequence per row (the same on every process
+    when they all ask for the same rows)."""
+
+  def spec(self, process_count: int = 1, rows: tuple[int, int] | None = None) -> BatchSpec:
+    """The keys, shapes and dtypes of one process's batch (data/batch_spec.py)."""
 
   def languages_of(self, step: int) -> list[tuple[str, str]]:
     """(language of x, language of y) of every row of the global batch at `step`."""

@@ -12,10 +12,8 @@ import os
 
 import numpy as np
 
-from bepa_jax.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_sentencepiece
-from bepa_jax.errors import ConfigError, InputError
-
-KINDS = ("spm", "xlmr_spm", "hf_json")
+from bepa_jax.data.tokenizer import Tokenizer, load_sentencepiece
+from bepa_jax.errors import ConfigError, InputError, one_line
 
 
 class XlmrSentencePieceTokenizer(Tokenizer):
@@ -69,7 +67,7 @@ class HFJsonTokenizer(Tokenizer):
     try:
       self.tk = _HF.from_file(path)
     except Exception as e:  # noqa: BLE001 -- a malformed file: one line for the user
-      raise InputError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+      raise InputError(f"{path}: not a valid tokenizer.json ({one_line(e)})") from None
     self.model_path = path
     self.tk.no_padding()
     self.tk.no_truncation()
@@ -99,8 +97,7 @@ class HFTokenizer(Tokenizer):
     try:
       self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 -- transformers raises many kinds: one line naming it
-      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-      raise InputError(f"{path}: not a loadable HF tokenizer ({first})") from None
+      raise InputError(f"{path}: not a loadable HF tokenizer ({one_line(e)})") from None
     t = self.tok
     self.vocab_size = len(t)
     self.pad_id, self.unk_id = t.pad_token_id, t.unk_token_id
@@ -118,17 +115,3 @@ class HFTokenizer(Tokenizer):
 
   def decode(self, ids):
     return self.tok.decode(ids, skip_special_tokens=True)
-
-
-def load(kind: str, path: str) -> Tokenizer:
-  """`tokenizer.kind` + `tokenizer.path` -> a Tokenizer (one-line errors)."""
-  if kind not in KINDS:
-    raise ConfigError(f"tokenizer.kind={kind!r} is not one of {', '.join(KINDS)}")
-  if kind == "spm":
-    try:
-      return SentencePieceTokenizer(path)
-    except (FileNotFoundError, ValueError) as e:
-      raise InputError(str(e)) from None
-  if kind == "xlmr_spm":
-    return XlmrSentencePieceTokenizer(path)
-  return HFJsonTokenizer(path)

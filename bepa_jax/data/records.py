@@ -71,6 +71,8 @@ class Component:
   source: str
   lang_x: str
   lang_y: str
+  monolingual = False        # MLM-only rows (two sentences of one language)
+  stats: LoadStats | None = None  # what a lazy reader dropped so far (read on access)
 
   def __len__(self) -> int:
     raise NotImplementedError

@@ -4,7 +4,7 @@ A *component* is one language pair of one source: `len(c)` pairs, `c[i] -> (text
 `c.lang_x`, `c.lang_y`. Random access (not a stream) is what lets the pipeline compute any
 step's global batch from the step alone. Small files are read into host memory once; plain
 aligned files over LAZY_BYTES get a line-offset index instead and are read line by line
-(gzip cannot seek, so it is always loaded: decompress big corpora or use TFDS array_record,
+(text_files.py; gzip cannot seek, so it is always loaded: decompress big corpora or use TFDS array_record,
 tfds_sources.py, which is also read record by record).
 
 Source specs (`data.source`, `bepa-tokenizer train --input`), `;`-separated, `@W` = weight:
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import gzip
 import itertools
 import json
 import os
@@ -34,35 +33,8 @@ import numpy as np
 from bepa_jax.data import tfds_sources
 from bepa_jax.data.records import (  # noqa: F401  (re-exported: sources.Component, ...)
     Component, LoadStats, TextPolicy, select_pairs)
+from bepa_jax.data.text_files import IndexedLines, read_lines
 from bepa_jax.errors import ConfigError, InputError
-
-
-def _open_binary(path: str):
-  if not os.path.exists(path):
-    raise InputError(f"file not found: {path}")
-  if os.path.isdir(path):
-    raise InputError(f"expected a file, got a directory: {path}")
-  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
-def read_lines(path: str, policy: TextPolicy) -> list[str | None]:
-  """Every line of a plain or gzip file; None marks a line that is not UTF-8 (when skipped)."""
-  out = []
-  try:
-    with _open_binary(path) as f:
-      for lineno, raw in enumerate(f, start=1):
-        try:
-          out.append(raw.decode("utf-8").rstrip("\r\n"))
-        except UnicodeDecodeError as e:
-          if policy.invalid_utf8 == "error":
-            raise InputError(f"{path}:{lineno}: invalid UTF-8 (byte {e.start}); set "
-                             f"data.invalid_utf8=skip to drop such lines") from None
-          out.append(None)
-  except (OSError, EOFError) as e:  # e.g. a truncated or non-gzip .gz file
-    if isinstance(e, InputError):
-      raise
-    raise InputError(f"{path}: cannot read: {e}") from None
-  return out
 
 
 # ----------------------------------------------------------------------------- components
@@ -157,43 +129,6 @@ def aligned_files(files: dict[str, str], policy: TextPolicy, stats: LoadStats, p
 # Plain files above this total size are not loaded: a line-offset index gives random access,
 # so a host reads only the lines of the rows it needs (gzip cannot seek: it is always loaded).
 LAZY_BYTES = 256 << 20
-
-
-class IndexedLines:
-  """Random access to the lines of a plain text file through an index of line offsets."""
-
-  def __init__(self, path: str, policy: TextPolicy, chunk: int = 16 << 20):
-    self.path, self.policy = path, policy
-    ends, size = [], 0
-    with open(path, "rb") as f:
-      while True:
-        buf = f.read(chunk)
-        if not buf:
-          break
-        ends.append(np.flatnonzero(np.frombuffer(buf, np.uint8) == 10) + size + 1)
-        size += len(buf)
-    ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
-    if size and (not len(ends) or ends[-1] != size):   # last line without a newline
-      ends = np.append(ends, size)
-    self.offsets = np.concatenate([[0], ends]).astype(np.int64)
-    self._fd = os.open(path, os.O_RDONLY)
-
-  def __len__(self):
-    return len(self.offsets) - 1
-
-  def __getitem__(self, i: int) -> str | None:
-    a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-    raw = os.pread(self._fd, b - a, a)
-    try:
-      return raw.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError as e:
-      if self.policy.invalid_utf8 == "error":
-        raise InputError(f"{self.path}:{i + 1}: invalid UTF-8 (byte {e.start}); set "
-                         f"data.invalid_utf8=skip to drop such lines") from None
-      return None
-
-  def __getstate__(self):
-    raise TypeError("IndexedLines holds an open file")
 
 
 class LazyColumnPair(Component):

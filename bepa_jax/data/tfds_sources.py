@@ -18,7 +18,7 @@ import re
 import numpy as np
 
 from bepa_jax.data.records import Component, LoadStats, TextPolicy, select_pairs
-from bepa_jax.errors import ConfigError, InputError
+from bepa_jax.errors import ConfigError, InputError, one_line
 
 # Legacy builders register only once their module is imported.
 _LEGACY_MODULES = {"xnli": "tensorflow_datasets.text.xnli"}
@@ -75,8 +75,7 @@ def open_data_source(name: str, split: str, data_dir: str | None = None):
   except tfds.core.registered.DatasetNotFoundError:
     raise InputError(f"unknown TFDS dataset {name!r} (data.source tfds:{name})") from None
   except (ValueError, KeyError) as e:
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise InputError(f"TFDS dataset {name!r}: {first}") from None
+    raise InputError(f"TFDS dataset {name!r}: {one_line(e)}") from None
   prepared = builder.is_prepared()
   if prepared:
     known = list(builder.info.splits.keys())
@@ -89,8 +88,7 @@ def open_data_source(name: str, split: str, data_dir: str | None = None):
       raise InputError(f"TFDS dataset {name!r} is not prepared as array_record in "
                        f"{builder.data_dir_root}: run `tfds build {name} "
                        f"--file_format=array_record` where it can download") from None
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise InputError(f"TFDS dataset {name!r} split {split!r}: {first}") from None
+    raise InputError(f"TFDS dataset {name!r} split {split!r}: {one_line(e)}") from None
   return builder, ds
 
 

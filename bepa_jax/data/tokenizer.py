@@ -1,6 +1,8 @@
-"""Tokenizers behind one small interface, used by training, evaluation and export.
+"""The tokenizer interface used by training, evaluation and export, and our own sentencepiece
+models (trained here; they reserve [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4).
 
-Our own sentencepiece models reserve: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
+Other kinds (XLM-R's sentencepiece, HF files) are in pretrained_tokenizers.py; the one loader
+of every kind, `load(path, kind)`, is in tokenizers.py.
 """
 from __future__ import annotations
 
@@ -10,16 +12,17 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from bepa_jax.errors import InputError, one_line
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def load_sentencepiece(path: str) -> spm.SentencePieceProcessor:
   """A sentencepiece model file; a file that is not one is an InputError naming it."""
-  from bepa_jax.errors import InputError
   try:
     return spm.SentencePieceProcessor(model_file=path)
   except (RuntimeError, OSError) as e:
-    raise InputError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+    raise InputError(f"{path}: not a sentencepiece model ({one_line(e)})") from None
 
 
 class Tokenizer:
@@ -71,7 +74,7 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, model_path: str):
     if not os.path.exists(model_path):
-      raise FileNotFoundError(f"sentencepiece model not found: {model_path}")
+      raise InputError(f"sentencepiece model not found: {model_path}")
     self.model_path = model_path
     self.sp = load_sentencepiece(model_path)
     self.vocab_size = self.sp.get_piece_size()
@@ -79,7 +82,7 @@ class SentencePieceTokenizer(Tokenizer):
     unk = self.sp.unk_id()
     missing = [p for p, i in ids.items() if i == unk and p != "[UNK]"]
     if missing:
-      raise ValueError(f"{model_path}: sentencepiece model lacks special tokens {missing}")
+      raise InputError(f"{model_path}: sentencepiece model lacks special tokens {missing}")
     self.pad_id, self.unk_id = ids["[PAD]"], ids["[UNK]"]
     self.cls_id, self.sep_id, self.mask_id = ids["[CLS]"], ids["[SEP]"], ids["[MASK]"]
 
@@ -107,38 +110,3 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int,
     f.write(buf.getvalue())
   os.replace(tmp, path)  # atomic: a half-written model is never picked up
   return path
-
-
-# Files that hold a tokenizer, in the order a directory is searched, with their kind.
-TOKENIZER_FILES = (("spm.model", "spm"), (os.path.join("tokenizer", "spm.model"), "spm"),
-                   ("tokenizer.json", "hf_json"), ("sentencepiece.bpe.model", "xlmr_spm"))
-
-
-def find(path: str) -> tuple[str, str] | None:
-  """(kind, file) of the tokenizer at `path` (a file, or a directory searched in
-  TOKENIZER_FILES order; "transformers" for a directory with only tokenizer_config.json)."""
-  if os.path.isfile(path):
-    name = os.path.basename(path)
-    return ({"tokenizer.json": "hf_json", "sentencepiece.bpe.model": "xlmr_spm"}.get(name, "spm"),
-            path)
-  for name, kind in TOKENIZER_FILES:
-    if os.path.isfile(os.path.join(path, name)):
-      return kind, os.path.join(path, name)
-  if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-    return "transformers", path
-  return None
-
-
-def load(path: str, kind: str = "auto") -> Tokenizer:
-  """The one tokenizer loader: our sentencepiece model, XLM-R's, an HF tokenizer.json or an HF
-  tokenizer directory. `kind` "auto" finds it from the path (see `find`); errors are one line."""
-  from bepa_jax.data import pretrained_tokenizers
-  from bepa_jax.errors import InputError
-  if kind == "auto":
-    found = find(path)
-    if found is None:
-      raise InputError(f"{path}: no tokenizer found ({', '.join(n for n, _ in TOKENIZER_FILES)})")
-    kind, path = found
-  if kind == "transformers":
-    return pretrained_tokenizers.HFTokenizer(path)
-  return pretrained_tokenizers.load(kind, path)

@@ -12,6 +12,8 @@ import ml_collections
 import numpy as np
 
 from bepa_jax.checkpoint import store as ckpt_lib
+from bepa_jax.data import batch_spec
+from bepa_jax.data.pipeline import Pipeline
 from bepa_jax import host_memory
 from bepa_jax import mesh as mesh_lib
 from bepa_jax import profiling
@@ -31,14 +33,13 @@ def global_batch(local: dict, mesh) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def local_batch(pipeline, step: int, pid: int, pcount: int) -> dict:
+def local_batch(pipeline: Pipeline, step: int, pid: int, pcount: int) -> dict:
   """This process's rows at `step`. Packed: a step that does not fit the packed rows on some
   process is packed into the fallback rows on every process (the global shape must agree)."""
   local = pipeline.batch(step, pid, pcount)
-  if pcount > 1 and getattr(pipeline, "packing", False):
+  if pcount > 1 and pipeline.packing:
     from jax.experimental import multihost_utils
-    rows = (local["input_ids"].shape[1],
-            local["mlm_input_ids"].shape[1] if "mlm_segment_ids" in local else 0)
+    rows = batch_spec.packed_rows_of(local)
     agreed = tuple(int(r) for r in np.max(multihost_utils.process_allgather(np.array(rows)), 0))
     if agreed != rows:
       local = pipeline.batch(step, pid, pcount, rows=agreed)

@@ -10,9 +10,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
+from bepa_jax.data import batch_spec
 from bepa_jax.objective import heads as heads_lib
 from bepa_jax import mesh as mesh_lib
 from bepa_jax.model import BepaEncoder, EncoderConfig
@@ -117,9 +117,9 @@ def count_params(params) -> int:
 
 
 def example_inputs(config) -> dict:
-  L, P = int(config.data.max_length), int(config.data.max_predictions_per_seq)
-  return dict(input_ids=np.zeros((2, L), np.int32), token_type_ids=np.zeros((2, L), np.int32),
-              attention_mask=np.ones((2, L), np.int32), mlm_positions=np.zeros((2, P), np.int32))
+  """The encoder's init arguments, from the batch spec (data/batch_spec.py)."""
+  return batch_spec.example_inputs(int(config.data.max_length),
+                                   int(config.data.max_predictions_per_seq))
 
 
 @dataclasses.dataclass

@@ -1,9 +1,9 @@
 """Honest throughput: real (non-pad) tokens of a step and the tokens its encoder passes process.
 
 Counted on the host from the numpy batch, before it goes to the devices (a few sums per step).
-The contract with the pipeline (padded or packed): `attention_mask` is the 0/1 non-pad
-indicator of the token grid the encoder processes, and `mlm_attention_mask` that of the
-separate MLM pass when it has a grid of its own (loss.mlm_input=pair). So:
+The contract with the pipeline (padded or packed; data/batch_spec.py): `attention_mask` is the
+0/1 non-pad indicator of the token grid the encoder processes, and `mlm_attention_mask` that of
+the separate MLM pass when it has a grid of its own (loss.mlm_input=pair). So:
 
   real       = attention_mask.sum(): the sentence tokens (x and y, with [CLS]/[SEP]) of the step,
                the data rate every framework is compared on (bench/authors_step.py counts the same);
@@ -22,16 +22,16 @@ import dataclasses
 
 import numpy as np
 
+from bepa_jax.data import batch_spec
+
 
 def encoder_masks(batch: dict, loss_cfg) -> list:
-  """The non-pad masks of the grids the step's encoder passes run over, one per pass."""
-  mask = batch["attention_mask"]
-  passes = [mask]
-  if str(loss_cfg.get("cls_input", "masked")) == "clean":  # a separate MLM pass
-    passes.append(batch["mlm_attention_mask"] if "mlm_attention_mask" in batch else mask)
-  if float(loss_cfg.get("ema_decay", 0.0)) > 0.0:  # the EMA target encodes the [CLS] input
-    passes.append(mask)
-  return passes
+  """The non-pad masks of the grids the step's encoder passes run over, one per pass (which
+  passes run: data/batch_spec.py's encoder_mask_keys)."""
+  keys = batch_spec.encoder_mask_keys(str(loss_cfg.get("cls_input", "masked")),
+                                      str(loss_cfg.get("mlm_input", "sentence")),
+                                      ema=float(loss_cfg.get("ema_decay", 0.0)) > 0.0)
+  return [batch[k] for k in keys]
 
 
 @dataclasses.dataclass
