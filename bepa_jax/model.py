@@ -41,8 +41,9 @@ class EncoderConfig:
 
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int | None = None) -> "EncoderConfig":
-    """From `config.model`; a key this class does not know is an error, never dropped."""
-    kw = dict(model_cfg.items())  # unknown keys were refused by the config's validation
+    """From `config.model` or an EncoderConfig (the config's validation refused unknown keys)."""
+    kw = (dataclasses.asdict(model_cfg) if isinstance(model_cfg, EncoderConfig)
+          else dict(model_cfg.items()))
     if vocab_size is not None and not kw.get("vocab_size"):
       kw["vocab_size"] = vocab_size
     return cls(**kw)

@@ -262,7 +262,8 @@ def test_every_minutes_and_keep_best(tmp_path):
   ck = checkpoint.Checkpointer(str(tmp_path), cfg.checkpoint)
   state = train_state.TrainState(step=jnp.int32(0), params={"w": jnp.ones(3)},
                                  opt_state={"m": jnp.zeros(3)}, tx=optax.identity())
-  save = lambda step, loss: ck.save(step, state, config=cfg, data={"next_step": step},
+  save = lambda step, loss: ck.save(step, state, config=json.loads(cfg.to_json_best_effort()),
+                                    data={"next_step": step},
                                     metrics={"loss": loss})
   assert ck.should_save(1)  # nothing saved yet
   save(1, 1.0)

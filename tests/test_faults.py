@@ -250,7 +250,7 @@ def test_disk_full_during_a_background_save_stops_at_once(tmp_path):
       with open({str(mnt / "filler")!r}, "wb") as f:  # leave the estimate + 8 KiB free
         f.write(b"0" * (free - need - 8192))
       try:
-        ckpt.save(2, state, config=config, data={{}}, metrics={{"loss": 1.0}})
+        ckpt.save(2, state, config=job.config.to_dict(), data={{}}, metrics={{"loss": 1.0}})
         for _ in range(600):  # what the train loop does once per step
           ckpt.poll()
           if not ckpt.manager.is_saving_in_progress():

@@ -221,12 +221,13 @@ class Checkpointer:
         continue
     return None
 
-  def check_config(self, config) -> None:
-    """ConfigError if the workdir holds checkpoints of a differently shaped model."""
+  def check_config(self, config: dict) -> None:
+    """ConfigError if the workdir holds checkpoints of a differently shaped model. `config`:
+    the run's config as JSON-able sections (config/specs.py Specs.to_dict)."""
     saved = self.saved_config()
     if saved is None:
       return
-    diff = config_conflicts(saved, json.loads(config.to_json_best_effort()))
+    diff = config_conflicts(saved, json.loads(json.dumps(config)))
     if diff:
       raise ConfigError(
           f"{self.directory} holds checkpoints of another model ({'; '.join(diff)}): use a new "
@@ -266,16 +267,16 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self.manager.should_save(step)
 
-  def save(self, step: int, state, *, config, data: dict, metrics: dict, mesh=None) -> None:
+  def save(self, step: int, state, *, config: dict, data: dict, metrics: dict, mesh=None) -> None:
     """Asynchronous save of `state` at `step` (returns once the arrays are copied off device).
 
     `data` is the input position (the pipeline's state_dict); `metrics` must be finite (the
     trainer's guard checks them: trainer/guard.py)."""
     meta = {
         "step": int(step), "time": time.time(),
-        "config": json.loads(config.to_json_best_effort()),
+        "config": json.loads(json.dumps(config)),
         "data_state": data,
-        "rng": {"seed": int(config.train.seed), "dropout": "fold_in(key(train.seed), step)"},
+        "rng": {"seed": int(config["train"]["seed"]), "dropout": "fold_in(key(train.seed), step)"},
         "mesh": dict(mesh.shape) if mesh is not None else None,
         "process_count": jax.process_count(),
         "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),

@@ -168,14 +168,6 @@ def _typed(cls, section) -> Any:
   return cls(**kw)
 
 
-def model_spec(model_section, vocab_size: int = 0) -> EncoderConfig:
-  """model.* -> EncoderConfig; vocab_size=0 in the config means "the tokenizer's"."""
-  kw = dict(model_section.items())
-  if vocab_size and not kw.get("vocab_size"):
-    kw["vocab_size"] = vocab_size
-  return EncoderConfig(**kw)
-
-
 @dataclasses.dataclass(frozen=True)
 class Specs:
   """Every section of a validated config, typed. `model.vocab_size` may be 0 (the tokenizer's)
@@ -194,12 +186,11 @@ class Specs:
   @classmethod
   def from_config(cls, config) -> "Specs":
     """A ConfigDict that `validate` accepted -> Specs (the only read of a ConfigDict)."""
-    return cls(model=model_spec(config.model),
+    return cls(model=EncoderConfig.from_config(config.model),
                **{name: _typed(spec, config[name]) for name, spec in _SECTIONS.items()})
 
   def with_vocab(self, vocab_size: int) -> "Specs":
-    return dataclasses.replace(self, model=model_spec(dataclasses.asdict(self.model),
-                                                      vocab_size))
+    return dataclasses.replace(self, model=EncoderConfig.from_config(self.model, vocab_size))
 
   def to_dict(self) -> dict:
     """The JSON-able form written to WORKDIR/config.json (sections of plain values)."""

@@ -14,10 +14,11 @@ from bepa_jax import host_memory
 from bepa_jax import mesh as mesh_lib
 from bepa_jax.errors import ConfigError
 from bepa_jax.model import POOLINGS, EncoderConfig
-from bepa_jax.objective import infonce
 
 
 _CHOICES = {
+    "loss.symmetric": ("mean", "sum", "x2y", "y2x"),
+    "loss.negatives": ("global", "local", "global_stopgrad"),
     "model.family": ("bert", "xlmr"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots_saveable"),
@@ -143,7 +144,7 @@ def _validate_layout(config, shape: tuple[int, int, int]) -> None:
     pool = int(t.global_batch) if chunks > 1 else micro
     if str(config.loss.negatives) == "local":
       pool //= shards
-    infonce.check_chunk(chunk, pool, f" (train.global_batch={t.global_batch}, grad_accum_steps="
+    check_chunk(chunk, pool, f" (train.global_batch={t.global_batch}, grad_accum_steps="
                         f"{t.grad_accum_steps}, loss.negatives={config.loss.negatives})")
   if bool(d.packing):  # a packing group: one batch shard's share of one micro-batch
     group = int(t.global_batch) // (shards * packing_micro_batches(t))
@@ -179,8 +180,8 @@ def _validate_temperature(tau: float) -> None:
 
 
 def _validate_loss_options(loss) -> None:
-  opts = infonce.Options.from_config(loss).check()  # choices, margin, chunk combinations
-  infonce.check_static_temperature(opts.chunk, bool(loss.learn_temperature))
+  _validate_contrastive(loss)
+  check_static_temperature(int(loss.contrastive_chunk), bool(loss.learn_temperature))
   lo, hi = float(loss.temperature_min), float(loss.temperature_max)
   if bool(loss.learn_temperature) and not 0.0 < lo <= float(loss.temperature) <= hi:
     raise ConfigError(f"loss.temperature={loss.temperature} must lie in [temperature_min="
@@ -260,3 +261,36 @@ def _validate_rules(rules) -> None:
     if not isinstance(axes, (tuple, list)) or any(a not in mesh_lib.AXES for a in axes):
       raise ConfigError(f"mesh.rules entry {tuple(rule)!r}: mesh axes must be None or among "
                         f"{', '.join(mesh_lib.AXES)}")
+
+
+# --- the InfoNCE options (objective/infonce.py calls check_chunk and check_static_temperature
+# again at trace time, for callers that bypass the config: the same rule, one definition) ---
+def _validate_contrastive(loss) -> None:
+  margin, chunk = float(loss.margin), int(loss.contrastive_chunk)
+  if margin < 0.0:
+    raise ConfigError(f"loss.margin must be >= 0, got {margin}")
+  if chunk < 0:
+    raise ConfigError(f"loss.contrastive_chunk must be >= 0, got {chunk}")
+  if chunk:
+    clash = [k for k, on in (("loss.margin", margin != 0.0),
+                             ("loss.same_language_negatives", bool(loss.same_language_negatives)),
+                             ("loss.mask_duplicates", bool(loss.mask_duplicates))) if on]
+    if clash:
+      raise ConfigError(f"loss.contrastive_chunk={chunk} cannot be combined with "
+                        f"{', '.join(clash)}: set loss.contrastive_chunk=0")
+
+
+def check_chunk(chunk: int, candidates: int, context: str = " (the (micro-)batch, or its "
+                "shard with loss.negatives=local)") -> None:
+  """The chunked form scores the candidates `chunk` columns at a time: it must divide them.
+  (The validation pass gives the config's terms in `context`.)"""
+  if candidates % chunk:
+    raise ConfigError(f"loss.contrastive_chunk={chunk} must divide the {candidates} candidates "
+                      f"each device scores{context}")
+
+
+def check_static_temperature(chunk: int, learned: bool) -> None:
+  """The chunked form's custom VJP takes 1/tau as a constant: a learned tau cannot stream."""
+  if chunk and learned:
+    raise ConfigError(f"loss.contrastive_chunk={chunk} cannot be combined with "
+                      f"loss.learn_temperature: set loss.contrastive_chunk=0")

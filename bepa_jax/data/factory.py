@@ -87,7 +87,7 @@ def build_pipeline(config, tokenizer, batch_shards: int | None = None
       packed_rows=int(d.packed_rows), packed_pair_rows=int(d.packed_pair_rows),
       batch_shards=batch_shards, micro_batches=config_lib.packing_micro_batches(config.train),
       stream_extra={  # which records are usable depends on these too
-          f"data.{k}": d[k] for k in ("max_chars", "long_lines", "invalid_utf8")})
+          f"data.{k}": getattr(d, k) for k in ("max_chars", "long_lines", "invalid_utf8")})
   if pipe.mlm_only and float(config.loss.weight) != 0.0:
     from bepa_jax.errors import ConfigError
     raise ConfigError("data.source has only mono: sources (MLM-only rows): set loss.weight=0")

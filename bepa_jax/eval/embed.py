@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from bepa_jax import mesh as mesh_lib
+from bepa_jax.config.specs import MeshSpec
 from bepa_jax.model import encoder_params, mean_pool
 
 
@@ -30,12 +31,10 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.n
 
 
 def inference_mesh(mesh_cfg, fsdp: int = 1, tensor: int = 1):
-  """(mesh, mesh config) for evaluation and fine-tuning: every device on the batch, with the
+  """(mesh, mesh spec) for evaluation and fine-tuning: every device on the batch, with the
   saved logical-axis rules; fsdp/tensor > 1 shard the weights as in training."""
-  import copy
-  mesh_cfg = copy.deepcopy(mesh_cfg)
-  mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, mesh_cfg.dcn_data = -1, fsdp, tensor, 1
-  return mesh_lib.create_mesh(mesh_cfg), mesh_cfg
+  spec = MeshSpec(data=-1, fsdp=fsdp, tensor=tensor, dcn_data=1, rules=mesh_lib.rules(mesh_cfg))
+  return mesh_lib.create_mesh(spec), spec
 
 
 def shard_params(model, params, mesh, mesh_cfg, max_length: int):

@@ -23,7 +23,7 @@ scored `chunk` columns at a time with an online log-sum-exp (running max and sum
 custom VJP recomputes each chunk's softmax in the backward instead of storing it: b x chunk
 logits per device, O(b * chunk + B * D) memory. It covers the plain loss, every
 `negatives`/`symmetric` choice, heads and EMA targets; margin, same-language negatives and
-duplicate masking change the pool entry by entry and are refused with it (Options.check).
+duplicate masking change the pool entry by entry and are refused with it (config/validate.py).
 """
 from __future__ import annotations
 
@@ -35,11 +35,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bepa_jax.errors import ConfigError
+from bepa_jax.config.validate import check_chunk, check_static_temperature
 from bepa_jax.mesh import BATCH_AXES
 
-SYMMETRIC = ("mean", "sum", "x2y", "y2x")
-NEGATIVES = ("global", "local", "global_stopgrad")
 METRICS = ("contrastive_loss", "acc_x2y", "acc_y2x", "pos_cos", "neg_cos")
 
 
@@ -61,24 +59,6 @@ class Options:
                mask_self=bool(loss_cfg.mask_self), mask_duplicates=bool(loss_cfg.mask_duplicates),
                chunk=int(loss_cfg.contrastive_chunk))
 
-  def check(self) -> "Options":
-    """Raises ConfigError (naming the config keys) for a choice or combination not supported."""
-    for key, value, choices in (("symmetric", self.symmetric, SYMMETRIC),
-                                ("negatives", self.negatives, NEGATIVES)):
-      if value not in choices:
-        raise ConfigError(f"loss.{key}={value!r} is not one of {', '.join(choices)}")
-    if self.margin < 0.0:
-      raise ConfigError(f"loss.margin must be >= 0, got {self.margin}")
-    if self.chunk < 0:
-      raise ConfigError(f"loss.contrastive_chunk must be >= 0, got {self.chunk}")
-    if self.chunk:
-      clash = [k for k, on in (("loss.margin", self.margin != 0.0),
-                               ("loss.same_language_negatives", self.same_language),
-                               ("loss.mask_duplicates", self.mask_duplicates)) if on]
-      if clash:
-        raise ConfigError(f"loss.contrastive_chunk={self.chunk} cannot be combined with "
-                          f"{', '.join(clash)}: set loss.contrastive_chunk=0")
-    return self
 
 
 def l2_normalize(x, eps: float = 1e-12):
@@ -213,22 +193,6 @@ def _prepare(ax, ay, cx, cy):
   cx = ax if cx is None else l2_normalize(cx)
   cy = ay if cy is None else l2_normalize(cy)
   return ax, ay, cx, cy
-
-
-def check_chunk(chunk: int, candidates: int, context: str = " (the (micro-)batch, or its "
-                "shard with loss.negatives=local)") -> None:
-  """The chunked form scores the candidates `chunk` columns at a time: it must divide them.
-  (The config's validation pass calls this with the config's terms in `context`.)"""
-  if candidates % chunk:
-    raise ConfigError(f"loss.contrastive_chunk={chunk} must divide the {candidates} candidates "
-                      f"each device scores{context}")
-
-
-def check_static_temperature(chunk: int, learned: bool) -> None:
-  """The chunked form's custom VJP takes 1/tau as a constant: a learned tau cannot stream."""
-  if chunk and learned:
-    raise ConfigError(f"loss.contrastive_chunk={chunk} cannot be combined with "
-                      f"loss.learn_temperature: set loss.contrastive_chunk=0")
 
 
 def _static_tau(temperature, opts):

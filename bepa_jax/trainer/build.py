@@ -4,6 +4,7 @@ shared with `bepa-compile`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -14,6 +15,7 @@ import ml_collections
 
 from bepa_jax.checkpoint import store as ckpt_lib
 from bepa_jax.config import validate as config_lib
+from bepa_jax.config.specs import Specs
 from bepa_jax.hf import init as hf_init
 from bepa_jax import mesh as mesh_lib
 from bepa_jax.training import step as step_lib
@@ -33,7 +35,7 @@ log = logging.getLogger("bepa")
 @dataclasses.dataclass
 class Job:
   """Everything a run needs, built from the config before the first step."""
-  config: ml_collections.ConfigDict
+  config: Specs                      # the run's typed, validated config (config/specs.py)
   mesh: Any
   tokenizer: tokenizer_lib.Tokenizer
   pipeline: pipeline_lib.Pipeline
@@ -44,25 +46,24 @@ class Job:
   step_fn: Any
 
 
-def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=None,
-          validated: bool = False) -> Job:
-  """Config -> mesh -> tokenizer and data -> model and sharded state -> jitted step.
+def build(config: ml_collections.ConfigDict | Specs, workdir: str, devices=None,
+          ckpt=None) -> Job:
+  """Specs (or a config, validated here) -> mesh -> tokenizer and data -> model and sharded
+  state -> jitted step. Below this function no ConfigDict is read: libraries take specs.
 
   With a checkpoint.store.Checkpointer, the state is restored from its latest readable checkpoint
   (straight into this mesh's shardings) instead of initialised, when there is one.
   """
   devices = list(jax.devices() if devices is None else devices)
-  if validated:  # by the caller's pass (check_config): not again
-    shape = mesh_lib.resolve_shape(config.mesh, len(devices))
-  else:
-    shape = check_config(config, len(devices))
+  config = config if isinstance(config, Specs) else check_config(config, len(devices))
+  shape = mesh_lib.resolve_shape(config.mesh, len(devices))  # validated: the pass resolved it
   mesh = mesh_lib.create_mesh(config.mesh, devices)
   log.info("mesh %s on %d devices (%d processes)", dict(zip(mesh_lib.AXES, shape)),
            len(devices), jax.process_count())
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+      json.dump(config.to_dict(), f, indent=2)
 
   tokenizer = data_factory.load_tokenizer(config, workdir, hf_dir=hf_init.tokenizer_dir(config))
   pipeline = data_factory.build_pipeline(config, tokenizer, shape[0] * shape[1])
@@ -104,10 +105,12 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, ckpt=No
   return Job(config, mesh, tokenizer, pipeline, model_cfg, model, state, shardings, step_fn)
 
 
-def check_config(config: ml_collections.ConfigDict, num_devices: int):
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> Specs:
   """The one validation pass, before a tokenizer is trained or a file written (bepa-sweep runs
-  it for every grid point before the first run). init.hf_dir's shape (and that its weights
-  are whole) first: the config is compared with the workdir's checkpoints after this."""
+  it for every grid point before the first run), and the config turned into typed specs.
+  init.hf_dir's shape (and that its weights are whole) first: the config is compared with the
+  workdir's checkpoints after this."""
   if config.init.hf_dir:
     hf_init.apply_to_config(config)
-  return config_lib.validate(config, num_devices)
+  config_lib.validate(config, num_devices)
+  return Specs.from_config(config)

@@ -104,7 +104,7 @@ class Guard:
     metrics = metrics or host()
     self.check(metrics, step)  # never save a diverged state
     metrics.update(extra_metrics or {})
-    self.ckpt.save(step, state, config=config, data=dict(pipeline.state_dict(step)),
+    self.ckpt.save(step, state, config=config.to_dict(), data=dict(pipeline.state_dict(step)),
                    metrics=metrics, mesh=mesh)
     self._unverified = step
     if preempted:

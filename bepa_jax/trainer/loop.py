@@ -113,19 +113,19 @@ def train(config: ml_collections.ConfigDict, workdir: str):
 
   Phases: validate (once) -> lock the workdir -> compare with its checkpoints ->
   build -> loop -> summary. Nothing is written or removed before the lock is held."""
-  check_config(config, jax.device_count())
+  specs = check_config(config, jax.device_count())  # the ConfigDict is not read after this
   # Held before the checkpointer opens: opening drops incomplete saves, which on a busy
   # workdir would be the other run's save in progress.
   lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
-    ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint)
-    ckpt.check_config(config)  # before anything is built or workdir/config.json is rewritten
+    ckpt = ckpt_lib.Checkpointer(workdir, specs.checkpoint)
+    ckpt.check_config(specs.to_dict())  # before anything is built or config.json is rewritten
     guard = Guard(ckpt, handle_preemption=True)  # SIGTERM: save at the end of the step, stop
-    job = build(config, workdir, ckpt=ckpt, validated=True)
+    job = build(specs, workdir, ckpt=ckpt)
     if host_memory.applied():  # set by main() before XLA started; logged once the job is valid
       log.info("train.host_malloc=%s: glibc keeps freed host memory (no per-step page faults)",
-               config.train.host_malloc)
-    if int(config.train.steps) == 0:
+               specs.train.host_malloc)
+    if specs.train.steps == 0:
       return save_initial_state(job, ckpt, workdir), {}
     first = int(jax.device_get(job.state.step))
     state, metrics = run_steps(job, ckpt, guard, workdir, first)
@@ -190,7 +190,7 @@ def save_initial_state(job: Job, ckpt: ckpt_lib.Checkpointer, workdir: str):
     log.info("train.steps=0: %s already holds checkpoint(s) up to step %d: nothing written",
              ckpt.directory, steps[-1])
   else:
-    ckpt.save(0, job.state, config=job.config, data=dict(job.pipeline.state_dict(0)),
+    ckpt.save(0, job.state, config=job.config.to_dict(), data=dict(job.pipeline.state_dict(0)),
               metrics={}, mesh=job.mesh)
     ckpt.wait()
     source = job.config.init.hf_dir or "a fresh initialisation"

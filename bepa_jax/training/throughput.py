@@ -28,9 +28,8 @@ from bepa_jax.data import batch_spec
 def encoder_masks(batch: dict, loss_cfg) -> list:
   """The non-pad masks of the grids the step's encoder passes run over, one per pass (which
   passes run: data/batch_spec.py's encoder_mask_keys)."""
-  keys = batch_spec.encoder_mask_keys(str(loss_cfg.get("cls_input", "masked")),
-                                      str(loss_cfg.get("mlm_input", "sentence")),
-                                      ema=float(loss_cfg.get("ema_decay", 0.0)) > 0.0)
+  keys = batch_spec.encoder_mask_keys(str(loss_cfg.cls_input), str(loss_cfg.mlm_input),
+                                      ema=float(loss_cfg.ema_decay) > 0.0)
   return [batch[k] for k in keys]
 
 
