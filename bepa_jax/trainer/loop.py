@@ -178,8 +178,10 @@ def summarize(job: Job, ckpt, workdir: str, first: int, last: int) -> None:
            "config.json in %s", first, last, int(job.config.train.steps),
            ",".join(map(str, saved[-3:])) or "none", ckpt.directory,
            os.path.join(workdir, "metrics.jsonl"), workdir)
-  log.info("next: bepa-eval --workdir %s   (retrieval and embedding diagnostics); "
-           "bepa-export --workdir %s --out DIR   (a HuggingFace model)", workdir, workdir)
+  log.info("next: bepa-eval --workdir %s --parallel TEXT.x TEXT.y (or --tatoeba DIR)   "
+           "(cross-lingual retrieval, [CLS] diagnostics); bepa-export --workdir %s --out DIR   "
+           "(transformers / sentence-transformers); rerun this command to resume or extend "
+           "(--config.train.steps=N)", workdir, workdir)
 
 
 def save_initial_state(job: Job, ckpt: ckpt_lib.Checkpointer, workdir: str):
