@@ -1,13 +1,12 @@
-"""The global batch bepa-train's pipeline would yield, as shapes: no data is read."""
+"""The global batch bepa-train's pipeline would yield, as abstract arrays: no data is read."""
 from __future__ import annotations
 
 import math
 
 import jax
-import numpy as np
 
 from bepa_jax import mesh as mesh_lib
-from bepa_jax.config import validate as config_lib
+from bepa_jax.data import batch_spec
 from bepa_jax.errors import ConfigError
 
 
@@ -23,52 +22,10 @@ def vocab_size(config) -> tuple[int, str]:
                                            "would train; at most this many pieces)"
 
 
-def packed_rows(config) -> tuple[int, int] | None:
-  """(rows per group for the sentence passes, for the TLM pair pass or 0) of a packed config
-  whose rows are set, else None (data.packing=False, or rows chosen from the data: 0)."""
-  d = config.data
-  if not bool(d.get("packing", False)):
-    return None
-  pair = str(config.loss.mlm_input) == "pair"
-  rows = (int(d.packed_rows), int(d.packed_pair_rows) if pair else 0)
-  if not rows[0] or (pair and not rows[1]):
-    return None
-  return rows
-
-
-def batch_shapes(config, batch_shards: int = 1) -> dict:
-  """key -> (shape, dtype) of the global batch the pipeline (data/pair_pipeline.py) yields.
-
-  Packed (data.packing with data.packed_rows set): the token arrays are [G, R, L], G = batch
-  shards x micro-batches (one packing group each), with segment ids; the per-pair arrays
-  (cls_index, MLM positions, labels) stay [B, ...].
-  """
-  B, L = int(config.train.global_batch), int(config.data.max_length)
-  P = int(config.data.max_predictions_per_seq)
-  i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
-  pair = str(config.loss.mlm_input) == "pair"
-  rows = packed_rows(config)
-  if rows is not None:
-    G = batch_shards * config_lib.packing_micro_batches(config.train)
-    grid = lambda r: ((G, r, L), i32)
-    out = {"input_ids": grid(rows[0]), "token_type_ids": grid(rows[0]),
-           "attention_mask": grid(rows[0]), "segment_ids": grid(rows[0]),
-           "cls_index": ((B, 2), i32), "text_hash": ((B, 2), i32)}
-    if pair:
-      out.update(mlm_input_ids=grid(rows[1]), mlm_segment_ids=grid(rows[1]),
-                 mlm_attention_mask=grid(rows[1]))
-    elif str(config.loss.cls_input) == "clean":
-      out["mlm_input_ids"] = grid(rows[0])
-  else:
-    out = {"input_ids": ((B, 2, L), i32), "token_type_ids": ((B, 2, L), i32),
-           "attention_mask": ((B, 2, L), i32), "text_hash": ((B, 2), i32)}
-    if pair:  # one TLM sequence per pair
-      out.update(mlm_input_ids=((B, L), i32), mlm_attention_mask=((B, L), i32))
-    elif str(config.loss.cls_input) == "clean":
-      out["mlm_input_ids"] = ((B, 2, L), i32)
-  preds = (B, 2 * P) if pair else (B, 2, P)  # TLM: 2P predictions per pair sequence
-  out.update(mlm_positions=(preds, i32), mlm_ids=(preds, i32), mlm_weights=(preds, f32))
-  return out
+# The pipeline's own description of its batch (data/batch_spec.py): bepa-compile compiles the
+# step for exactly what bepa-train would feed it, padded or packed, never a copy of the layout.
+packed_rows = batch_spec.configured_rows
+batch_shapes = batch_spec.shapes
 
 
 def token_slots(config, batch_shards: int = 1) -> int:

@@ -13,11 +13,6 @@ from typing import Any
 from bepa_jax.model import EncoderConfig
 
 
-def split_list(s) -> tuple[str, ...]:
-  """'a, b,,c' -> ('a', 'b', 'c') (comma-separated config values)."""
-  return tuple(x.strip() for x in str(s).split(",") if x.strip())
-
-
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
   """loss.*: L = L_mlm + weight * L_con; the InfoNCE options and its heads."""

@@ -116,7 +116,7 @@ def configured_rows(config) -> tuple[int, int] | None:
   """(R, R2) of a packed config whose rows are set, else None (data.packing=False, or rows
   chosen from the data at start-up: data.packed_rows=0)."""
   d = config.data
-  if not bool(d.get("packing", False)):
+  if not bool(d.packing):
     return None
   pair = str(config.loss.mlm_input) == "pair"
   rows = (int(d.packed_rows), int(d.packed_pair_rows) if pair else 0)
@@ -132,7 +132,7 @@ def from_config(config, batch_shards: int = 1, rows: tuple[int, int] | None = No
   chunks)."""
   if rows is None:
     rows = configured_rows(config)
-  elif not bool(config.data.get("packing", False)):
+  elif not bool(config.data.packing):
     rows = None
   pair = str(config.loss.mlm_input) == "pair"
   return BatchSpec(

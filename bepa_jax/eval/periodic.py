@@ -45,8 +45,8 @@ class PeriodicEval:
 
 
 def from_config(config, model, tokenizer, mesh) -> PeriodicEval | None:
-  """None when eval.every_steps is 0 (or the config has no eval section)."""
-  if "eval" not in config or int(config.eval.every_steps) <= 0:
+  """None when eval.every_steps is 0."""
+  if int(config.eval.every_steps) <= 0:
     return None
   return PeriodicEval(config, model, tokenizer, mesh)
 

@@ -1,15 +1,9 @@
 """The train step: one jitted function with explicit shardings and a donated state.
 
-Batch layout (numpy on the host, global arrays on device), B = sentence pairs:
-  input_ids, token_type_ids, attention_mask : [B, 2, L]   side 0 = x, side 1 = y
-  mlm_positions, mlm_ids                    : [B, 2, P]   P = max_predictions_per_seq
-  mlm_weights                               : [B, 2, P]   1.0 where a prediction is real
-  text_hash (optional)                      : [B, 2]      id of each sentence's text
-Both sides go through the encoder as one [2B, L] batch: the reshape keeps every
-device's rows local, so no data moves. Each sentence is still encoded on its own.
-Packed (data.packing, bepa_jax/data/packing.py): the token arrays are [G, R, L] (G groups =
-batch shards x micro-batches) with segment_ids, and cls_index [B, 2] / mlm_positions index
-each group's R x L grid; the per-pair keys keep [B, ...]. Both split over the same leading axis.
+The batch is laid out as data/batch_spec.py describes (padded [B, 2, L], packed [G, R, L] with
+segment ids, TLM pair sequences). Both sides go through the encoder as one [2B, L] batch: the
+reshape keeps every device's rows local, so no data moves; each sentence is still encoded on
+its own.
 """
 from __future__ import annotations
 
