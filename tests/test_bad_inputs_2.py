@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from bepa_jax.data import corpus as corpus_lib
+from bepa_jax.workdir_lock import LOCK_NAME
 from tests.conftest import REPO
 
 MODULES = {"bepa-train": "bepa_jax.cli.train", "bepa-eval": "bepa_jax.cli.eval",
@@ -56,10 +57,11 @@ def _one_error(r, prog, expected):
 
 
 def _snapshot(root):
-  """(path, size, mtime) of every file under root: what 'nothing saved changed' compares."""
+  """(path, size, mtime) of every file under root: what 'nothing saved changed' compares (the
+  workdir lock aside: each run on a workdir takes it)."""
   return sorted((os.path.join(d, f), os.path.getsize(os.path.join(d, f)),
                  os.stat(os.path.join(d, f)).st_mtime_ns)
-                for d, _, files in os.walk(root) for f in files)
+                for d, _, files in os.walk(root) for f in files if f != LOCK_NAME)
 
 
 def _column(lang, n=120):
