@@ -245,6 +245,7 @@ class Checkpointer:
       if verdict.ok and not verdict.checked and jax.process_index() == 0:
         log.warning("checkpoint %s/%d: %s", self.directory, step, verdict.problem)
       if error is None:
+        self._check_shapes(step, abstract_state)  # a healthy checkpoint of another shape
         try:
           with quiet.quiet_reads():
             out = self.manager.restore(step, args=ocp.args.Composite(
@@ -262,6 +263,24 @@ class Checkpointer:
       raise BepaError(f"none of the checkpoints in {self.directory} can be read "
                       f"({'; '.join(errors)}); move them away to start from scratch")
     return None
+
+  def _check_shapes(self, step: int, abstract_state) -> None:
+    """Raises ShapeMismatch when the saved params' shapes differ from `abstract_state`'s (read
+    from Orbax's metadata, no array): that is another tokenizer or model, not damage."""
+    try:
+      with quiet.quiet_reads():
+        meta = ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / "state")
+    except Exception:  # noqa: BLE001  (unreadable: restore names it)
+      return
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", None) or meta
+    if not isinstance(tree, dict) or not isinstance(tree.get("params"), dict):
+      return
+    shapes = lambda t: {jax.tree_util.keystr(k): tuple(getattr(v, "shape", ()))
+                        for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+    saved, built = shapes(tree["params"]), shapes(state_items(abstract_state)["params"])
+    for key in sorted(saved.keys() & built.keys()):
+      if saved[key] != built[key]:
+        raise ShapeMismatch(self.directory, step, key, saved[key], built[key])
 
   # ------------------------------------------------------------------ save
   def should_save(self, step: int) -> bool:
@@ -368,6 +387,18 @@ class Checkpointer:
       except Exception:  # noqa: BLE001  (the failed save again)
         pass
       self._errors.remove()
+
+
+class ShapeMismatch(ConfigError):
+  """A healthy checkpoint whose parameters have other shapes than this run's (another tokenizer
+  or model): nothing is wrong with it, and nothing is changed."""
+
+  def __init__(self, directory, step: int, key: str, saved: tuple, built: tuple):
+    self.directory, self.step, self.key, self.saved, self.built = (
+        directory, step, key, saved, built)
+    super().__init__(f"checkpoint {directory}/{step} holds params{key} of shape {saved} but "
+                     f"this run builds {built}: it was saved with another model or tokenizer "
+                     f"(nothing was changed)")
 
 
 def state_items(state) -> dict:

@@ -56,7 +56,22 @@ def parse_args(argv):
     p.error(f"--max-length must be >= 3 ([CLS] s [SEP]) or 0 (the model's), got {args.max_length}")
   if args.batch_size < 1 or args.max_sentences < 0 or args.margin_k < 1:
     p.error("--batch-size and --margin-k must be >= 1, --max-sentences >= 0")
+  _absolute_paths(args)
   return args
+
+
+def _absolute_paths(args) -> None:
+  """The paths given, made absolute once (Orbax refuses relative checkpoint paths); a
+  --tokenizer that is no local path (a hub name) and --tatoeba tfds[:DIR] stay as given."""
+  for name in ("workdir", "hf_dir", "out"):
+    if getattr(args, name):
+      setattr(args, name, cli.absolute(getattr(args, name)))
+  args.compare = [cli.absolute(p) for p in args.compare] if args.compare else args.compare
+  args.parallel = [cli.absolute(p) for p in args.parallel]
+  if args.tatoeba and not args.tatoeba.startswith("tfds"):
+    args.tatoeba = cli.absolute(args.tatoeba)
+  if args.tokenizer and os.path.exists(args.tokenizer):
+    args.tokenizer = cli.absolute(args.tokenizer)
 
 
 def evaluate_model(path: str, sets, args, log):

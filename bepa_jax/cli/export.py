@@ -18,7 +18,8 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   def body():
-    out = export(args.workdir, args.out, args.step)
+    # user paths made absolute once (Orbax refuses relative checkpoint paths)
+    out = export(cli.absolute(args.workdir), cli.absolute(args.out), args.step)
     print(f"exported {args.workdir} -> {out}")
   return cli.guarded("bepa-export", body)
 

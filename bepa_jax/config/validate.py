@@ -95,6 +95,12 @@ def _validate_data(d) -> None:
     raise ConfigError(f"data.mask_prob must be in (0, 1), got {d.mask_prob}")
   if int(d.max_predictions_per_seq) < 1:
     raise ConfigError(f"data.max_predictions_per_seq must be >= 1, got {d.max_predictions_per_seq}")
+  if int(d.seed) < 0:  # numpy's generators take no negative seed
+    raise ConfigError(f"data.seed must be >= 0, got {d.seed}")
+  if not math.isfinite(float(d.temperature)) or not float(d.temperature) > 0:
+    raise ConfigError(f"data.temperature must be a finite number > 0, got {d.temperature}")
+  if int(d.max_chars) < 1:
+    raise ConfigError(f"data.max_chars must be >= 1, got {d.max_chars}")
 
 
 def _validate_train(t, optim) -> None:
@@ -110,8 +116,9 @@ def _validate_train(t, optim) -> None:
     raise ConfigError(f"train.global_batch must be >= 1, got {t.global_batch}")
   if int(t.grad_accum_steps) < 1:
     raise ConfigError(f"train.grad_accum_steps must be >= 1, got {t.grad_accum_steps}")
-  if float(optim.learning_rate) <= 0:
-    raise ConfigError(f"optim.learning_rate must be > 0, got {optim.learning_rate}")
+  if not math.isfinite(float(optim.learning_rate)) or float(optim.learning_rate) <= 0:
+    raise ConfigError(f"optim.learning_rate must be a finite number > 0, got "
+                      f"{optim.learning_rate}")
   if int(optim.warmup_steps) < 0:
     raise ConfigError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
 
@@ -212,6 +219,19 @@ def validate_checkpoint(ckpt_cfg) -> None:
   if ckpt_cfg.keep_best_mode not in ("min", "max"):
     raise ConfigError(f"checkpoint.keep_best_mode={ckpt_cfg.keep_best_mode!r} is not one of "
                       f"min, max")
+  name = str(ckpt_cfg.keep_best_metric)
+  if name and name not in STEP_METRICS and not name.startswith("eval/"):
+    import difflib
+    close = difflib.get_close_matches(name, STEP_METRICS, n=1)
+    raise ConfigError(f"checkpoint.keep_best_metric={name!r} is not a metric the trainer saves"
+                      + (f" (did you mean {close[0]!r}?)" if close else "") + f"; known: "
+                      f"{', '.join(STEP_METRICS)}, or eval/<name> of the periodic evaluation")
+
+
+# What a train step reports (objective/loss.py, objective/infonce.py, training/step.py): the
+# names checkpoint.keep_best_metric can rank by, besides eval/... when eval.every_steps > 0.
+STEP_METRICS = ("loss", "mlm_loss", "mlm_accuracy", "contrastive_loss", "acc_x2y", "acc_y2x",
+                "pos_cos", "neg_cos", "temperature", "grad_norm", "learning_rate")
 
 
 def split_list(s) -> list[str]:

@@ -22,14 +22,15 @@ def open_configured_sources(data_cfg):
       config_lib.split_list(data_cfg.languages))
 
 
-def training_texts(data_cfg, limit: int = 2_000_000):
-  """Distinct sentences of the configured sources (to train a tokenizer on first use)."""
-  comps, _, _ = open_configured_sources(data_cfg)
+def training_texts(data_cfg, limit: int = 2_000_000, opened=None):
+  """Distinct sentences of the configured sources (to train a tokenizer on first use);
+  `opened`: open_configured_sources' result, when the caller has it."""
+  comps, _, _ = opened or open_configured_sources(data_cfg)
   return sources.iter_texts(comps, limit)
 
 
 def load_tokenizer(config, workdir: str, train_if_missing: bool = True,
-                   hf_dir: str | None = None) -> tokenizer_lib.Tokenizer:
+                   hf_dir: str | None = None, opened=None) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer: tokenizer.path (of tokenizer.kind), else `hf_dir`'s, else the
   sentencepiece model cached in the workdir, trained on the corpus on first use.
 
@@ -54,7 +55,7 @@ def load_tokenizer(config, workdir: str, train_if_missing: bool = True,
       tc = config.tokenizer
       log.info("training a %d-piece %s tokenizer on the corpus -> %s", tc.vocab_size,
                tc.model_type, path)
-      texts = training_texts(config.data)
+      texts = training_texts(config.data, opened=opened)
       tokenizer_lib.train_sentencepiece(texts, os.path.dirname(path), tc.vocab_size,
                                         tc.model_type)
       got = tokenizer_lib.SentencePieceTokenizer(path).vocab_size
@@ -67,16 +68,17 @@ def load_tokenizer(config, workdir: str, train_if_missing: bool = True,
   return tokenizer_lib.SentencePieceTokenizer(path)
 
 
-def build_pipeline(config, tokenizer, batch_shards: int | None = None
+def build_pipeline(config, tokenizer, batch_shards: int | None = None, opened=None
                    ) -> pair_pipeline.PairPipeline:
   """`batch_shards`: data x fsdp of the run's mesh (default: the mesh on every device); the
-  packing groups (data.packing) are one shard's share of one micro-batch."""
+  packing groups (data.packing) are one shard's share of one micro-batch. `opened`:
+  open_configured_sources' result, when the caller has it."""
   import jax
   d = config.data
   if batch_shards is None:
     data, fsdp, _ = mesh_lib.resolve_shape(config.mesh, jax.device_count())
     batch_shards = data * fsdp
-  comps, weights, stats = open_configured_sources(d)
+  comps, weights, stats = opened or open_configured_sources(d)
   pipe = pair_pipeline.PairPipeline(
       comps, weights, tokenizer, global_batch=int(config.train.global_batch),
       max_length=int(d.max_length), mask_prob=float(d.mask_prob),

@@ -24,6 +24,8 @@ import dataclasses
 import glob
 import itertools
 import json
+import logging
+import math
 import os
 import re
 from typing import Iterator, Sequence
@@ -35,6 +37,8 @@ from bepa_jax.data.records import (  # noqa: F401  (re-exported: sources.Compone
     Component, LoadStats, TextPolicy, select_pairs)
 from bepa_jax.data.text_files import IndexedLines, read_lines
 from bepa_jax.errors import ConfigError, InputError
+
+log = logging.getLogger("bepa")
 
 
 # ----------------------------------------------------------------------------- components
@@ -165,8 +169,19 @@ def tatoeba_dir(directory: str, policy: TextPolicy, stats: LoadStats,
   if langs:
     missing = [l for l in langs if l not in found]
     if missing:
-      raise InputError(f"{directory}: no tatoeba files for {', '.join(missing)}")
+      half = os.path.join(directory, f"tatoeba.{missing[0]}-eng.{missing[0]}")
+      raise InputError(f"{directory}: no tatoeba files for {', '.join(missing)}" + (
+          f" ({half} has no tatoeba.{missing[0]}-eng.eng beside it)"
+          if os.path.exists(half) else ""))
     found = list(langs)
+  else:  # a language whose .eng side is missing is dropped: never without a word
+    halves = sorted(os.path.basename(p)[len("tatoeba."):].split("-eng.")[0]
+                    for p in glob.glob(os.path.join(directory, "tatoeba.*-eng.*"))
+                    if not p.endswith(".eng"))
+    dropped = sorted(set(halves) - set(found))
+    if dropped:
+      log.warning("%s: %d language(s) without their tatoeba.xxx-eng.eng file skipped: %s",
+                  directory, len(dropped), ", ".join(dropped))
   if not found:
     raise InputError(f"{directory}: no tatoeba.xxx-eng.{{xxx,eng}} files")
   out = []
@@ -269,6 +284,18 @@ class SourceSpec:
 KINDS = ("embedded", "aligned", "tatoeba", "tsv", "jsonl", "tfds", "mono")
 
 
+def _weight(part: str, text: str) -> float:
+  """The `@W` of a source entry: a finite number > 0 (1e400 is inf, '.' or 'abc' no number)."""
+  try:
+    weight = float(text)
+  except ValueError:
+    raise ConfigError(f"data.source entry {part!r}: weight {text!r} is not a number") from None
+  if not math.isfinite(weight) or not weight > 0:
+    raise ConfigError(f"data.source entry {part!r}: weight {text!r} must be a finite number "
+                      f"> 0") from None
+  return weight
+
+
 def parse_specs(text: str) -> list[SourceSpec]:
   """`kind:arg[@weight]; ...` -> specs (see the module docstring)."""
   specs = []
@@ -280,11 +307,9 @@ def parse_specs(text: str) -> list[SourceSpec]:
       raise ConfigError(f"data.source entry {part!r} must be KIND:ARG with KIND one of "
                         f"{', '.join(KINDS)} (or data.source=embedded)")
     weight = 1.0
-    m = re.fullmatch(r"(.*)@([0-9.eE+-]+)", arg)
-    if m:
-      arg, weight = m.group(1), float(m.group(2))
-      if not weight > 0:
-        raise ConfigError(f"data.source entry {part!r}: weight must be > 0")
+    head, at, text_weight = arg.rpartition("@")
+    if at and not re.search(r"[/{}]", text_weight):  # else an @ inside a path
+      arg, weight = head, _weight(part, text_weight)
     specs.append(SourceSpec(kind, arg.strip(), weight))
   if not specs:
     raise ConfigError("data.source is empty")
@@ -365,6 +390,12 @@ def open_sources(text: str, policy: TextPolicy | None = None, pairs=None,
                        + (" for data.pairs" if pairs else ""))
     comps += got
     weights += [spec.weight] * len(got)
+  if pairs:  # a pair no source holds would be dropped without a word
+    held = {frozenset((c.lang_x, c.lang_y)) for c in comps}
+    missing = [f"{a}-{b}" for a, b in pairs if frozenset((a, b)) not in held]
+    if missing:
+      raise ConfigError(f"data.pairs: {', '.join(missing)} in none of the sources (they hold "
+                        f"{', '.join(sorted('-'.join(sorted(p)) for p in held))})")
   return comps, weights, stats
 
 

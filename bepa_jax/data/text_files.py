@@ -5,8 +5,10 @@ None (skip): the caller counts and drops it.
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import os
+import zlib
 
 import numpy as np
 
@@ -27,19 +29,37 @@ def open_binary(path: str):
   return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+# Byte-order marks of encodings other than UTF-8: such a file is named, never read line by line
+# (its newlines are two or four bytes, so the line count would be wrong before any error).
+_OTHER_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+               (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def check_first_line(path: str, raw: bytes) -> bytes:
+  """The first line without a UTF-8 byte-order mark; a UTF-16/32 file is an InputError."""
+  for bom, name in _OTHER_BOMS:
+    if raw.startswith(bom):
+      raise InputError(f"{path}: {name} text (byte-order mark {bom.hex(' ').upper()}), not "
+                       f"UTF-8: convert it, e.g. iconv -f {name} -t UTF-8")
+  return raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+
+
 def read_lines(path: str, policy: TextPolicy) -> list[str | None]:
-  """Every line of a plain or gzip file; None marks a line that is not UTF-8 (when skipped)."""
+  """Every line of a plain or gzip file; None marks a line that is not UTF-8 (when skipped).
+  A UTF-8 byte-order mark is dropped; a UTF-16/32 file is refused, naming its encoding."""
   out = []
   try:
     with open_binary(path) as f:
       for lineno, raw in enumerate(f, start=1):
+        if lineno == 1:
+          raw = check_first_line(path, raw)
         try:
           out.append(raw.decode("utf-8").rstrip("\r\n"))
         except UnicodeDecodeError as e:
           if policy.invalid_utf8 == "error":
             raise _invalid_utf8(f"{path}:{lineno}", e) from None
           out.append(None)
-  except (OSError, EOFError) as e:  # e.g. a truncated or non-gzip .gz file
+  except (OSError, EOFError, zlib.error) as e:  # a truncated, corrupt or non-gzip .gz file
     if isinstance(e, InputError):
       raise
     raise InputError(f"{path}: cannot read: {e}") from None

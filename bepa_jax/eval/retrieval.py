@@ -12,6 +12,7 @@ import gzip
 import itertools
 import os
 import re
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -39,11 +40,14 @@ def read_lines(path: str) -> list[str]:
   """Lines of a text file (.gz read transparently), newline stripped."""
   if not os.path.isfile(path):
     raise InputError(f"{path}: file not found")
+  from bepa_jax.data.text_files import check_first_line
   opener = gzip.open if path.endswith(".gz") else open
   try:
-    with opener(path, "rt", encoding="utf-8") as f:
-      return [line.rstrip("\n").rstrip("\r") for line in f]
-  except (UnicodeDecodeError, OSError, EOFError) as e:
+    with opener(path, "rb") as f:
+      raw = f.read()
+    lines = check_first_line(path, raw).decode("utf-8").split("\n")
+    return [l.rstrip("\r") for l in (lines[:-1] if lines[-1] == "" else lines)]
+  except (UnicodeDecodeError, OSError, EOFError, zlib.error) as e:
     raise InputError(f"{path}: cannot read as UTF-8 text ({e})") from None
 
 

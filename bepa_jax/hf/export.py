@@ -93,6 +93,8 @@ def export(workdir: str, out_dir: str, step: int | None = None) -> str:
   """Writes `out_dir` whole or not at all (built in a temporary sibling, then renamed)."""
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     raise InputError(f"{out_dir}: exists and is not empty; refusing to overwrite")
+  if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+    raise InputError(f"{out_dir}: exists and is not a directory; refusing to overwrite")
   config, model_cfg, params, step = load_workdir_params(workdir, step)
   tmp = out_dir.rstrip("/") + ".tmp-export"
   shutil.rmtree(tmp, ignore_errors=True)

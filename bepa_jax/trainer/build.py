@@ -47,12 +47,13 @@ class Job:
 
 
 def build(config: ml_collections.ConfigDict | Specs, workdir: str, devices=None,
-          ckpt=None) -> Job:
+          ckpt=None, opened=None) -> Job:
   """Specs (or a config, validated here) -> mesh -> tokenizer and data -> model and sharded
   state -> jitted step. Below this function no ConfigDict is read: libraries take specs.
 
   With a checkpoint.store.Checkpointer, the state is restored from its latest readable checkpoint
-  (straight into this mesh's shardings) instead of initialised, when there is one.
+  (straight into this mesh's shardings) instead of initialised, when there is one. `opened`:
+  data.factory.open_configured_sources' result, when the caller opened the sources already.
   """
   devices = list(jax.devices() if devices is None else devices)
   config = config if isinstance(config, Specs) else check_config(config, len(devices))
@@ -60,13 +61,14 @@ def build(config: ml_collections.ConfigDict | Specs, workdir: str, devices=None,
   mesh = mesh_lib.create_mesh(config.mesh, devices)
   log.info("mesh %s on %d devices (%d processes)", dict(zip(mesh_lib.AXES, shape)),
            len(devices), jax.process_count())
+  # the sources opened (and checked) once, before config.json is written or a tokenizer trained
+  opened = opened or data_factory.open_configured_sources(config.data)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2)
 
-  tokenizer = data_factory.load_tokenizer(config, workdir, hf_dir=hf_init.tokenizer_dir(config))
-  pipeline = data_factory.build_pipeline(config, tokenizer, shape[0] * shape[1])
+  tokenizer = data_factory.load_tokenizer(config, workdir, hf_dir=hf_init.tokenizer_dir(config),
+                                          opened=opened)
+  pipeline = data_factory.build_pipeline(config, tokenizer, shape[0] * shape[1], opened=opened)
   if pipeline.truncated:
     log.info("%d sentences are longer than data.max_length=%d and are truncated",
              pipeline.truncated, config.data.max_length)
@@ -80,7 +82,10 @@ def build(config: ml_collections.ConfigDict | Specs, workdir: str, devices=None,
   restored = None
   if ckpt is not None:  # abstract arrays carry this mesh's shardings: any saved mesh restores
     abstract, shardings = train_state.abstract_state(*init_args, **init_kwargs)
-    restored = ckpt.restore_latest(abstract)
+    restored = _restore(ckpt, abstract, tokenizer, config, workdir)
+  if jax.process_index() == 0:  # once the checkpoints are known to fit this run
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2)
   if restored is not None:
     state = ckpt_lib.restore_state(abstract, restored)
     guard.check_resumed_data(pipeline, restored, config)
@@ -103,6 +108,23 @@ def build(config: ml_collections.ConfigDict | Specs, workdir: str, devices=None,
            train_state.count_params(state.params) / 1e6)
   step_fn = step_lib.make_train_step(model, config, mesh, shardings, schedule)
   return Job(config, mesh, tokenizer, pipeline, model_cfg, model, state, shardings, step_fn)
+
+
+def _restore(ckpt, abstract, tokenizer, config, workdir: str):
+  """The latest readable checkpoint; a word-embedding table of another size is named as the
+  tokenizer that changed (both sizes, the file), not as damaged checkpoints."""
+  try:
+    return ckpt.restore_latest(abstract)
+  except ckpt_lib.ShapeMismatch as e:
+    if "embed" not in e.key or e.saved[:1] == e.built[:1]:
+      raise
+    path = (config.tokenizer.path or hf_init.tokenizer_dir(config)
+            or os.path.join(workdir, "tokenizer", "spm.model"))
+    raise ConfigError(f"the tokenizer {path} ({tokenizer.vocab_size} pieces) does not match the "
+                      f"checkpoints in {ckpt.directory}, trained with a {e.saved[0]}-token "
+                      f"vocabulary (checkpoint {e.step}: params{e.key} {e.saved}, this run "
+                      f"{e.built}): put their tokenizer back or use a new --workdir; nothing "
+                      f"was changed") from None
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> Specs:

@@ -13,7 +13,9 @@ import numpy as np
 
 from bepa_jax.checkpoint import store as ckpt_lib
 from bepa_jax.data import batch_spec
+from bepa_jax.data import factory as data_factory
 from bepa_jax.data.pipeline import Pipeline
+from bepa_jax.errors import ConfigError
 from bepa_jax import host_memory
 from bepa_jax import mesh as mesh_lib
 from bepa_jax import profiling
@@ -114,6 +116,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   Phases: validate (once) -> lock the workdir -> compare with its checkpoints ->
   build -> loop -> summary. Nothing is written or removed before the lock is held."""
   specs = check_config(config, jax.device_count())  # the ConfigDict is not read after this
+  # the sources opened and checked before anything is written (the lock, checkpoints/, a tokenizer)
+  opened = data_factory.open_configured_sources(specs.data)
   # Held before the checkpointer opens: opening drops incomplete saves, which on a busy
   # workdir would be the other run's save in progress.
   lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
@@ -121,16 +125,28 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     ckpt = ckpt_lib.Checkpointer(workdir, specs.checkpoint)
     ckpt.check_config(specs.to_dict())  # before anything is built or config.json is rewritten
     guard = Guard(ckpt, handle_preemption=True)  # SIGTERM: save at the end of the step, stop
-    job = build(specs, workdir, ckpt=ckpt)
+    saved = ckpt.steps()
+    if saved and specs.train.steps:  # before anything is built or config.json is rewritten
+      check_steps(specs.train.steps, saved[-1], ckpt.directory)
+    job = build(specs, workdir, ckpt=ckpt, opened=opened)
     if host_memory.applied():  # set by main() before XLA started; logged once the job is valid
       log.info("train.host_malloc=%s: glibc keeps freed host memory (no per-step page faults)",
                specs.train.host_malloc)
     if specs.train.steps == 0:
       return save_initial_state(job, ckpt, workdir), {}
     first = int(jax.device_get(job.state.step))
+    check_steps(specs.train.steps, first, ckpt.directory)  # the step restored, if not the last
     state, metrics = run_steps(job, ckpt, guard, workdir, first)
     summarize(job, ckpt, workdir, first, int(jax.device_get(state.step)))
     return state, metrics
+
+
+def check_steps(steps: int, restored: int, directory) -> None:
+  """A run whose train.steps lies below its restored step would train nothing: say so."""
+  if steps < restored:
+    raise ConfigError(f"train.steps={steps} is below the restored step {restored} (checkpoints "
+                      f"in {directory}): nothing to train; raise train.steps or use a new "
+                      f"--workdir")
 
 
 def run_steps(job: Job, ckpt, guard: Guard, workdir: str, first: int):
