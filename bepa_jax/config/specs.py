@@ -40,6 +40,7 @@ class LossSpec:
   predictor_dim: int
   ema_decay: float
   contrastive_chunk: int
+  mlm_vocab_chunk: int
 
   @property
   def encoder_passes(self) -> tuple[str, ...]:

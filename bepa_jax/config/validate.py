@@ -15,6 +15,7 @@ from bepa_jax import mesh as mesh_lib
 from bepa_jax.errors import ConfigError
 from bepa_jax.model import POOLINGS, EncoderConfig
 from bepa_jax.objective import infonce
+from bepa_jax.objective import mlm
 
 
 _CHOICES = {
@@ -191,6 +192,7 @@ def _validate_loss_options(loss) -> None:
   for key in ("projector_layers", "projector_dim", "predictor_layers", "predictor_dim"):
     if int(loss[key]) < 0:
       raise ConfigError(f"loss.{key} must be >= 0, got {loss[key]}")
+  mlm.check_vocab_chunk(int(loss.mlm_vocab_chunk))
   if not 0.0 <= float(loss.ema_decay) < 1.0:
     raise ConfigError(f"loss.ema_decay must be in [0, 1), got {loss.ema_decay}")
   if str(loss.cls_input) not in ("masked", "clean"):
