@@ -160,6 +160,9 @@ def get_config() -> ml_collections.ConfigDict:
       fsdp=1,
       tensor=1,
       dcn_data=1,
+      shard_optimizer=False,         # ZeRO-1: Adam's mu and nu split over the batch axes (data,
+                                     # fsdp) too; each shard updates its slice, the new parameters
+                                     # are gathered back (bepa_jax/training/state.py)
       # logical axis -> mesh axes. Parameters and activations name logical axes only.
       rules=(
           ("batch", ("data", "fsdp")),

@@ -135,6 +135,7 @@ class MeshSpec:
   fsdp: int
   tensor: int
   dcn_data: int
+  shard_optimizer: bool
   rules: tuple
 
 

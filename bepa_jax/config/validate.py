@@ -52,6 +52,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
   validate_checkpoint(config.checkpoint)
   _validate_eval(config)
   _validate_rules(config.mesh.rules)
+  if not isinstance(config.mesh.shard_optimizer, bool):
+    raise ConfigError(f"mesh.shard_optimizer must be True or False, got "
+                      f"{config.mesh.shard_optimizer!r}")
   _validate_data(config.data)
   _validate_train(config.train, config.optim)
   shape = mesh_lib.resolve_shape(config.mesh, num_devices)
