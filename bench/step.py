@@ -3,6 +3,7 @@
   python bench/step.py                       # tiny + small, ours vs PyTorch, 10 reps
   python bench/step.py --configs base --reps 3
   python bench/step.py --configs small --model.dtype=bfloat16 --baseline none
+  python bench/step.py --configs tiny --model.vocab_size=250002 --mlm_vocab_chunk 16384
 
 For each config: compile time, XLA's compiled peak memory, then `reps` rounds that alternate
 one step of ours, one of each PyTorch variant and one large matmul per framework (the machine
@@ -18,6 +19,9 @@ repetition beats it, the peak is reported unreliable and that rate is used as a 
 of the peak (harness.mfu_peak), so no MFU above 100% is printed. Throughput: real (non-pad)
 tokens/s (bepa_jax/training/throughput.py; the synthetic batch is full length, padding 0%; real
 sentences: bench/authors_step.py, bench/packing.py). Honours XLA_FLAGS.
+--mlm_vocab_chunk N adds a row, ours_mlm_chunk: our step with loss.mlm_vocab_chunk=N (the MLM
+cross-entropy streamed over N vocabulary rows at a time, bepa_jax/objective/mlm.py), its compile
+time and compiled memory beside the dense step's, timed in the same interleaved rounds.
 Results go to bench/results/step_<tag>.json.
 """
 from __future__ import annotations
@@ -50,6 +54,13 @@ def run_config(name: str, args, overrides: dict) -> dict:
   tokens = throughput.count(harness.synthetic_batch(config), config.loss)
   compiled, state, batch, mesh, compile_s, mem = harness.build_jax_step(config)
   fns = {"ours": harness.step_runner(compiled, state, batch, mesh)}
+  chunk_row = None
+  if args.mlm_vocab_chunk:  # the same step with the MLM cross-entropy streamed over the vocab
+    config_c = harness.make_config(name, **overrides)
+    config_c.loss.mlm_vocab_chunk = args.mlm_vocab_chunk
+    compiled_c, state_c, batch_c, mesh_c, compile_c, mem_c = harness.build_jax_step(config_c)
+    fns["ours_mlm_chunk"] = harness.step_runner(compiled_c, state_c, batch_c, mesh_c)
+    chunk_row = dict(chunk=args.mlm_vocab_chunk, compile_s=compile_c, memory=mem_c)
   n = args.matmul_n
   peak_fn = harness.MatmulPeak(sorted({max(n // 4, 64), max(n // 2, 64), n}))
   fns["xla_matmul"] = peak_fn
@@ -94,6 +105,8 @@ def run_config(name: str, args, overrides: dict) -> dict:
                   mfu_vs_best_matmul=fl["step"] / med[k] / best["peak"])
   if torch_peak is not None:
     res["peak_matmul_flops_torch"] = torch_peak
+  if chunk_row is not None:
+    res["mlm_chunk"] = dict(chunk_row, time_ratio_vs_dense=med["ours_mlm_chunk"] / med["ours"])
   for k in steps:
     if k.startswith("torch_"):
       res[f"ratio_vs_{k}"] = med[k] / med["ours"]
@@ -125,6 +138,12 @@ def report(res: dict) -> None:
     print(f"   {k:22s} {r['step_s'] * 1e3:8.1f} ms/step {r['real_tokens_per_s']:9.0f} real tok/s "
           f"{r['sequences_per_s']:7.1f} seq/s  MFU {100 * r['mfu']:5.1f}% "
           f"({100 * r['mfu_vs_best_matmul']:4.1f}% of the best matmul){ratio}")
+  if "mlm_chunk" in res:
+    c, r = res["mlm_chunk"], res["ours_mlm_chunk"]
+    print(f"   ours_mlm_chunk (loss.mlm_vocab_chunk={c['chunk']}): {r['step_s'] * 1e3:.1f} ms/step "
+          f"({c['time_ratio_vs_dense']:.2f}x the dense step's), compile {c['compile_s']:.1f}s, "
+          f"peak memory {c['memory']['peak_bytes'] / 2**20:.0f} MiB (temps "
+          f"{c['memory']['temp_size'] / 2**20:.0f} MiB)")
 
 
 def plot(out: dict, path: str) -> str | None:
@@ -162,6 +181,8 @@ def main(argv=None):
   p.add_argument("--baseline", choices=("hf", "gathered", "both", "none"), default="both")
   p.add_argument("--matmul_n", type=int, default=2048)
   p.add_argument("--tag", default="", help="suffix of the JSON file name")
+  p.add_argument("--mlm_vocab_chunk", type=int, default=0,
+                 help="> 0: also time our step with loss.mlm_vocab_chunk=N (row ours_mlm_chunk)")
   p.add_argument("--results_dir", default=harness.RESULTS, help="where the JSON and PNG go")
   p.add_argument("--host_malloc", choices=host_memory.MODES, default="auto",
                  help="ours: glibc settings of this process (bepa_jax/host_memory.py; auto = "

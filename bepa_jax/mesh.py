@@ -78,3 +78,24 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def shard_over_batch(sharding: NamedSharding, shape) -> NamedSharding:
+  """ZeRO-1 (mesh.shard_optimizer): `sharding` split further over the batch axes (data, fsdp)
+  it does not use yet, along the first dimension they divide together with the axes already
+  on it; unchanged (replicated over them) when no dimension does. For the optimizer state,
+  whose update is element-wise: each batch shard updates its slice, then the new parameters
+  are gathered back to their own sharding."""
+  mesh = sharding.mesh
+  entries = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  used = {a for e in spec for a in entries(e)}
+  extra = tuple(a for a in BATCH_AXES if a not in used and mesh.shape[a] > 1)
+  if not extra:
+    return sharding
+  count = math.prod(mesh.shape[a] for a in extra)
+  for i, (dim, e) in enumerate(zip(shape, spec)):
+    if dim % (count * math.prod(mesh.shape[a] for a in entries(e))) == 0:
+      spec[i] = entries(e) + extra
+      return NamedSharding(mesh, P(*spec))
+  return sharding

@@ -265,14 +265,19 @@ class MLMHead(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, h, word_embeddings: nn.Embed):
+  def __call__(self, h, word_embeddings: nn.Embed, decode: bool = True):
+    """[..., V] logits; decode=False: (the transformed h [..., H], (embeddings [V, H], bias
+    [V])), for a loss that applies the decoder itself (objective/mlm.py's chunked_mlm_loss).
+    The parameters are the same either way."""
     cfg = self.cfg
     h = nn.Dense(cfg.hidden_size, dtype=cfg.compute_dtype,
                  kernel_init=normal_init(cfg, ("embed", "mlp")), bias_init=zeros_init(("mlp",)),
                  name="dense")(h)
-    h = layer_norm(cfg, "LayerNorm")(gelu(h))
-    logits = word_embeddings.attend(h.astype(cfg.compute_dtype))
+    h = layer_norm(cfg, "LayerNorm")(gelu(h)).astype(cfg.compute_dtype)
     bias = self.param("bias", zeros_init(("vocab",)), (cfg.vocab_size,), jnp.float32)
+    if not decode:
+      return h, (word_embeddings.embedding, bias)
+    logits = word_embeddings.attend(h)
     return logits.astype(jnp.float32) + bias
 
 
@@ -306,12 +311,15 @@ class BepaEncoder(nn.Module):
     self.mlm_head = MLMHead(self.cfg)
 
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None, mlm_positions=None,
-               deterministic: bool = True, segment_ids=None, cls_index=None) -> dict[str, Any]:
+               deterministic: bool = True, segment_ids=None, cls_index=None,
+               mlm_decode: bool = True) -> dict[str, Any]:
     """One sentence per row: input_ids [N, L], mlm_positions [N, P] index each row.
 
     Packed (bepa_jax/data/packing.py): input_ids, token_type_ids, segment_ids [G, R, L]; each
     group's R x L tokens form one grid, and cls_index [G, n] / mlm_positions [G, m] are flat
     indices r * L + t into it: "cls" [G, n, H], "mlm_logits" [G, m, V].
+    mlm_decode=False: "mlm_hidden" [..., H] (the head before its decoder) and "mlm_decoder"
+    (word embeddings [V, H], bias [V]) instead of "mlm_logits" (no [positions, V] array).
     """
     packed = segment_ids is not None
     grid = input_ids.shape[:-1]
@@ -334,7 +342,11 @@ class BepaEncoder(nn.Module):
     cls = hidden[:, 0] if cls_index is None else pick(cls_index)
     out = {"hidden": hidden, "cls": cls.astype(jnp.float32)}
     if mlm_positions is not None:
-      out["mlm_logits"] = self.mlm_head(pick(mlm_positions), self.embeddings.word_embeddings)
+      mlm = self.mlm_head(pick(mlm_positions), self.embeddings.word_embeddings, mlm_decode)
+      if mlm_decode:
+        out["mlm_logits"] = mlm
+      else:
+        out["mlm_hidden"], out["mlm_decoder"] = mlm
     return out
 
   def mlm_logits_all(self, input_ids, token_type_ids=None, attention_mask=None):

@@ -62,6 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
                                      # stop-gradient; ema <- d * ema + (1 - d) * online, per step
       contrastive_chunk=0,           # > 0: streaming log-sum-exp over this many candidate columns
                                      # (b x chunk logits per device, not b x B; bepa_jax/objective/infonce.py)
+      mlm_vocab_chunk=0,             # > 0: MLM cross-entropy streamed over this many vocabulary rows
+                                     # at a time (no [positions, V] logits; e.g. 16384 for XLM-R's
+                                     # V = 250,002, any V; bepa_jax/objective/mlm.py); 0 = dense
   ))
 
   # --- Start from a pretrained HF checkpoint (continued pretraining, as in the paper).
@@ -157,6 +160,9 @@ def get_config() -> ml_collections.ConfigDict:
       fsdp=1,
       tensor=1,
       dcn_data=1,
+      shard_optimizer=False,         # ZeRO-1: Adam's mu and nu split over the batch axes (data,
+                                     # fsdp) too; each shard updates its slice, the new parameters
+                                     # are gathered back (bepa_jax/training/state.py)
       # logical axis -> mesh axes. Parameters and activations name logical axes only.
       rules=(
           ("batch", ("data", "fsdp")),

@@ -35,6 +35,7 @@ class LossSpec:
   predictor_dim: int
   ema_decay: float
   contrastive_chunk: int
+  mlm_vocab_chunk: int
 
   @property
   def encoder_passes(self) -> tuple[str, ...]:
@@ -129,6 +130,7 @@ class MeshSpec:
   fsdp: int
   tensor: int
   dcn_data: int
+  shard_optimizer: bool
   rules: tuple
 
 

@@ -52,6 +52,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
   validate_checkpoint(config.checkpoint)
   _validate_eval(config)
   _validate_rules(config.mesh.rules)
+  if not isinstance(config.mesh.shard_optimizer, bool):
+    raise ConfigError(f"mesh.shard_optimizer must be True or False, got "
+                      f"{config.mesh.shard_optimizer!r}")
   _validate_data(config.data)
   _validate_train(config.train, config.optim)
   shape = mesh_lib.resolve_shape(config.mesh, num_devices)
@@ -199,6 +202,9 @@ def _validate_loss_options(loss) -> None:
   for key in ("projector_layers", "projector_dim", "predictor_layers", "predictor_dim"):
     if int(loss[key]) < 0:
       raise ConfigError(f"loss.{key} must be >= 0, got {loss[key]}")
+  if int(loss.mlm_vocab_chunk) < 0:  # any V streams (the last chunk may be shorter)
+    raise ConfigError(f"loss.mlm_vocab_chunk must be >= 0 (0 = the dense [positions, vocab] "
+                      f"logits), got {loss.mlm_vocab_chunk}")
   if not 0.0 <= float(loss.ema_decay) < 1.0:
     raise ConfigError(f"loss.ema_decay must be in [0, 1), got {loss.ema_decay}")
   if str(loss.cls_input) not in ("masked", "clean"):

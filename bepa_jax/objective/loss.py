@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from bepa_jax import model as model_lib
 from bepa_jax.objective import heads
 from bepa_jax.objective import infonce
-from bepa_jax.objective.mlm import mlm_loss
+from bepa_jax.objective.mlm import chunked_mlm_loss, mlm_loss
 
 
 def _flat(a):
@@ -29,6 +29,7 @@ class Objective:
     self.weight = float(loss_cfg.weight)
     self.temperature = float(loss_cfg.temperature)
     self.opts = infonce.Options.from_config(loss_cfg)
+    self.mlm_chunk = int(loss_cfg.mlm_vocab_chunk)  # > 0: mlm.chunked_mlm_loss, no [N, V] logits
 
   def encode(self, params, batch, rng, with_mlm: bool = True):
     """-> ([CLS] [B, 2, H], (MLM ce sum, correct, count) or None). Both sides as one [2B] batch.
@@ -46,7 +47,7 @@ class Objective:
       out = self._apply(enc, batch, "input_ids", "sentence", with_mlm, rng, False)
       mlm = None
       if with_mlm:
-        mlm = mlm_loss(out["mlm_logits"], _flat(batch["mlm_ids"]), _flat(batch["mlm_weights"]))
+        mlm = self._mlm(out, _flat(batch["mlm_ids"]), _flat(batch["mlm_weights"]))
       return out["cls"], mlm
     rng_cls, rng_mlm = jax.random.split(rng)
     cls = self._apply(enc, batch, "input_ids", "sentence", False, rng_cls, False)["cls"]
@@ -57,10 +58,18 @@ class Objective:
     labels, weights = batch["mlm_ids"], batch["mlm_weights"]
     if mode == "sentence":
       labels, weights = _flat(labels), _flat(weights)
-    return cls, mlm_loss(out["mlm_logits"], labels, weights)
+    return cls, self._mlm(out, labels, weights)
+
+  def _mlm(self, out, labels, weights):
+    """(ce sum, correct, count) of one pass's MLM output: dense logits or streamed chunks."""
+    if not self.mlm_chunk:
+      return mlm_loss(out["mlm_logits"], labels, weights)
+    embedding, bias = out["mlm_decoder"]
+    return chunked_mlm_loss(out["mlm_hidden"], embedding, bias, labels, weights, self.mlm_chunk)
 
   def _apply(self, enc, batch, ids_key, mode, with_mlm, rng, deterministic):
-    """One encoder pass over batch[ids_key] -> {"cls" [B, 2, H], "mlm_logits" [N, P, V]}.
+    """One encoder pass over batch[ids_key] -> {"cls" [B, 2, H], "mlm_logits" [N, P, V]}
+    (with loss.mlm_vocab_chunk: "mlm_hidden" [N, P, H] and "mlm_decoder" instead).
 
     mode sentence: both sides [B, 2, L] as [2B, L] (or packed [G, R, L] with
     batch["segment_ids"]); pair: the TLM sequences [B, L] (or packed with mlm_segment_ids).
@@ -68,6 +77,7 @@ class Objective:
     B = batch["mlm_weights"].shape[0]
     ids = batch[ids_key]
     rngs = None if deterministic else {"dropout": rng}
+    decode = not self.mlm_chunk
     seg_key, mask_key = (("segment_ids", "attention_mask") if mode == "sentence" else
                          ("mlm_segment_ids", "mlm_attention_mask"))
     if seg_key in batch:  # packed: per-pair indices -> per-group indices, pairs in order
@@ -76,19 +86,21 @@ class Objective:
       pos = group(batch["mlm_positions"]) if with_mlm else None
       out = self.model.apply(enc, ids, jnp.zeros_like(ids), None, pos,
                              deterministic=deterministic, rngs=rngs,
-                             segment_ids=batch[seg_key], cls_index=group(batch["cls_index"]))
-      if with_mlm:  # [G, n, V] -> the unpacked layout [2B, P, V] or [B, 2P, V]
+                             segment_ids=batch[seg_key], cls_index=group(batch["cls_index"]),
+                             mlm_decode=decode)
+      if with_mlm:  # [G, n, V] -> the unpacked layout [2B, P, V] or [B, 2P, V] (or H for V)
         rows = 2 * B if mode == "sentence" else B
-        out["mlm_logits"] = out["mlm_logits"].reshape((rows, -1, out["mlm_logits"].shape[-1]))
+        key = "mlm_logits" if decode else "mlm_hidden"
+        out[key] = out[key].reshape((rows, -1, out[key].shape[-1]))
     elif mode == "pair":
       out = self.model.apply(enc, ids, jnp.zeros_like(ids), batch[mask_key],
                              batch["mlm_positions"] if with_mlm else None,
-                             deterministic=deterministic, rngs=rngs)
+                             deterministic=deterministic, rngs=rngs, mlm_decode=decode)
     else:
       out = self.model.apply(enc, _flat(ids), _flat(batch["token_type_ids"]),
                              _flat(batch[mask_key]),
                              _flat(batch["mlm_positions"]) if with_mlm else None,
-                             deterministic=deterministic, rngs=rngs)
+                             deterministic=deterministic, rngs=rngs, mlm_decode=decode)
     out["cls"] = out["cls"].reshape(B, 2, -1)
     return out
 

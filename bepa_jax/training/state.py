@@ -86,6 +86,20 @@ def init_fn(model: nn.Module, tx, example_inputs: dict, head=None,
   return init
 
 
+def state_shardings(boxed, mesh, mesh_cfg):
+  """The state's NamedShardings: parameters (and the optimizer state, the EMA copy) by their
+  logical axes; with mesh.shard_optimizer (ZeRO-1) the optimizer state is also split over the
+  batch axes (mesh.shard_over_batch). The jitted step's in/out shardings then make each batch
+  shard update its slice of the optimizer state and gather the new parameters back."""
+  shardings = nn.meta.unbox(mesh_lib.logical_shardings(boxed, mesh, mesh_cfg))
+  shardings = shardings.replace(step=mesh_lib.replicated(mesh))
+  if bool(mesh_cfg.shard_optimizer):
+    shapes = nn.meta.unbox(boxed).opt_state
+    shardings = shardings.replace(opt_state=jax.tree.map(
+        lambda sh, s: mesh_lib.shard_over_batch(sh, s.shape), shardings.opt_state, shapes))
+  return shardings
+
+
 def create_sharded_state(model, tx, example_inputs, rng, mesh, mesh_cfg, head=None,
                          ema: bool = False):
   """Initialises the state directly into its shardings (no host copy of the full model).
@@ -94,8 +108,7 @@ def create_sharded_state(model, tx, example_inputs, rng, mesh, mesh_cfg, head=No
   """
   init = init_fn(model, tx, example_inputs, head, ema)
   boxed = jax.eval_shape(init, rng)
-  shardings = nn.meta.unbox(mesh_lib.logical_shardings(boxed, mesh, mesh_cfg))
-  shardings = shardings.replace(step=mesh_lib.replicated(mesh))
+  shardings = state_shardings(boxed, mesh, mesh_cfg)
   with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.rules(mesh_cfg)):
     state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
   return state, shardings
@@ -105,8 +118,7 @@ def abstract_state(model, tx, example_inputs, rng, mesh, mesh_cfg, head=None, em
   """ShapeDtypeStructs of the state carrying the target shardings (for Orbax restore)."""
   init = init_fn(model, tx, example_inputs, head, ema)
   boxed = jax.eval_shape(init, rng)
-  shardings = nn.meta.unbox(mesh_lib.logical_shardings(boxed, mesh, mesh_cfg))
-  shardings = shardings.replace(step=mesh_lib.replicated(mesh))
+  shardings = state_shardings(boxed, mesh, mesh_cfg)
   shapes = nn.meta.unbox(boxed)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings), shardings
