@@ -46,7 +46,7 @@ class PeriodicEval:
 
 def from_config(config, model, tokenizer, mesh) -> PeriodicEval | None:
   """None when eval.every_steps is 0 (or the config has no eval section)."""
-  if "eval" not in config or int(config.eval.every_steps) <= 0:
+  if getattr(config, "eval", None) is None or int(config.eval.every_steps) <= 0:
     return None
   return PeriodicEval(config, model, tokenizer, mesh)
 
