@@ -128,9 +128,8 @@ def test_sentence_transformers_encode_equals_bepa_eval_cls(exported):
   assert np.abs(theirs - ours).max() <= 1e-5
 
 
+@pytest.mark.parametrize("exported", ["bert"], indirect=True)  # one is enough
 def test_pooling_mean_flag(exported, tmp_path):
-  if exported["family"] != "bert":
-    pytest.skip("one family is enough for the flag")
   out = str(tmp_path / "mean")
   assert export_cli.main(["--workdir", exported["wd"], "--out", out, "--pooling", "mean"]) == 0
   with open(os.path.join(out, "1_Pooling", "config.json")) as f:
@@ -306,9 +305,8 @@ def test_platforms_without_tpu(monkeypatch):
   assert cli_common.platforms_without_tpu({}) is None  # no libtpu: nothing to keep quiet
 
 
+@pytest.mark.parametrize("exported", ["bert"], indirect=True)  # one is enough
 def test_commands_print_no_tpu_noise_on_cpu(exported, parallel, tmp_path):
-  if exported["family"] != "bert":
-    pytest.skip("one run is enough")
   r = subprocess.run([sys.executable, "-m", "bepa_jax.cli.eval", "--hf-dir", exported["out"],
                       "--parallel", *parallel[:2], "--no-tsne", "--out", str(tmp_path / "e")],
                      capture_output=True, text=True, env=_user_env(), cwd=REPO, timeout=600)
