@@ -95,7 +95,7 @@ def export_parity(workdir: str, out_dir: str, texts: list[str]) -> dict:
   import torch
   import transformers
   from bepa_jax import loading
-  from bepa_jax.hf import export
+  from bepa_jax.hf import export, files
   from bepa_jax.model import BepaEncoder
   export.export(workdir, out_dir)
   transformers.logging.set_verbosity_error()
@@ -104,7 +104,8 @@ def export_parity(workdir: str, out_dir: str, texts: list[str]) -> dict:
   ours_tok = loaded.tokenizer
   ids_differ = sum(tok(t)["input_ids"] != [ours_tok.cls_id] + ours_tok.encode_batch([t])[0]
                    + [ours_tok.sep_id] for t in texts)
-  batch = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="np")
+  length = files.st_max_seq_length(out_dir) or 128  # where SentenceTransformer(out_dir) cuts
+  batch = tok(texts, padding=True, truncation=True, max_length=length, return_tensors="np")
   out = BepaEncoder(loaded.model_cfg).apply({"params": loaded.params}, batch["input_ids"],
                                             batch.get("token_type_ids"), batch["attention_mask"])
   cls, hidden = np.asarray(out["cls"]), np.asarray(out["hidden"], np.float64)
@@ -120,10 +121,12 @@ def export_parity(workdir: str, out_dir: str, texts: list[str]) -> dict:
     import sentence_transformers as st
   except ImportError:
     result["sentence_transformers"] = "not installed"
-  else:  # the exported modules when the run started from one, else transformers + mean pooling
+  else:  # the export's modules: [CLS] (or the modules of the model the run started from)
     enc = st.SentenceTransformer(out_dir, device="cpu", local_files_only=True)
     emb = enc.encode(texts, convert_to_numpy=True, batch_size=len(texts), normalize_embeddings=True)
-    result["sentence_transformers_max_abs_diff"] = float(np.abs(emb - mean).max())
+    ref = mean if files.st_pooling(out_dir) == "mean" else cls / np.linalg.norm(
+        cls.astype(np.float64), axis=1, keepdims=True)
+    result["sentence_transformers_max_abs_diff"] = float(np.abs(emb - ref).max())
   diffs = [v for k, v in result.items() if k.endswith("max_abs_diff")]
   result["within_1e-5"] = bool(max(diffs) <= 1e-5)
   return result

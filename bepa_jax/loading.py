@@ -65,10 +65,14 @@ def load_workdir(workdir: str, tokenizer_path: str | None = None) -> Loaded:
 
 
 def load_hf_dir(hf_dir: str, tokenizer_path: str | None = None) -> Loaded:
+  """max_length: the sentence-transformers max_seq_length beside the encoder (an export's is
+  its run's data.max_length, so it scores as its workdir does), else 128."""
   model_cfg, params = hf_convert.load_hf(hf_dir)
-  tokenizer = tokenizers_lib.load(tokenizer_path or hf_files.resolve_model_dir(hf_dir))
+  model_dir = hf_files.resolve_model_dir(hf_dir)
+  tokenizer = tokenizers_lib.load(tokenizer_path or model_dir)
+  length = hf_files.st_max_seq_length(model_dir) or 128
   return Loaded(os.path.basename(os.path.normpath(hf_dir)), model_cfg, params, tokenizer,
-                defaults.get_config().mesh, min(128, max_tokens(model_cfg)))
+                defaults.get_config().mesh, min(length, max_tokens(model_cfg)))
 
 
 def max_tokens(model_cfg: EncoderConfig) -> int:

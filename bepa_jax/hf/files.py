@@ -26,8 +26,14 @@ ST_MODULES = "modules.json"
 # Transformer since v1, BERT / XLMRoBERTa in the oldest saved models)
 _ST_ENCODER_CLASSES = ("Transformer", "BERT", "RoBERTa", "XLMRoBERTa")
 # sentence-transformers files that go along with an export: at the top / beside the encoder
-ST_ROOT_FILES = ("config_sentence_transformers.json",)
-ST_ENCODER_FILES = ("sentence_bert_config.json",)
+ST_CONFIG = "config_sentence_transformers.json"
+ST_TRANSFORMER_CONFIG = "sentence_bert_config.json"
+ST_ROOT_FILES = (ST_CONFIG,)
+ST_ENCODER_FILES = (ST_TRANSFORMER_CONFIG,)
+ST_POOLINGS = ("cls", "mean")  # the embeddings bepa-eval reports (bepa_jax/eval/embed.py)
+# the module types in the classic spelling, which every sentence-transformers since v2 reads
+_ST_TYPES = ("sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+             "sentence_transformers.models.Normalize")
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,6 +54,12 @@ def read_config(path: str) -> dict:
 def write_config(path: str, config: Mapping[str, Any]) -> None:
   with open(path, "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)
     f.write("\n")
 
 
@@ -116,13 +128,61 @@ def copy_sentence_transformers(st_dir: str, out_dir: str) -> bool:
     elif sub and os.path.isdir(os.path.join(st_dir, sub)):  # e.g. 2_Normalize may have no folder
       shutil.copytree(os.path.join(st_dir, sub), os.path.join(out_dir, sub))
     out_modules.append(m)
-  with open(os.path.join(out_dir, ST_MODULES), "w") as f:
-    json.dump(out_modules, f, indent=2)
-    f.write("\n")
+  _write_json(os.path.join(out_dir, ST_MODULES), out_modules)
   for name, src in [(n, st_dir) for n in ST_ROOT_FILES] + [(n, enc_dir) for n in ST_ENCODER_FILES]:
     if os.path.isfile(os.path.join(src, name)):
       shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
   return True
+
+
+def write_sentence_transformers(out_dir: str, *, dim: int, max_seq_length: int,
+                                pooling: str = "cls") -> None:
+  """The sentence-transformers layout around the HF encoder at the top of `out_dir`:
+  Transformer -> Pooling ([CLS] or mean over real tokens) -> Normalize, so that
+  SentenceTransformer(out_dir).encode gives bepa-eval's L2-normalised embeddings."""
+  if pooling not in ST_POOLINGS:
+    raise HFFormatError(f"pooling {pooling!r} is not one of {', '.join(ST_POOLINGS)}")
+  paths = ("", "1_Pooling", "2_Normalize")  # Normalize has no files: no folder (as on the Hub)
+  _write_json(os.path.join(out_dir, ST_MODULES),
+              [{"idx": i, "name": str(i), "path": p, "type": t}
+               for i, (p, t) in enumerate(zip(paths, _ST_TYPES))])
+  _write_json(os.path.join(out_dir, ST_TRANSFORMER_CONFIG),
+              {"max_seq_length": int(max_seq_length), "do_lower_case": False})
+  _write_json(os.path.join(out_dir, ST_CONFIG),
+              {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
+  os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
+  _write_json(os.path.join(out_dir, "1_Pooling", CONFIG_NAME),
+              {"word_embedding_dimension": int(dim), "pooling_mode_cls_token": pooling == "cls",
+               "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+               "pooling_mode_mean_sqrt_len_tokens": False})
+
+
+def st_max_seq_length(model_dir: str) -> int | None:
+  """max_seq_length of the sentence_bert_config.json beside an encoder, else None."""
+  path = os.path.join(model_dir, ST_TRANSFORMER_CONFIG)
+  if not os.path.isfile(path):
+    return None
+  value = read_config(path).get("max_seq_length")
+  return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def st_pooling(st_dir: str) -> str | None:
+  """The pooling of a sentence-transformers directory ("cls", "mean", ...), else None."""
+  modules = sentence_transformers_modules(st_dir) or []
+  for m in modules:
+    if str(m.get("type", "")).rsplit(".", 1)[-1] == "Pooling":
+      path = os.path.join(st_dir, str(m.get("path") or ""), CONFIG_NAME)
+      if not os.path.isfile(path):
+        return None
+      cfg = read_config(path)
+      if isinstance(cfg.get("pooling_mode"), str):  # sentence-transformers >= 6
+        return cfg["pooling_mode"]
+      for key, name in (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
+                        ("pooling_mode_max_tokens", "max"),
+                        ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len")):
+        if cfg.get(key):
+          return name
+  return None
 
 
 # --------------------------------------------------------------------------------------------
