@@ -33,7 +33,8 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.n
 def inference_mesh(mesh_cfg, fsdp: int = 1, tensor: int = 1):
   """(mesh, mesh spec) for evaluation and fine-tuning: every device on the batch, with the
   saved logical-axis rules; fsdp/tensor > 1 shard the weights as in training."""
-  spec = MeshSpec(data=-1, fsdp=fsdp, tensor=tensor, dcn_data=1, rules=mesh_lib.rules(mesh_cfg))
+  spec = MeshSpec(data=-1, fsdp=fsdp, tensor=tensor, dcn_data=1, rules=mesh_lib.rules(mesh_cfg),
+                  shard_optimizer=False)
   return mesh_lib.create_mesh(spec), spec
 
 
