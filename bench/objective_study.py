@@ -29,7 +29,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
-from repro_multi30k import LANGS, SHARED, combine_pngs, table, train_source  # noqa: E402
+from repro_multi30k import (LANGS, SHARED, combine_pngs, table, train_source,  # noqa: E402
+                            train_tokenizer)
 
 VARIANTS = {  # name -> (loss.weight, loss.cls_input, loss.mlm_input)
     "(a) MLM only": (0.0, "masked", "sentence"),
@@ -263,7 +264,6 @@ def main(argv=None):
   for noisy in ("absl", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   import jax
-  from bepa_jax.cli import tokenizer as tokenizer_cli
   from bepa_jax import loading
   from bepa_jax.eval import diagnostics, retrieval
 
@@ -276,9 +276,8 @@ def main(argv=None):
   spm = hf_dir = None
   if kind != "hf":
     spm = os.path.join(root, "tokenizer", "spm.model")
-    if not os.path.exists(spm) and tokenizer_cli.main(
-        ["train", "--input", source, "--vocab-size", str(args.vocab_size), "--out",
-         os.path.dirname(spm)]):
+    if not os.path.exists(spm) and train_tokenizer(source, args.vocab_size,
+                                                   os.path.dirname(spm)):
       return 2
   reports, plots, extra = {}, {}, {}
   if kind == "mlm":

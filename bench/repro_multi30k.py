@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import subprocess
 import tempfile
 import time
 
@@ -23,6 +24,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 LANGS = ("en", "de", "fr", "cs")
+
+
+def train_tokenizer(source: str, vocab_size: int, out: str) -> int:
+  """`bepa-tokenizer train`, run as a user runs it (its own process); its exit status."""
+  return subprocess.run([sys.executable, "-m", "bepa_jax.cli.tokenizer", "train", "--input",
+                         source, "--vocab-size", str(vocab_size), "--out", out]).returncode
 
 
 def train_source(data_dir: str) -> str:
@@ -135,9 +142,7 @@ def main(argv=None):
   t0 = time.time()
   root = args.workdir or tempfile.mkdtemp(prefix="repro_multi30k_")
   source = train_source(m30k)
-  from bepa_jax.cli import tokenizer as tokenizer_cli  # `bepa-tokenizer train`, as a user runs it
-  if tokenizer_cli.main(["train", "--input", source, "--vocab-size", str(args.vocab_size),
-                         "--out", os.path.join(root, "tokenizer")]):
+  if train_tokenizer(source, args.vocab_size, os.path.join(root, "tokenizer")):
     return 2
   spm = os.path.join(root, "tokenizer", "spm.model")
   test_files = [os.path.join(m30k, f"test_2016_flickr.{l}.gz") for l in LANGS]
