@@ -37,13 +37,6 @@ class LossSpec:
   contrastive_chunk: int
   mlm_vocab_chunk: int
 
-  @property
-  def encoder_passes(self) -> tuple[str, ...]:
-    """The encoder passes a step runs over a batch: ("masked",) for one pass ([CLS] and MLM
-    from the masked sentences), else ("clean", "masked") or ("clean", "pair") (TLM)."""
-    if self.cls_input == "masked":
-      return ("masked",)
-    return ("clean", "pair" if self.mlm_input == "pair" else "masked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +100,6 @@ class TrainSpec:
   profile_steps: int
   host_malloc: str
 
-  @property
-  def micro_batches(self) -> int:
-    """The k micro-batches (or GradCache chunks) a step splits into; packing groups follow."""
-    return max(self.grad_accum_steps, self.gradcache_chunks, 1)
 
 
 @dataclasses.dataclass(frozen=True)
