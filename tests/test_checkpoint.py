@@ -99,11 +99,12 @@ def _hashes(directory):
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-  """A tokenizer, an XLA cache and the uninterrupted reference run."""
+  """A tokenizer, the XLA cache and the uninterrupted reference run."""
   from bepa_jax.data import corpus, tokenizer
   base = tmp_path_factory.mktemp("ckpt")
   tok = tokenizer.train_sentencepiece(corpus.load_embedded().texts(), str(base / "tok"), 400)
-  ctx = {"tokenizer": tok, "cache": base / "xla_cache", "ref": base / "ref"}
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or base / "xla_cache"  # the run's (conftest)
+  ctx = {"tokenizer": tok, "cache": cache, "ref": base / "ref"}
   r = _run(ctx, ctx["ref"])
   assert r.returncode == 0, r.stderr[-3000:]
   assert _steps(ctx["ref"]) == [2, 4, 6, 8]

@@ -83,6 +83,16 @@ def compile_step(config, topo: tpu_specs.Topology, slices: int = 1, hlo_path: st
   with [CLS]/[SEP], from the data) turns pairs/s into real tokens/s; without it only token
   positions/s (padding included) are reported.
   """
+  # libtpu's compile-only client can neither read nor usefully write persistent cache entries
+  cache_on = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    return _compile_step(config, topo, slices, hlo_path, tokens_per_sentence)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache_on)
+
+
+def _compile_step(config, topo, slices, hlo_path, tokens_per_sentence):
   config, layout_name = layout(config)
   devices = libtpu.topology_devices(topo, slices)
   shape = check(config, len(devices), slices, tokens_per_sentence)
