@@ -30,10 +30,12 @@ This module imports nothing from ``bepa_jax`` but its errors.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import importlib.util
 import os
 import re
+import socket
 import threading
 import time
 from typing import Mapping, Sequence
@@ -266,6 +268,32 @@ def _wants_gloo() -> bool:
   return not platforms or "cpu" in platforms
 
 
+def _check_port_free(setup: DistributedSetup) -> None:
+  """On process 0, which runs the coordinator: its port must be free. gRPC's bind failure
+  ("Failed to add port") crashes the process (SIGSEGV) instead of raising, so test it first
+  (as gRPC binds it: every interface, address reuse on)."""
+  if setup.process_id != 0 or setup.coordinator_address is None:
+    return
+  port = int(setup.coordinator_address.rpartition(":")[2])
+  flag = {"slurm": ENV_PORT}.get(setup.method, f"{ENV_ADDRESS} (or --coordinator_address)")
+  for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+    try:
+      sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:  # no IPv6 on this host: try IPv4
+      continue
+    with sock:
+      sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      try:
+        sock.bind((host, port))
+      except OSError as e:
+        if e.errno != errno.EADDRINUSE:  # e.g. IPv6 off: the IPv4 test decides
+          continue
+        raise DistributedInitError(
+          f"coordinator port {setup.coordinator_address} is in use ({e.strerror}): another job "
+          f"or an earlier run holds it; pick another port in {flag}") from None
+    return
+
+
 def _describe(setup: DistributedSetup, timeout_s: float) -> str:
   if setup.method == "tpu" and setup.coordinator_address is None:
     where = "coordinator=auto (TPU metadata)"
@@ -313,6 +341,7 @@ def initialize(
     kwargs["num_processes"] = setup.num_processes
   if setup.process_id is not None:
     kwargs["process_id"] = setup.process_id
+  _check_port_free(setup)
   if setup.method != "tpu" and _wants_gloo():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 

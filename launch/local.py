@@ -48,10 +48,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-  """A TCP port that was free a moment ago on ``host``."""
+def free_port(host: str = "127.0.0.1", port: int = 0) -> int:
+  """A TCP port free a moment ago on ``host`` (``port``, or any); a taken one: ValueError."""
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-    sock.bind((host, 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is free
+    try:
+      sock.bind((host, port))
+    except OSError as e:
+      raise ValueError(f"coordinator port {host}:{port} is in use ({e.strerror}): pick another "
+                       f"with --port, or leave --port out for a free one") from None
     return sock.getsockname()[1]
 
 
@@ -329,7 +334,7 @@ def run_local(
   """
   _check(command, num_processes, devices_per_process, stop_timeout_s)
   stream = sys.stdout if stream is None else stream
-  port = free_port() if port is None else port
+  port = free_port(port=port or 0)  # a given port checked before any worker starts
   log_dir = log_dir or tempfile.mkdtemp(prefix="bepa-local-")
   os.makedirs(log_dir, exist_ok=True)
   workers = _Workers(command, num_processes, devices_per_process, port, log_dir, env, stream,

@@ -8,8 +8,11 @@ counting what was affected.
 """
 import codecs
 import gzip
+import json
 import os
+import random
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -20,7 +23,8 @@ from bepa_jax.workdir_lock import LOCK_NAME
 from tests.conftest import REPO
 
 MODULES = {"bepa-train": "bepa_jax.cli.train", "bepa-eval": "bepa_jax.cli.eval",
-           "bepa-export": "bepa_jax.cli.export", "bepa-tokenizer": "bepa_jax.cli.tokenizer"}
+           "bepa-export": "bepa_jax.cli.export", "bepa-tokenizer": "bepa_jax.cli.tokenizer",
+           "bepa-transfer": "bepa_jax.cli.transfer", "bepa-ckpt": "bepa_jax.cli.ckpt"}
 TINY = {"model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 4,
         "model.intermediate_size": 64, "model.hidden_dropout": 0.0,
         "model.attention_dropout": 0.0, "data.max_length": 16, "data.max_predictions_per_seq": 3,
@@ -29,21 +33,22 @@ TINY = {"model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 4,
         "checkpoint.every_steps": 2, "checkpoint.every_minutes": 0, "checkpoint.async_save": False}
 
 
-def _env():
+def _env(**extra):
   return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
               XLA_FLAGS="--xla_force_host_platform_device_count=8",
-              TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+              TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **extra)
 
 
-def _run(prog, *args, cwd=REPO):
+def _run(prog, *args, cwd=REPO, env=None):
   return subprocess.run([sys.executable, "-m", MODULES[prog], *map(str, args)],
-                        capture_output=True, text=True, env=_env(), cwd=cwd, timeout=600)
+                        capture_output=True, text=True, env=_env(**(env or {})), cwd=cwd,
+                        timeout=600)
 
 
-def _train(workdir, cwd=REPO, **overrides):
+def _train(workdir, cwd=REPO, env=None, **overrides):
   cfg = {**TINY, **overrides}
   return _run("bepa-train", "--workdir", workdir,
-              *[f"--config.{k}={v}" for k, v in cfg.items()], cwd=cwd)
+              *[f"--config.{k}={v}" for k, v in cfg.items()], cwd=cwd, env=env)
 
 
 def _one_error(r, prog, expected):
@@ -73,21 +78,58 @@ def _lines(texts):
   return "".join(t + "\n" for t in texts)
 
 
+def _with_nul(texts, every=10):
+  """Every `every`-th line with a NUL byte inside it."""
+  return [t[:3] + "\x00" + t[3:] if i % every == 0 else t for i, t in enumerate(texts)]
+
+
+def _unseen(n):
+  """n sentences in a script none of the embedded corpus's languages uses (Devanagari): a
+  tokenizer trained on that corpus reads them as [UNK]."""
+  rng = random.Random(0)
+  letters = [chr(c) for c in range(0x915, 0x939)]
+  return [" ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 6)))
+                   for _ in range(rng.randint(3, 8))) for _ in range(n)]
+
+
+def _jsonl(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(path)
+
+
+def _span_rows(n, unusable):
+  """SQuAD-style records; the first `unusable` with answer_start past the context."""
+  rows = []
+  for i in range(n):
+    c = ("red", "blue", "green")[i % 3]
+    ctx = f"the cat is {c} and sat on the mat."
+    start = ctx.index(c) + (100 if i < unusable else 0)
+    rows.append({"id": f"q{i}", "question": "what colour is the cat?", "context": ctx,
+                 "answers": {"text": [c], "answer_start": [start]}})
+  return rows
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-  """Data files, good and bad: aligned en/de, a corrupt .gz, a UTF-16 file, a TSV whose header
-  starts with a UTF-8 BOM, a Tatoeba dir where fra has no .eng side."""
+  """Data files, good and bad: aligned en/de (and hi, a language no tokenizer here saw), a
+  corrupt .gz, a UTF-16 file, a TSV whose header starts with a UTF-8 BOM (and whose en cells
+  hold NUL bytes every 10th row), en/de with NUL bytes, a Tatoeba dir where fra has no .eng
+  side."""
   root = tmp_path_factory.mktemp("bad_inputs_2_files")
   en, de = _lines(_column("en")), _lines(_column("de"))
   (root / "tab.en").write_text(en, encoding="utf-8")
   (root / "tab.de").write_text(de, encoding="utf-8")
+  (root / "tab.hi").write_text(_lines(_unseen(120)), encoding="utf-8")
+  (root / "nul.en").write_text(_lines(_with_nul(_column("en"))), encoding="utf-8")
+  (root / "nul.de").write_text(de, encoding="utf-8")
   (root / "corrupt.en").write_text(en, encoding="utf-8")
   good = bytearray(gzip.compress(de.encode()))
   good[len(good) // 2: len(good) // 2 + 16] = b"\xff" * 16  # corrupt, not truncated
   (root / "corrupt.de.gz").write_bytes(bytes(good))
   (root / "u16.en").write_text(en, encoding="utf-8")
   (root / "u16.de").write_bytes(codecs.BOM_UTF16_LE + de.encode("utf-16-le"))
-  rows = "".join(f"{a}\t{b}\n" for a, b in zip(_column("en", 340), _column("de", 340)))
+  rows = "".join(f"{a}\t{b}\n" for a, b in zip(_with_nul(_column("en", 340)),
+                                                _column("de", 340)))
   (root / "bom.tsv").write_bytes(codecs.BOM_UTF8 + ("en\tde\n" + rows).encode())
   tat = root / "tatoeba"
   tat.mkdir()
@@ -230,9 +272,11 @@ def test_relative_workdir_trains_saves_resumes_evaluates_and_exports(files, trai
   assert (trained / "hf" / "model.safetensors").exists()
 
 
-def test_bom_header_and_tatoeba_language_without_eng(files, tmp_path):
-  """A TSV header with a UTF-8 BOM reads `en` (not `\\ufeffen`); a Tatoeba language without its
-  .eng file is skipped with one warning line counting it; the run trains."""
+def test_bom_header_nul_bytes_and_tatoeba_language_without_eng(files, tmp_path):
+  """A TSV header with a UTF-8 BOM reads `en` (not `\\ufeffen`); NUL bytes inside its lines are
+  dropped, the lines counted in one warning line and in the data report (not "nothing
+  skipped"); a Tatoeba language without its .eng file is skipped with one warning line counting
+  it; the run trains."""
   r = _train(tmp_path / "wd", **{
       "train.steps": 1, "data.source": f"tsv:{files['root']}/bom.tsv;tatoeba:{files['tatoeba']}",
       "data.pairs": "en-de,deu-eng", "tokenizer.vocab_size": 200})
@@ -242,3 +286,123 @@ def test_bom_header_and_tatoeba_language_without_eng(files, tmp_path):
   assert f"{files['tatoeba']}: 1 language(s) without their tatoeba.xxx-eng.eng file skipped: " \
          "fra" in warnings[0]
   assert "\ufeff" not in r.stderr
+  nul = [l for l in r.stderr.splitlines() if "NUL" in l and "WARNING" in l]
+  assert len(nul) == 1, r.stderr[-3000:]
+  assert f"{files['root']}/bom.tsv: 34 line(s) hold NUL bytes: the NULs are dropped from the " \
+         "text" in nul[0]
+  data = [l for l in r.stderr.splitlines() if " INFO data: " in l]  # the load report
+  assert len(data) == 1 and data[0].endswith("; 34 lines cleared of NUL bytes"), data
+
+
+def test_tokenizer_drops_nul_bytes_and_counts_the_lines(files, tmp_path):
+  root = files["root"]
+  r = _run("bepa-tokenizer", "train", "--input", f"aligned:{root}/nul.{{en,de}}",
+           "--vocab-size", 100, "--out", tmp_path / "tok")
+  assert r.returncode == 0, r.stderr[-3000:]
+  warnings = [l for l in r.stderr.splitlines() if "NUL" in l]
+  assert len(warnings) == 1 and "WARNING" in warnings[0], r.stderr
+  assert f"{root}/nul.en: 12 line(s) hold NUL bytes: the NULs are dropped" in warnings[0]
+  assert "12 lines cleared of NUL bytes" in r.stdout and "nothing skipped" not in r.stdout
+
+
+def test_eval_on_a_language_the_tokenizer_never_saw_warns_once(files, trained, tmp_path):
+  """Scores are still printed, with one warning line counting the [UNK] tokens and the
+  sentences reduced to unknown pieces of the unseen language (and of it only)."""
+  root = files["root"]
+  r = _run("bepa-eval", "--workdir", trained / "runs" / "rel", "--parallel", f"{root}/tab.en",
+           f"{root}/tab.hi", "--out", tmp_path / "ev", "--max-sentences", 32, "--no-tsne")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "| parallel en->hi (cls) |" in r.stdout   # the scores, printed
+  warnings = [l for l in r.stderr.splitlines() if "[UNK]" in l]
+  assert len(warnings) == 1 and "WARNING" in warnings[0], r.stderr[-3000:]
+  assert "% of tokens are [UNK] (32 of 32 sentences reduced to unknown pieces): the tokenizer " \
+         "never saw this language, so its scores say little" in warnings[0]
+  assert ": hi: " in warnings[0] and " en: " not in warnings[0]
+
+
+def test_transfer_skips_answers_outside_their_context_and_counts_them(trained, tmp_path):
+  """Some answers past their context: one warning line counting them (file named), the run
+  trains on the others; every answer unusable: one line, exit 2, before any fine-tuning."""
+  ev = _jsonl(tmp_path / "en.jsonl", _span_rows(6, 0))
+  common = ["--workdir", trained / "runs" / "rel", "--task", "mlqa", "--eval-jsonl",
+            f"en={ev}", "--steps", 1, "--batch-size", 8, "--max-length", 32]
+  some = _jsonl(tmp_path / "some.jsonl", _span_rows(8, 3))
+  r = _run("bepa-transfer", *common, "--train-jsonl", some, "--out", tmp_path / "some")
+  assert r.returncode == 0, r.stderr[-3000:]
+  warnings = [l for l in r.stderr.splitlines() if "WARNING" in l]
+  assert len(warnings) == 1, r.stderr[-3000:]
+  assert f"{some}: 3 of 8 training answers lie outside their context (answer_start past it): " \
+         "those records are skipped" in warnings[0]
+  assert json.loads((tmp_path / "some" / "mlqa.json").read_text())["results"]["en"]["count"] == 6
+  none = _jsonl(tmp_path / "none.jsonl", _span_rows(8, 8))
+  r = _run("bepa-transfer", *common, "--train-jsonl", none, "--out", tmp_path / "none")
+  _one_error(r, "bepa-transfer", f"{none}: none of the 8 training answers lies within its "
+             "context (answer_start past the context): nothing to train on")
+  assert not (tmp_path / "none").exists()
+
+
+def test_transfer_xnli_label_names_and_an_unknown_label(trained, tmp_path):
+  """XNLI's label names (entailment / neutral / contradiction, as HF's xnli) are read as
+  0 / 1 / 2; an unknown one is one line naming the file, its line and the label."""
+  from bepa_jax.finetune import tasks
+  rows = [{"premise": "a cat", "hypothesis": "an animal", "label": name}
+          for name in ("entailment", "Neutral", "contradiction", 2, "1")]
+  good = _jsonl(tmp_path / "good.jsonl", rows)
+  task = tasks.get_task("xnli", train_jsonl=good, eval_jsonl={"de": good})
+  assert [r["label"] for r in task.train()] == [0, 1, 2, 2, 1]
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(open(good).read().replace('"Neutral"', '"maybe"').replace("\n", "\n\n", 1))
+  r = _run("bepa-transfer", "--workdir", trained / "runs" / "rel", "--task", "xnli",
+           "--train-jsonl", bad, "--eval-jsonl", f"de={good}", "--steps", 1, "--max-length", 32,
+           "--out", tmp_path / "out")
+  _one_error(r, "bepa-transfer", f"{bad}:3: label 'maybe' is not a class number or one of "
+             "entailment, neutral, contradiction")
+  assert "invalid literal" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_busy_coordinator_port_is_named_by_the_launcher_and_by_process_0(tmp_path, capsys):
+  """A coordinator port in use: the launcher refuses before starting a worker, and process 0
+  of a job (here bepa-train) says so, naming host:port and where to pick another; never
+  gRPC's "Failed to add port" crash."""
+  from launch import local
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    rc = local.main(["--port", str(port), "--log_dir", str(tmp_path / "logs"), "--",
+                     sys.executable, "-c", "pass"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0] == (
+        f"launch/local.py: error: coordinator port 127.0.0.1:{port} is in use (Address already "
+        "in use): pick another with --port, or leave --port out for a free one")
+    assert not (tmp_path / "logs").exists()  # no worker started
+    r = _train(tmp_path / "wd", env={"BEPA_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                     "BEPA_NUM_PROCESSES": "2", "BEPA_PROCESS_ID": "0"})
+  _one_error(r, "bepa-train", f"coordinator port 127.0.0.1:{port} is in use (Address already "
+             "in use): another job or an earlier run holds it; pick another port in "
+             "BEPA_COORDINATOR_ADDRESS (or --coordinator_address)")
+  assert "Failed to add port" not in r.stderr and not (tmp_path / "wd").exists()
+
+
+def test_pickle_only_hf_dir_names_each_commands_own_flag(files, tmp_path):
+  """bepa-ckpt import (bepa-train's config) names --config.init.allow_pickle=True; bepa-eval
+  and bepa-transfer, which read no pickle, name the import that does."""
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text(json.dumps({
+      "model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": 400,
+      "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+      "intermediate_size": 64}))
+  (hf / "pytorch_model.bin").write_bytes(b"never read")
+  head = f"'{hf}' has only pytorch_model.bin, a pickle that can run code; convert it to " \
+         "model.safetensors or, if you trust it, "
+  r = _run("bepa-ckpt", "import", hf, tmp_path / "wd")
+  _one_error(r, "bepa-ckpt import", f"init.hf_dir: {head}pass --config.init.allow_pickle=True")
+  assert not (tmp_path / "wd").exists()
+  via_import = f"{head}import it: bepa-ckpt import {hf} WORKDIR " \
+               "--config.init.allow_pickle=True, then use WORKDIR"
+  r = _run("bepa-eval", "--hf-dir", hf, "--parallel", f"{files['root']}/tab.en",
+           f"{files['root']}/tab.de", "--out", tmp_path / "ev")
+  _one_error(r, "bepa-eval", via_import)
+  r = _run("bepa-transfer", "--hf-dir", hf, "--task", "xnli", "--out", tmp_path / "tr")
+  _one_error(r, "bepa-transfer", via_import)

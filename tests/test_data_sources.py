@@ -114,6 +114,22 @@ def test_big_plain_files_are_indexed_not_loaded(tmp_path, monkeypatch):
     sources.open_sources(f"aligned:{tmp_path}/v.{{en,de}}")
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_nul_bytes_are_dropped_and_counted_eager_and_indexed(tmp_path, monkeypatch, caplog, lazy):
+  """A NUL inside a line is dropped from its text (never a tokenizer piece of its own), the
+  same whether the file is loaded or indexed; the lines are counted once, per file."""
+  write(tmp_path / "n.en", ["a\x00 cat", "sun", "\x00\x00moon\x00", "\x00"])
+  write(tmp_path / "n.de", ["Katze", "Sonne", "Mond", "leer"])
+  monkeypatch.setattr(sources, "LAZY_BYTES", 0 if lazy else sources.LAZY_BYTES)
+  with caplog.at_level("WARNING", logger="bepa"):
+    comps, _, stats = sources.open_sources(f"aligned:{tmp_path}/n.{{en,de}}")
+  assert pairs_of(comps) == [("en", "a cat", "de", "Katze"), ("en", "moon", "de", "Mond"),
+                             ("en", "sun", "de", "Sonne")]   # the NUL-only line: empty, dropped
+  assert stats.nul_lines == 3 and "3 lines cleared of NUL bytes" in stats.report()
+  assert [r.getMessage() for r in caplog.records] == [
+      f"{tmp_path}/n.en: 3 line(s) hold NUL bytes: the NULs are dropped from the text"]
+
+
 # ----------------------------------------------------------------------------- bad input
 def one_line(e):
   msg = str(e.value)

@@ -86,6 +86,9 @@ def evaluate_model(path: str, sets, args, log):
   if args.max_length > limit:  # past the position table the gather gives NaN embeddings
     raise InputError(f"--max-length {args.max_length} exceeds the {limit} tokens {path} can "
                      f"take (max_position_embeddings={loaded.model_cfg.max_position_embeddings})")
+  unseen = suite.unseen_languages(loaded.tokenizer, sets)
+  if unseen:  # valid but suspect: scored, with one line counting what it could not read
+    log.warning("%s: %s", path, unseen)
   mesh, mesh_cfg = embed.inference_mesh(loaded.mesh_cfg)
   max_length = args.max_length or loaded.max_length
   model = loaded.model

@@ -50,6 +50,8 @@ def main(argv=None) -> int:
   if args.cmd == "train" and os.path.exists(args.out) and not os.path.isdir(args.out):
     return cli.fail(PROG, f"--out {args.out}: exists and is not a directory")
 
+  cli.setup_logging(verbose=False)  # the data readers' warning lines, as in bepa-train
+
   def body():
     if args.cmd == "train":
       policy = sources.TextPolicy(invalid_utf8=args.invalid_utf8)

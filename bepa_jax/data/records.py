@@ -19,13 +19,16 @@ class LoadStats:
   long_skipped: int = 0       # pairs dropped because a side had more than max_chars
   long_truncated: int = 0     # sides cut to max_chars
   invalid_utf8: int = 0       # pairs dropped because a line was not UTF-8
+  nul_lines: int = 0          # lines kept with their NUL bytes dropped (text_files.py)
 
   def add(self, other: "LoadStats"):
     for f in dataclasses.fields(self):
       setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
   def report(self) -> str:
-    parts = [f"{v} {k.replace('_', ' ')}" for k, v in dataclasses.asdict(self).items() if v]
+    labels = {"nul_lines": "lines cleared of NUL bytes"}
+    parts = [f"{v} {labels.get(k, k.replace('_', ' '))}"
+             for k, v in dataclasses.asdict(self).items() if v]
     return ", ".join(parts) if parts else "nothing skipped"
 
 

@@ -118,7 +118,8 @@ def aligned_files(files: dict[str, str], policy: TextPolicy, stats: LoadStats, p
       raise InputError(f"file not found: {p}")
   lazy = (all(not p.endswith(".gz") for p in paths)
           and sum(os.path.getsize(p) for p in paths) > LAZY_BYTES)
-  columns = [IndexedLines(p, policy) if lazy else read_lines(p, policy) for p in paths]
+  columns = [IndexedLines(p, policy, stats) if lazy else read_lines(p, policy, stats)
+             for p in paths]
   for p, c in zip(paths[1:], columns[1:]):
     if len(c) != len(columns[0]):
       raise InputError(f"aligned files differ in length: {paths[0]} has {len(columns[0])} "
@@ -210,7 +211,7 @@ def _per_line_pairs(source, records, policy, stats, pairs) -> list[Component]:
 
 
 def tsv_file(path: str, policy: TextPolicy, stats: LoadStats, pairs=None) -> list[Component]:
-  lines = read_lines(path, policy)
+  lines = read_lines(path, policy, stats)
   if not lines or lines[0] is None:
     raise InputError(f"{path}:1: a TSV source needs a header line (language codes, or "
                      f"{chr(9).join(_PAIR_HEADER)})")
@@ -241,7 +242,7 @@ def tsv_file(path: str, policy: TextPolicy, stats: LoadStats, pairs=None) -> lis
 
 def jsonl_file(path: str, policy: TextPolicy, stats: LoadStats, pairs=None) -> list[Component]:
   records = []
-  for lineno, line in enumerate(read_lines(path, policy), start=1):
+  for lineno, line in enumerate(read_lines(path, policy, stats), start=1):
     if line is None:
       stats.invalid_utf8 += 1
       continue
@@ -267,7 +268,8 @@ def jsonl_file(path: str, policy: TextPolicy, stats: LoadStats, pairs=None) -> l
 
 def monolingual_file(lang: str, path: str, policy: TextPolicy,
                      stats: LoadStats) -> list[Component]:
-  lines = [c[0] for c in (policy.clean((t,), stats) for t in read_lines(path, policy)) if c]
+  lines = [c[0] for c in (policy.clean((t,), stats) for t in read_lines(path, policy, stats))
+           if c]
   if len(lines) < 2:
     raise InputError(f"{path}: a monolingual source needs at least 2 usable lines")
   return [Monolingual(path, lang, lines)]

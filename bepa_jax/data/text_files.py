@@ -1,19 +1,24 @@
 """Text files as lines: read whole (plain or gzip), or through an index of line offsets.
 
 A line that is not UTF-8 is an InputError naming the file and line (data.invalid_utf8=error), or
-None (skip): the caller counts and drops it.
+None (skip): the caller counts and drops it. A NUL byte inside a line is dropped from its text
+(else it becomes a tokenizer piece of its own), the lines affected counted in one warning line.
 """
 from __future__ import annotations
 
 import codecs
 import gzip
+import logging
 import os
 import zlib
 
 import numpy as np
 
-from bepa_jax.data.records import TextPolicy
+from bepa_jax.data.records import LoadStats, TextPolicy
 from bepa_jax.errors import InputError
+
+log = logging.getLogger("bepa")
+NUL = "\x00"
 
 
 def _invalid_utf8(where: str, e: UnicodeDecodeError) -> InputError:
@@ -44,45 +49,64 @@ def check_first_line(path: str, raw: bytes) -> bytes:
   return raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
 
 
-def read_lines(path: str, policy: TextPolicy) -> list[str | None]:
+def _nul_lines(path: str, count: int, stats: LoadStats | None) -> None:
+  """One warning line for the lines of `path` that held NUL bytes (dropped), and the count."""
+  if count:
+    log.warning("%s: %d line(s) hold NUL bytes: the NULs are dropped from the text", path, count)
+    if stats is not None:
+      stats.nul_lines += count
+
+
+def read_lines(path: str, policy: TextPolicy, stats: LoadStats | None = None
+               ) -> list[str | None]:
   """Every line of a plain or gzip file; None marks a line that is not UTF-8 (when skipped).
-  A UTF-8 byte-order mark is dropped; a UTF-16/32 file is refused, naming its encoding."""
-  out = []
+  A UTF-8 byte-order mark is dropped; a UTF-16/32 file is refused, naming its encoding; NUL
+  bytes are dropped from the text, the lines that held them counted (`stats`)."""
+  out, nul = [], 0
   try:
     with open_binary(path) as f:
       for lineno, raw in enumerate(f, start=1):
         if lineno == 1:
           raw = check_first_line(path, raw)
         try:
-          out.append(raw.decode("utf-8").rstrip("\r\n"))
+          text = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as e:
           if policy.invalid_utf8 == "error":
             raise _invalid_utf8(f"{path}:{lineno}", e) from None
-          out.append(None)
+          text = None
+        if text and NUL in text:
+          text, nul = text.replace(NUL, ""), nul + 1
+        out.append(text)
   except (OSError, EOFError, zlib.error) as e:  # a truncated, corrupt or non-gzip .gz file
     if isinstance(e, InputError):
       raise
     raise InputError(f"{path}: cannot read: {e}") from None
+  _nul_lines(path, nul, stats)
   return out
 
 
 class IndexedLines:
   """Random access to the lines of a plain text file through an index of line offsets."""
 
-  def __init__(self, path: str, policy: TextPolicy, chunk: int = 16 << 20):
+  def __init__(self, path: str, policy: TextPolicy, stats: LoadStats | None = None,
+               chunk: int = 16 << 20):
     self.path, self.policy = path, policy
-    ends, size = [], 0
+    ends, nuls, size = [], [], 0
     with open(path, "rb") as f:
       while True:
         buf = f.read(chunk)
         if not buf:
           break
-        ends.append(np.flatnonzero(np.frombuffer(buf, np.uint8) == 10) + size + 1)
+        arr = np.frombuffer(buf, np.uint8)
+        ends.append(np.flatnonzero(arr == 10) + size + 1)
+        nuls.append(np.flatnonzero(arr == 0) + size)
         size += len(buf)
     ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
     if size and (not len(ends) or ends[-1] != size):   # last line without a newline
       ends = np.append(ends, size)
     self.offsets = np.concatenate([[0], ends]).astype(np.int64)
+    nuls = np.concatenate(nuls) if nuls else np.zeros(0, np.int64)
+    _nul_lines(path, len(np.unique(np.searchsorted(ends, nuls, side="right"))), stats)
     self._fd = os.open(path, os.O_RDONLY)
 
   def __len__(self):
@@ -92,7 +116,7 @@ class IndexedLines:
     a, b = int(self.offsets[i]), int(self.offsets[i + 1])
     raw = os.pread(self._fd, b - a, a)
     try:
-      return raw.decode("utf-8").rstrip("\r\n")
+      return raw.decode("utf-8").rstrip("\r\n").replace(NUL, "")
     except UnicodeDecodeError as e:
       if self.policy.invalid_utf8 == "error":
         raise _invalid_utf8(f"{self.path}:{i + 1}", e) from None

@@ -30,6 +30,24 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.n
   return ids, mask
 
 
+def unknown_counts(tokenizer, texts: Sequence[str]) -> tuple[int, int, int, int]:
+  """(tokens that are [UNK], tokens, sentences of nothing but [UNK] and blank pieces such as a
+  bare `▁`, non-blank sentences) of `texts`: how much of a language the tokenizer never saw."""
+  known: dict[int, bool] = {tokenizer.unk_id: False}  # piece id -> carries text
+  unk = total = reduced = sentences = 0
+  for text, toks in zip(texts, tokenizer.encode_batch(list(texts))):
+    if not text.strip():
+      continue
+    sentences += 1
+    total += len(toks)
+    unk += sum(1 for t in toks if t == tokenizer.unk_id)
+    for t in toks:
+      if t not in known:
+        known[t] = bool(tokenizer.decode([t]).strip())
+    reduced += not any(known[t] for t in toks)
+  return unk, total, reduced, sentences
+
+
 def inference_mesh(mesh_cfg, fsdp: int = 1, tensor: int = 1):
   """(mesh, mesh spec) for evaluation and fine-tuning: every device on the batch, with the
   saved logical-axis rules; fsdp/tensor > 1 shard the weights as in training."""

@@ -30,6 +30,28 @@ def load_sets(tatoeba_dir: str | None = None, langs=(), parallel=(),
   return sets
 
 
+UNSEEN_SHARE = 0.05  # [UNK] tokens, or sentences of unknown pieces only, above which we warn
+
+
+def unseen_languages(tokenizer, sets) -> str | None:
+  """A warning (one line) naming each language the tokenizer mostly cannot read, with its
+  [UNK] share and the sentences reduced to unknown pieces; None when every language reads."""
+  from bepa_jax.eval.embed import unknown_counts
+  counts: dict[str, list[int]] = {}
+  for ps in sets:
+    for lang, texts in zip(ps.languages, ps.texts):
+      c = counts.setdefault(lang, [0, 0, 0, 0])
+      c[:] = [a + b for a, b in zip(c, unknown_counts(tokenizer, texts))]
+  bad = [f"{lang}: {unk / total:.0%} of tokens are [UNK] ({reduced} of {n} sentences reduced "
+         f"to unknown pieces)" for lang, (unk, total, reduced, n) in counts.items()
+         if total and (unk > UNSEEN_SHARE * total or reduced > UNSEEN_SHARE * n)]
+  if not bad:
+    return None
+  return "; ".join(bad) + ": the tokenizer never saw " + (
+      "this language, so its scores say little" if len(bad) == 1
+      else "these languages, so their scores say little")
+
+
 def run(embedder, sets, *, poolings=("cls", "mean"), margin: str | None = None, k: int = 4,
         seed: int = 0, map_per_lang: int = 100):
   """-> (report {"retrieval": ..., "diagnostics": ...}, plot data {pool: ...})."""

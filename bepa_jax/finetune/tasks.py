@@ -14,8 +14,10 @@ Tasks (train on English, evaluate each language):
   glue/X      glue/X:train -> glue/X:validation (mnli: validation_matched + _mismatched), each
               task's official metric; stsb a regression (one output, MSE)
 TFDS datasets must be prepared as array_record beforehand (we never download). Instead of TFDS,
-`jsonl` gives local files with the same fields (`premise`, `hypothesis`, `label`; or `context`,
-`question`, `answers: {text: [...], answer_start: [...]}`, `id`). MLQA's release
+`jsonl` gives local files with the same fields (`premise`, `hypothesis`, `label`: a class
+number or the task's class name, e.g. entailment / neutral / contradiction as in HF's xnli; or
+`context`, `question`, `answers: {text: [...], answer_start: [...]}`, `id`: a training record
+whose answer lies outside its context is skipped, counted in one warning line). MLQA's release
 (`--mlqa-data`): a directory with `<split>-context-<c>-question-<q>.json` files (in it or in
 its `<split>/` folder), SQuAD v1 JSON {"data": [{"paragraphs": [{"context", "qas": [{"id",
 "question", "answers": [{"text", "answer_start"}]}]}]}]}, or a JSONL file of records {"id",
@@ -27,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 from typing import Callable, Sequence
@@ -39,7 +42,9 @@ MLQA_LANGS = ("ar", "de", "en", "es", "hi", "vi", "zh")
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 GLUE_METRICS = {"cola": "mcc", "mrpc": "f1_accuracy", "qqp": "f1_accuracy",
                 "stsb": "pearson_spearman"}  # the others: accuracy
-NLI_LABELS = 3  # entailment, neutral, contradiction: the same order in multi_nli, xnli, glue/mnli
+NLI_NAMES = ("entailment", "neutral", "contradiction")  # one order in multi_nli, xnli, glue/mnli
+NLI_LABELS = len(NLI_NAMES)
+log = logging.getLogger("bepa.transfer")
 
 
 def _text(value) -> str:
@@ -69,6 +74,7 @@ class Task:
   metric_set: str = "accuracy"   # a key of metrics.METRIC_SETS
   score_langs: dict = dataclasses.field(default_factory=dict)  # span: eval -> scoring language
   pairs: dict = dataclasses.field(default_factory=dict)   # mlqa-gxlt: eval -> (context, question)
+  label_names: tuple = ()        # classification: class names a JSONL label may use
 
 
 # ----------------------------------------------------------------------------- field mappers
@@ -111,18 +117,22 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
   return tfds_sources.open_data_source(name, split, data_dir)
 
 
-def glue_layout(name: str) -> tuple[list[str], int]:
-  """(text fields, number of classes) from the builder's code: needs no prepared data."""
+def glue_layout(name: str) -> tuple[list[str], int, tuple[str, ...]]:
+  """(text fields, number of classes, class names) from the builder's code: needs no
+  prepared data."""
   from bepa_jax.data.tfds_sources import _import_tfds
   _register_text_builders()
   try:
     feats = _import_tfds().builder(name).info.features
   except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; the user needs one line
     raise InputError(f"TFDS dataset {name!r}: {one_line(e)}") from None
-  return [k for k in feats.keys() if k not in ("label", "idx")], feats["label"].num_classes
+  label = feats["label"]
+  return ([k for k in feats.keys() if k not in ("label", "idx")], label.num_classes,
+          tuple(n.lower() for n in getattr(label, "names", None) or ()))
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str, line_numbers: bool = False) -> list:
+  """The records of a JSONL file (blank lines skipped); with `line_numbers`, (line, record)."""
   if not os.path.isfile(path):
     raise InputError(f"{path}: file not found")
   out = []
@@ -131,17 +141,38 @@ def read_jsonl(path: str) -> list[dict]:
       if not line.strip():
         continue
       try:
-        out.append(json.loads(line))
+        out.append((n, json.loads(line)) if line_numbers else json.loads(line))
       except json.JSONDecodeError as e:
         raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
   return out
 
 
+def _label(where: str, value, label_type: type, names: Sequence[str]):
+  """A JSONL label as `label_type`: a number, or one of the task's class names -> its index."""
+  text = str(value).strip()
+  if isinstance(value, (bool, dict, list)):
+    pass
+  elif label_type is not int:  # a regression target
+    try:
+      return label_type(text)
+    except ValueError:
+      pass
+  elif text.lower() in names:
+    return names.index(text.lower())
+  elif re.fullmatch(r"-?\d+", text) or (isinstance(value, float) and value.is_integer()):
+    return int(value)
+  raise InputError(f"{where}: label {value!r} is not " + (
+      "a number" if label_type is not int else "a class number" + (
+          f" or one of {', '.join(names)}" if names else "")))
+
+
 def jsonl_records(path: str, kind: str, text_fields: Sequence[str] | None = None,
-                  label_type: type = int) -> Records:
+                  label_type: type = int, label_names: Sequence[str] = ()) -> Records:
   """A JSONL file with the TFDS fields; classification text fields default to the keys
-  of the first record other than label/idx/id, in file order."""
-  rows = read_jsonl(path)
+  of the first record other than label/idx/id, in file order; labels are checked (and class
+  names made numbers) here, naming the line of a bad one."""
+  numbered = read_jsonl(path, line_numbers=True)
+  rows = [r for _, r in numbered]
   if not rows:
     raise InputError(f"{path}: no records")
   need = ("context", "question", "answers") if kind == "span" else ("label",)
@@ -154,7 +185,34 @@ def jsonl_records(path: str, kind: str, text_fields: Sequence[str] | None = None
   fields = list(text_fields or [k for k in rows[0] if k not in ("label", "idx", "id")])
   if not 1 <= len(fields) <= 2:
     raise InputError(f"{path}: need 1 or 2 text fields besides label, found {fields}")
+  for line, r in numbered:
+    r["label"] = _label(f"{path}:{line}", r["label"], label_type, tuple(label_names))
   return Records(rows, classification_fields(fields, label_type))
+
+
+def usable_answers(path: str, records: Records) -> Records:
+  """Span training records whose (first) answer lies within its context: features trains on
+  that one, and an answer_start past the context would teach "no answer". The others are
+  skipped with one warning line counting them; none usable is an InputError."""
+  def usable(r):
+    text = r["answers"][0] if r["answers"] else ""
+    start = r["answer_starts"][0] if r["answer_starts"] else -1
+    return bool(text.strip()) and 0 <= start and start + len(text) <= len(r["context"])
+  keep = []
+  for i in range(len(records)):
+    try:
+      if usable(records[i]):
+        keep.append(i)
+    except (KeyError, TypeError, ValueError) as e:
+      raise InputError(f"{path}: record {i + 1}: 'answers' needs text and an integer "
+                       f"answer_start ({one_line(e)})") from None
+  if not keep:
+    raise InputError(f"{path}: none of the {len(records)} training answers lies within its "
+                     f"context (answer_start past the context): nothing to train on")
+  if len(keep) < len(records):
+    log.warning("%s: %d of %d training answers lie outside their context (answer_start past "
+                "it): those records are skipped", path, len(records) - len(keep), len(records))
+  return Records(records.source, records.fn, keep)
 
 
 # ----------------------------------------------------------------------------- MLQA release
@@ -281,7 +339,8 @@ def _xnli(data_dir):
   def xnli_eval(lang):  # 15 languages, one data source
     return lambda: Records(test(), xnli_record(lang))
   evals = {l: xnli_eval(l) for l in XNLI_LANGS}
-  return Task("xnli", "classification", NLI_LABELS, train, evals), XNLI_LANGS, int
+  return (Task("xnli", "classification", NLI_LABELS, train, evals, label_names=NLI_NAMES),
+          XNLI_LANGS, int)
 
 
 def _mlqa(name, data_dir, mlqa_data, mlqa_split, eval_jsonl):
@@ -318,19 +377,20 @@ def _glue(name, data_dir):
   if sub not in GLUE_TASKS:
     raise ConfigError(f"--task {name}: unknown or unsupported GLUE task (one of "
                       f"{', '.join(GLUE_TASKS)})")
-  label_type = int
+  label_type, names = int, ()
   if sub == "stsb":  # a similarity score in [0, 5]: one output, squared error
     kind, n, label_type, fields = "regression", 1, float, ["sentence1", "sentence2"]
   else:
     kind = "classification"
-    fields, n = glue_layout(name)
+    fields, n, names = glue_layout(name)
   def glue(split):
     return lambda: Records(tfds_source(name, split, data_dir)[1],
                            classification_fields(fields, label_type))
   all_langs = (("validation_matched", "validation_mismatched") if sub == "mnli"
                else ("validation",))
   evals = {s: glue(s) for s in all_langs}
-  task = Task(name, kind, n, glue("train"), evals, GLUE_METRICS.get(sub, "accuracy"))
+  task = Task(name, kind, n, glue("train"), evals, GLUE_METRICS.get(sub, "accuracy"),
+              label_names=names)
   return task, all_langs, label_type
 
 
@@ -363,11 +423,13 @@ def get_task(name: str, data_dir: str | None = None, langs: Sequence[str] | None
   else:
     raise ConfigError(f"--task {name!r}: unknown (xnli, mlqa, mlqa-gxlt or glue/<task>)")
   data_kind = "span" if task.kind == "span" else "classification"
+  read = functools.partial(jsonl_records, kind=data_kind, label_type=label_type,
+                           label_names=task.label_names)
   if train_jsonl:
-    task.train = lambda: jsonl_records(train_jsonl, data_kind, label_type=label_type)
+    task.train = ((lambda: usable_answers(train_jsonl, read(train_jsonl)))
+                  if data_kind == "span" else (lambda: read(train_jsonl)))
   if eval_jsonl:  # local files replace the TFDS evaluation sets entirely
-    task.evals = {l: (lambda p=p: jsonl_records(p, data_kind, label_type=label_type))
-                  for l, p in eval_jsonl.items()}
+    task.evals = {l: (lambda p=p: read(p)) for l, p in eval_jsonl.items()}
   elif langs:
     task = _select(task, langs, all_langs)
   if task.kind == "span":

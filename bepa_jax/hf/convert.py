@@ -279,13 +279,14 @@ def save_hf(out_dir: str | os.PathLike, params, cfg: EncoderConfig, *,
 
 
 def load_hf(hf_dir: str | os.PathLike, *, allow_pickle: bool = False, info: dict | None = None,
-            **overrides) -> tuple[EncoderConfig, dict]:
+            pickle_flag: str | None = None, **overrides) -> tuple[EncoderConfig, dict]:
   """Read an HF BertForMaskedLM / XLMRobertaForMaskedLM directory -> (EncoderConfig, params).
 
   Encoder-only directories (BertModel, sentence-transformers) give params without mlm_head.
   Weights come from model.safetensors (or a sharded model.safetensors.index.json);
   pytorch_model.bin is a pickle and is read (with torch.load(weights_only=True)) only when
-  allow_pickle=True. `overrides` go to `encoder_config_from_hf` (e.g. dtype, scan_layers).
+  allow_pickle=True (`pickle_flag`: the caller's flag for it, named in the refusal).
+  `overrides` go to `encoder_config_from_hf` (e.g. dtype, scan_layers).
   `info` receives model_dir, has_head and ignored (see `hf_state_dict_to_params`).
   """
   hf_dir = os.fspath(hf_dir)
@@ -298,5 +299,5 @@ def load_hf(hf_dir: str | os.PathLike, *, allow_pickle: bool = False, info: dict
   if not os.path.isfile(cfg_path):
     raise HFFormatError(f"no {files.CONFIG_NAME} in {hf_dir!r}")
   cfg = encoder_config_from_hf(files.read_config(cfg_path), **overrides)
-  state = files.read_weights(hf_dir, allow_pickle=allow_pickle)
+  state = files.read_weights(hf_dir, allow_pickle=allow_pickle, pickle_flag=pickle_flag)
   return cfg, hf_state_dict_to_params(state, cfg, info=info)

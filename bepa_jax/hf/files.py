@@ -276,9 +276,16 @@ def _index_shards(hf_dir: str, index: str) -> list[tuple[str, str]]:
   return files
 
 
-def weight_files(hf_dir: str, *, allow_pickle: bool = False) -> list[tuple[str, str]]:
+# How a user lets pickle weights be read: the training config's key (bepa-train, bepa-ckpt
+# import); bepa-eval and bepa-transfer read no pickle, so they point at an import.
+PICKLE_FLAG = "--config.init.allow_pickle=True"
+
+
+def weight_files(hf_dir: str, *, allow_pickle: bool = False,
+                 pickle_flag: str | None = None) -> list[tuple[str, str]]:
   """[(path, "safetensors" | "pickle")] of the weights in `hf_dir`; HFFormatError naming the
-  missing file (a missing weights file is never reported as some other problem)."""
+  missing file (a missing weights file is never reported as some other problem), or for a
+  pickle-only dir the caller's `pickle_flag` that allows it (None: the caller has none)."""
   safe = os.path.join(hf_dir, SAFE_WEIGHTS)
   index = os.path.join(hf_dir, SAFE_INDEX)
   pickle = os.path.join(hf_dir, PICKLE_WEIGHTS)
@@ -288,23 +295,27 @@ def weight_files(hf_dir: str, *, allow_pickle: bool = False) -> list[tuple[str, 
     return _index_shards(hf_dir, index)
   if os.path.isfile(pickle):
     if not allow_pickle:
+      how = (f"pass {pickle_flag}" if pickle_flag else
+             f"import it: bepa-ckpt import {hf_dir} WORKDIR {PICKLE_FLAG}, then use WORKDIR")
       raise HFFormatError(f"{hf_dir!r} has only {PICKLE_WEIGHTS}, a pickle that can run code; "
-                          f"convert it to {SAFE_WEIGHTS} or pass allow_pickle=True")
+                          f"convert it to {SAFE_WEIGHTS} or, if you trust it, {how}")
     return [(pickle, "pickle")]
   raise HFFormatError(f"{safe}: weights file missing (no {SAFE_INDEX} or {PICKLE_WEIGHTS} "
                       f"either)")
 
 
-def check_weights(hf_dir: str, *, allow_pickle: bool = False) -> None:
+def check_weights(hf_dir: str, *, allow_pickle: bool = False,
+                  pickle_flag: str | None = None) -> None:
   """The weight files of `hf_dir` exist and are whole (headers only; cheap)."""
-  for path, kind in weight_files(hf_dir, allow_pickle=allow_pickle):
+  for path, kind in weight_files(hf_dir, allow_pickle=allow_pickle, pickle_flag=pickle_flag):
     if kind == "safetensors":
       check_safetensors(path)
 
 
-def read_weights(hf_dir: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+def read_weights(hf_dir: str, *, allow_pickle: bool = False,
+                 pickle_flag: str | None = None) -> dict[str, np.ndarray]:
   """The HF state dict of `hf_dir` (every shard), as numpy."""
   state = {}
-  for path, kind in weight_files(hf_dir, allow_pickle=allow_pickle):
+  for path, kind in weight_files(hf_dir, allow_pickle=allow_pickle, pickle_flag=pickle_flag):
     state.update(read_pickle(path) if kind == "pickle" else read_safetensors(path))
   return state

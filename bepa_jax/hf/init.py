@@ -34,7 +34,8 @@ def apply_to_config(config) -> None:
     raise InputError(f"init.hf_dir: {path} not found")
   cfg = convert.encoder_config_from_hf(files.read_config(path))
   try:
-    files.check_weights(hf_dir, allow_pickle=bool(config.init.allow_pickle))
+    files.check_weights(hf_dir, allow_pickle=bool(config.init.allow_pickle),
+                        pickle_flag=files.PICKLE_FLAG)
   except HFFormatError as e:  # the file alone does not say which flag named it
     raise HFFormatError(f"init.hf_dir: {e}") from None
   for field in SHAPE_FIELDS:
@@ -45,7 +46,8 @@ def load_params(config, model_cfg):
   """HF weights as a plain numpy tree laid out for `model_cfg` (stacked when scan_layers)."""
   info: dict = {}  # has_head, ignored: for log_import_notes
   hf_cfg, params = convert.load_hf(str(config.init.hf_dir), info=info,
-                                   allow_pickle=bool(config.init.allow_pickle))
+                                   allow_pickle=bool(config.init.allow_pickle),
+                                   pickle_flag=files.PICKLE_FLAG)
   log_import_notes(str(config.init.hf_dir), info)
   for field in SHAPE_FIELDS:
     if getattr(hf_cfg, field) != getattr(model_cfg, field):
