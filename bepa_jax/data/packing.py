@@ -59,9 +59,40 @@ def first_fit(lengths: np.ndarray, capacity: int):
   return row, offset, len(free)
 
 
+def first_fit_groups(lengths: np.ndarray, capacity: int, limit: int | None = None):
+  """`first_fit` of every group at once: lengths [G, n] -> (bin [G, n], offset [G, n], bins
+  used [G]), the same as first_fit group by group, vectorised over the groups (one pass per
+  item rank, in decreasing order).
+
+  With `limit`, only whether a group fits `limit` bins is exact: a group that needs more has
+  used = limit + 1 (its bins and offsets past `limit` mean nothing). Cost: n passes over
+  [G, min(n, limit + 1)].
+  """
+  lengths = np.asarray(lengths, np.int64)
+  G, n = lengths.shape
+  if n and lengths.max() > capacity:
+    raise ValueError(f"an item of {lengths.max()} exceeds the capacity {capacity}")
+  width = max(1, n if limit is None else min(n, limit + 1))
+  order = np.argsort(-lengths, axis=1, kind="stable")
+  ordered = np.take_along_axis(lengths, order, 1)
+  free = np.full((G, width), capacity, np.int64)
+  if limit is not None and width == limit + 1:
+    free[:, -1] = np.iinfo(np.int64).max // 2   # overflow: holds whatever does not fit
+  row, offset = np.zeros((G, n), np.int64), np.zeros((G, n), np.int64)
+  g = np.arange(G)
+  for k in range(n):
+    need = ordered[:, k]
+    r = np.argmax(free >= need[:, None], axis=1)  # the first bin with room (unopened: full)
+    row[g, order[:, k]] = r
+    offset[g, order[:, k]] = capacity - free[g, r]
+    free[g, r] -= need
+  used = row.max(1) + 1 if n else np.zeros(G, np.int64)
+  return row, offset, used
+
+
 def rows_needed(lengths: np.ndarray, capacity: int) -> np.ndarray:
   """[G, n] item lengths -> [G] rows first-fit needs for each group."""
-  return np.array([first_fit(l, capacity)[2] for l in lengths], np.int64)
+  return first_fit_groups(lengths, capacity)[2]
 
 
 def pack(seqs: list[np.ndarray], lengths: np.ndarray, capacity: int, rows: int, pad_id: int):
@@ -69,27 +100,36 @@ def pack(seqs: list[np.ndarray], lengths: np.ndarray, capacity: int, rows: int, 
 
   seqs: arrays [G, n, L] (e.g. the clean and the masked sentences; the first n tokens of item
   are real), lengths [G, n] -> (packed [G, rows, L] per seq, segment_ids [G, rows, L] (0 = pad,
-  1.. = the item's number in its row), start [G, n] flat index of each item's first token in
-  its group's rows x L grid), or None when some group needs more than `rows` rows.
+  1.. = the item's number in its row, in item order), start [G, n] flat index of each item's
+  first token in its group's rows x L grid), or None when some group needs more than `rows`
+  rows. Vectorised: one scatter per array.
   """
   G, n = lengths.shape
   L = seqs[0].shape[-1]
-  out = [np.full((G, rows, L), pad_id, s.dtype) for s in seqs]
-  segment_ids = np.zeros((G, rows, L), np.int32)
-  start = np.zeros((G, n), np.int64)
-  for gi in range(G):
-    row, offset, used = first_fit(lengths[gi], capacity)
-    if used > rows:
-      return None
-    count = np.zeros(rows, np.int32)
-    for i in range(n):
-      r, o, m = int(row[i]), int(offset[i]), int(lengths[gi, i])
-      for dst, src in zip(out, seqs):
-        dst[gi, r, o:o + m] = src[gi, i, :m]
-      count[r] += 1
-      segment_ids[gi, r, o:o + m] = count[r]
-      start[gi, i] = r * L + o
-  return out, segment_ids, start
+  row, offset, used = first_fit_groups(lengths, capacity, rows)
+  if n and used.max() > rows:
+    return None
+  start = row * L + offset
+  # segment number: the item's rank among the items of its row, in item order
+  slot = (np.arange(G)[:, None] * rows + row).reshape(-1)
+  order = np.argsort(slot, kind="stable")
+  ranks = np.arange(G * n)
+  first = np.concatenate([[True], slot[order][1:] != slot[order][:-1]])[:G * n]
+  rank = np.empty(G * n, np.int64)
+  rank[order] = ranks - np.maximum.accumulate(np.where(first, ranks, 0))
+  # token t of item (g, i) goes to flat position start[g, i] + t of group g
+  m = lengths.reshape(-1).astype(np.int64)
+  item = np.repeat(np.arange(G * n), m)
+  t = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
+  group, dst = item // max(n, 1), start.reshape(-1)[item] + t
+  out = []
+  for s in seqs:
+    grid = np.full((G, rows * L), pad_id, s.dtype)
+    grid[group, dst] = s.reshape(G * n, L)[item, t]
+    out.append(grid.reshape(G, rows, L))
+  segment_ids = np.zeros((G, rows * L), np.int32)
+  segment_ids[group, dst] = (rank + 1)[item]
+  return out, segment_ids.reshape(G, rows, L), start
 
 
 class Packer:
@@ -141,7 +181,7 @@ class Packer:
     A step whose sentences do not fit the rows of some group is never cut: the whole step
     (every group of this process) is packed into `fallback_rows`, one sequence per row, which
     always fits; it is counted (`packing fallback steps` in the report). With several processes
-    the train loop makes every process take the same rows (the largest any process needs).
+    every process must take the same rows: the pipeline passes those of `agree`, which fit.
     """
     groups = self.local_groups(lengths.shape[0], process_count)
     G, g = groups.shape
@@ -187,6 +227,24 @@ class Packer:
     for k in ("mlm_ids", "mlm_weights", "text_hash"):
       res[k] = out[k]
     return res
+
+  def agree(self, lengths: np.ndarray) -> tuple[int, int]:
+    """The rows every process packs a step into, from the token counts [B, 2] (uncut, without
+    [CLS]/[SEP]) of the whole global batch: the configured rows when every group of every
+    process fits them, else the fallback (counted). Integers only, the same on every process:
+    no collective agrees on the global shape."""
+    groups = pairs_by_group(lengths.shape[0], self.batch_shards, self.micro_batches)
+    L, half = self.max_length, (self.max_length - 4) // 2
+    R, R2 = self.rows
+    sentences = (np.minimum(lengths, L - 2) + 2)[groups].reshape(len(groups), -1)
+    fits = first_fit_groups(sentences, L, R)[2].max() <= R
+    if fits and self.tlm:
+      pair = np.minimum(lengths, half).sum(1) + 4
+      fits = first_fit_groups(pair[groups], L, R2)[2].max() <= R2
+    if fits:
+      return self.rows
+    self.counters["packing_fallback_steps"] += 1
+    return self.fallback_rows
 
   def choose_rows(self, lengths: list[np.ndarray]) -> None:
     """Auto rows (data.packed_rows=0) from the sentence lengths [B, 2] (without [CLS]/[SEP])
