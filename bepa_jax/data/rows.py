@@ -28,11 +28,6 @@ class RowMaker:
     self.cls_input, self.mlm_input = cls_input, mlm_input
     self.counters = counters  # truncated sentences and TLM sides
 
-  def sentence_lengths(self, flat: list[str]) -> np.ndarray:
-    """[n/2, 2] token counts of x, y, x, y, ... without [CLS]/[SEP], cut to max_length - 2."""
-    ids = self.tok.encode_batch(flat)
-    return np.array([min(len(t), self.max_length - 2) for t in ids]).reshape(-1, 2)
-
   def _tokenise(self, ids: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sequences [N, L], content lengths [N], crc32 of each side's tokens [N])."""
     L, tok = self.max_length, self.tok
@@ -56,8 +51,11 @@ class RowMaker:
     """x, y, x, y, ... of b pairs (global rows first_row..) at stream `position` ->
     (batch [b, 2, ...] padded to max_length, sentence lengths [b, 2] with [CLS]/[SEP],
     pair-sequence lengths [b] or None)."""
-    b, L = len(flat) // 2, self.max_length
-    ids = self.tok.encode_batch(flat)
+    return self.make_ids(self.tok.encode_batch(flat), position, first_row)
+
+  def make_ids(self, ids: list, position: int, first_row: int):
+    """`make` from the token ids of the sentences (tokenised already: the record store)."""
+    b, L = len(ids) // 2, self.max_length
     seq, n, hashes = self._tokenise(ids)
     u = self.uniforms(position, first_row, b)
     shape = lambda a: a.reshape((b, 2) + a.shape[1:])
