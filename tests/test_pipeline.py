@@ -288,3 +288,16 @@ def test_packed_rows_agree_for_any_process_count(tok, files):
         np.testing.assert_array_equal(whole[k], np.concatenate([q[k] for q in parts]), k)
   falls = [p.counters["packing_fallback_steps"] for p in pipes]   # counted by each process
   assert 0 < falls[0] < 8 and falls == [falls[0], 2 * falls[0], 4 * falls[0]]
+
+
+def test_token_counts_that_change_after_start_up_are_named(tok, files, monkeypatch):
+  """The packed rows are agreed from the token counts read at start-up: a tokenizer that
+  later gives other counts would split the processes' shapes, so it stops the run."""
+  comps, weights, _ = sources.open_sources(spec_of(files))
+  pipe = pair_pipeline.PairPipeline(comps, weights, tok, global_batch=16, max_length=64,
+                                    mask_prob=0.15, max_predictions=4, seed=5, packing=True,
+                                    batch_shards=4)
+  real = tok.encode_batch
+  monkeypatch.setattr(tok, "encode_batch", lambda texts: [t + [5] for t in real(texts)])
+  with pytest.raises(InputError, match="step 0: the tokenizer gives other token counts"):
+    pipe.batch(0)

@@ -232,6 +232,9 @@ def open_corpus(cache_dir: str, material: dict, read: Callable[[], tuple],
     meta = _read_meta(path, key, "corpus store")
     log.info("data: wrote the corpus store %s (%d pairs, %d texts) in %.1fs", path,
              meta["pairs"], meta["texts"], time.perf_counter() - t0)
+  else:
+    log.info("data: reading the corpus store %s (%d pairs, %d texts)", path, meta["pairs"],
+             meta["texts"])
   return CorpusStore(path, meta)
 
 
