@@ -165,12 +165,15 @@ def test_vectorised_first_fit_and_pack_equal_the_reference():
       np.testing.assert_array_equal(row[g], r)
       np.testing.assert_array_equal(offset[g], o)
       assert used[g] == u
+    np.testing.assert_array_equal(packing.rows_needed(lengths, L), used)
     seqs = [rng.integers(5, 99, (G, n, L)).astype(np.int32) for _ in range(2)]
     for rows in range(1, n + 2):
       got, want = packing.pack(seqs, lengths, L, rows, 0), _pack_reference(seqs, lengths, L,
                                                                            rows, 0)
       assert (got is None) == (want is None)
       assert (packing.first_fit_groups(lengths, L, rows)[2].max() <= rows) == (got is not None)
+      need = np.minimum(used, rows + 1)
+      np.testing.assert_array_equal(packing.rows_needed(lengths, L, rows), need)
       if got is not None:
         for a, b in zip(got[0] + [got[1], got[2]], want[0] + [want[1], want[2]]):
           np.testing.assert_array_equal(a, b)

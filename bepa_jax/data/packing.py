@@ -61,38 +61,71 @@ def first_fit(lengths: np.ndarray, capacity: int):
 
 def first_fit_groups(lengths: np.ndarray, capacity: int, limit: int | None = None):
   """`first_fit` of every group at once: lengths [G, n] -> (bin [G, n], offset [G, n], bins
-  used [G]), the same as first_fit group by group, vectorised over the groups (one pass per
-  item rank, in decreasing order).
+  used [G]), the same as first_fit group by group, vectorised.
 
-  With `limit`, only whether a group fits `limit` bins is exact: a group that needs more has
-  used = limit + 1 (its bins and offsets past `limit` mean nothing). Cost: n passes over
-  [G, min(n, limit + 1)].
+  First-fit decreasing places a run of equal items by filling the bins in order, each bin
+  taking as many as its free room holds (the bins before it had no room for one, and still
+  have none). So the passes go over the distinct lengths (at most `capacity`), not the
+  items, each over [G, bins]. With `limit`, only whether a group fits `limit` bins is exact:
+  a group that needs more has used = limit + 1 (its bins and offsets past `limit` mean
+  nothing).
   """
   lengths = np.asarray(lengths, np.int64)
   G, n = lengths.shape
-  if n and lengths.max() > capacity:
-    raise ValueError(f"an item of {lengths.max()} exceeds the capacity {capacity}")
-  width = max(1, n if limit is None else min(n, limit + 1))
-  order = np.argsort(-lengths, axis=1, kind="stable")
-  ordered = np.take_along_axis(lengths, order, 1)
+  row, offset = np.zeros((G, n), np.int64), np.zeros((G, n), np.int64)
+  if not n:
+    return row, offset, np.zeros(G, np.int64)
+  if lengths.max() > capacity or lengths.min() < 1:
+    raise ValueError(f"item lengths must lie in 1..{capacity}")
+  width = n if limit is None else min(n, limit + 1)
   free = np.full((G, width), capacity, np.int64)
   if limit is not None and width == limit + 1:
-    free[:, -1] = np.iinfo(np.int64).max // 2   # overflow: holds whatever does not fit
-  row, offset = np.zeros((G, n), np.int64), np.zeros((G, n), np.int64)
-  g = np.arange(G)
-  for k in range(n):
-    need = ordered[:, k]
-    r = np.argmax(free >= need[:, None], axis=1)  # the first bin with room (unopened: full)
-    row[g, order[:, k]] = r
-    offset[g, order[:, k]] = capacity - free[g, r]
-    free[g, r] -= need
-  used = row.max(1) + 1 if n else np.zeros(G, np.int64)
-  return row, offset, used
+    free[:, -1] = capacity * n   # overflow: holds whatever does not fit
+  group = np.repeat(np.arange(G), n)
+  item = np.tile(np.arange(n), G)
+  size = lengths.reshape(-1)
+  order = np.lexsort((item, group, -size))       # decreasing length, then group, then item
+  group, item, size = group[order], item[order], size[order]
+  cuts = np.flatnonzero(np.diff(size)) + 1
+  step = width * n + 1                           # separates the groups' cumulative counts
+  for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(size)]])):
+    g, i, m = group[a:b], item[a:b], int(size[a])
+    count = np.bincount(g, minlength=G)
+    j = np.arange(b - a) - (np.cumsum(count) - count)[g]    # rank in its group's run
+    k = np.minimum(free // m, n)                 # how many items each bin takes
+    cum = np.cumsum(k, axis=1)
+    before = cum - k
+    r = np.searchsorted((cum + np.arange(G)[:, None] * step).reshape(-1), j + g * step,
+                        side="right") - g * width
+    row[g, i] = r
+    offset[g, i] = capacity - free[g, r] + (j - before[g, r]) * m
+    free -= np.clip(count[:, None] - before, 0, k) * m
+  return row, offset, row.max(1) + 1
 
 
-def rows_needed(lengths: np.ndarray, capacity: int) -> np.ndarray:
-  """[G, n] item lengths -> [G] rows first-fit needs for each group."""
-  return first_fit_groups(lengths, capacity)[2]
+def rows_needed(lengths: np.ndarray, capacity: int, limit: int | None = None) -> np.ndarray:
+  """[G, n] item lengths -> [G] rows first-fit needs for each group (with `limit`: exact up to
+  `limit`, limit + 1 for a group that needs more); `first_fit_groups`' third output, without
+  placing the items: one pass per distinct length over [G, bins], from a histogram."""
+  lengths = np.asarray(lengths, np.int64)
+  G, n = lengths.shape
+  if not n:
+    return np.zeros(G, np.int64)
+  width = n if limit is None else min(n, limit + 1)
+  free = np.full((G, width), capacity, np.int64)
+  if limit is not None and width == limit + 1:
+    free[:, -1] = capacity * n
+  hist = np.bincount((np.arange(G)[:, None] * (capacity + 1) + lengths).reshape(-1),
+                     minlength=G * (capacity + 1)).reshape(G, capacity + 1)
+  top = np.zeros(G, np.int64)
+  bins = np.arange(width)
+  for m in np.flatnonzero(hist[:, 1:].any(0))[::-1] + 1:   # decreasing lengths
+    k = np.minimum(free // m, n)
+    before = np.cumsum(k, axis=1) - k
+    take = np.clip(hist[:, m, None] - before, 0, k)
+    top = np.maximum(top, np.max(np.where(take > 0, bins, 0), axis=1))
+    free -= take * m
+  return top + 1
 
 
 def pack(seqs: list[np.ndarray], lengths: np.ndarray, capacity: int, rows: int, pad_id: int):
@@ -237,10 +270,10 @@ class Packer:
     L, half = self.max_length, (self.max_length - 4) // 2
     R, R2 = self.rows
     sentences = (np.minimum(lengths, L - 2) + 2)[groups].reshape(len(groups), -1)
-    fits = first_fit_groups(sentences, L, R)[2].max() <= R
+    fits = rows_needed(sentences, L, R).max() <= R
     if fits and self.tlm:
       pair = np.minimum(lengths, half).sum(1) + 4
-      fits = first_fit_groups(pair[groups], L, R2)[2].max() <= R2
+      fits = rows_needed(pair[groups], L, R2).max() <= R2
     if fits:
       return self.rows
     self.counters["packing_fallback_steps"] += 1
