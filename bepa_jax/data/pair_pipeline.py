@@ -99,8 +99,8 @@ class PairPipeline:
             rows: tuple[int, int] | None = None) -> dict:
     """This process's rows of the global batch at `step` (`spec` describes the arrays): padded
     [b, 2, ...], or packed (data.packing) into `rows` = (sentence rows, pair rows) per group
-    (default: the configured or probed rows; a step that does not fit takes the fallback, see
-    packing.Packer.pack)."""
+    (default: the configured or probed rows, or the fallback for a step that some group of the
+    global batch does not fit: packing.Packer.agree, the same on every process)."""
     if self.global_batch % process_count:
       raise ConfigError(f"train.global_batch={self.global_batch} is not divisible by "
                         f"{process_count} processes")
