@@ -93,3 +93,10 @@ def test_a_damaged_store_is_refused(files, toks, tmp_path):
   pairs.write_bytes(pairs.read_bytes()[:-8])
   with pytest.raises(InputError, match=r"pairs.bin is missing or damaged"):
     _pipeline(_cfg(files, cache), toks[0])
+
+
+def test_a_bucket_url_is_refused_by_the_config_pass():
+  from bepa_jax.config import validate
+  from bepa_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match=r"data.cache_dir='gs://b/c': .*memory-mapped.*gcsfuse"):
+    validate.validate(tiny_config(**{"data.cache_dir": "gs://b/c"}), 8)
