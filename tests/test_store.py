@@ -59,6 +59,13 @@ def test_store_gives_the_same_batches_and_is_reused(files, toks, tmp_path, monke
     for k in whole:
       np.testing.assert_array_equal(whole[k], np.concatenate([h[k] for h in halves]), k)
   assert plain.texts_of(3) == again.texts_of(3) and len(_stores(cache)) == 1
+  monkeypatch.undo()
+  import pickle   # a worker process gets the store's paths, not copies of its arrays
+  loaded = pickle.loads(pickle.dumps(again))
+  assert isinstance(loaded.plan.table.keys.base, np.memmap)
+  assert isinstance(loaded.tokens.ids_flat.base, np.memmap)
+  for k, v in loaded.batch(5).items():
+    np.testing.assert_array_equal(v, want[5][k], k)
 
 
 def test_a_changed_corpus_or_tokenizer_gets_its_own_store(files, toks, tmp_path):

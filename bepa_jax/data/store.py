@@ -177,6 +177,9 @@ class CorpusStore:
     self.weights = [float(w) for w in meta["weights"]]
     self.stats = LoadStats(**meta["stats"])
 
+  def __reduce__(self):   # a worker process reopens the maps instead of copying them
+    return CorpusStore, (self.path, self.meta)
+
   def _file(self, name: str) -> str:
     return os.path.join(self.path, name)
 
@@ -187,8 +190,10 @@ class CorpusStore:
   def table(self, tokens: "TokenStore | None" = None) -> Table:
     """The plan's integers (data/table.py): text ids as keys, token counts by text id."""
     offsets = np.concatenate([[0], np.cumsum([c.n for c in self.components])])
-    return Table(offsets, self.pairs, self.meanings,
-                 text_lengths=None if tokens is None else tokens.counts)
+    table = _StoreTable(offsets, self.pairs, self.meanings,
+                        text_lengths=None if tokens is None else tokens.counts)
+    table.rebuild = (self.table, (tokens,))
+    return table
 
   def tokens(self, tokenizer, build: bool = True) -> "TokenStore | None":
     """The token store of `tokenizer` (built when missing and `build`)."""
@@ -201,15 +206,27 @@ class CorpusStore:
     return None if meta is None else TokenStore(path, meta)
 
 
+class _StoreTable(Table):
+  """A table of memory-mapped arrays: pickled as the way to reopen them."""
+  rebuild: tuple
+
+  def __reduce__(self):
+    return self.rebuild
+
+
 class TokenStore:
   """Every text's token ids (memory-mapped): a host takes its rows' ids, tokenising none."""
 
   def __init__(self, path: str, meta: dict):
+    self.path, self.meta = path, meta
     T = int(meta["texts"])
     self.offsets = _array(os.path.join(path, "token_offsets.bin"), np.int64, (T + 1,))
     self.counts = _array(os.path.join(path, "token_counts.bin"), np.int32, (T,))
     self.ids_flat = _array(os.path.join(path, "tokens.bin"), np.dtype(meta["dtype"]),
                            (int(self.offsets[-1]) if T else 0,))
+
+  def __reduce__(self):
+    return TokenStore, (self.path, self.meta)
 
   def ids(self, text_ids: np.ndarray) -> list[np.ndarray]:
     text_ids = np.asarray(text_ids, np.int64)
