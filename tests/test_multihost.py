@@ -24,28 +24,37 @@ from bepa_jax.config import load as config_load
 from bepa_jax.cli import train as train_cli
 from tests.helpers import tiny_config
 
+calls = []  # host collectives, counted (every multihost_utils entry point the code uses)
+for name in ("process_allgather", "sync_global_devices", "broadcast_one_to_all"):
+  setattr(multihost_utils, name, (lambda f, n: lambda *a, **k: (calls.append(n), f(*a, **k))[1])(
+      getattr(multihost_utils, name), name))
 out, workdir, packed = sys.argv[1], sys.argv[2], sys.argv[3] == "packed"
 config = tiny_config(**{"train.steps": 4, "train.log_every": 1, "train.global_batch": 16,
                         "data.packing": packed, "data.max_length": 128 if packed else 16,
                         "model.max_position_embeddings": 130 if packed else 64})
 job = build_lib.build(config, workdir)
-losses, shards, tokens = [], [], []
+losses, shards, tokens, synced = [], [], [], []
 with jax.set_mesh(job.mesh):
   state = job.state
   for step in range(4):
-    local = loop.local_batch(job.pipeline, step, jax.process_index(), jax.process_count())
+    # a step between log steps: batch + step with no device-to-host transfer, no collective
+    before = len(calls)
+    with jax.transfer_guard_device_to_host("disallow" if step else "allow"):
+      local = loop.local_batch(job.pipeline, step, jax.process_index(), jax.process_count())
+      state, metrics = job.step_fn(state, loop.global_batch(local, job.mesh))
+    synced.append(calls[before:])
     shards.append(local["input_ids"].tolist())
     local_counts = throughput.count(local, config.loss)
     tokens.append([local_counts.real, throughput.global_counts(local_counts).real,
                    throughput.global_counts(local_counts).processed])
-    state, metrics = job.step_fn(state, loop.global_batch(local, job.mesh))
     losses.append(float(metrics["loss"]))
 params = multihost_utils.process_allgather(state.params, tiled=True)
 flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
 tag = f"{out}/p{jax.process_index()}"
 np.savez(tag + ".npz", **flat)
 json.dump({"losses": losses, "shards": shards, "tokens": tokens, "process_count": jax.process_count(),
-           "device_count": jax.device_count()}, open(tag + ".json", "w"))
+           "device_count": jax.device_count(), "synced": synced},
+          open(tag + ".json", "w"))
 '''
 
 
@@ -105,3 +114,16 @@ def test_token_counts_are_summed_over_processes(runs):
       assert p["tokens"][step][1:] == [global_real, processed]
     assert multi[0]["tokens"][step][0] + multi[1]["tokens"][step][0] == global_real
     assert multi[0]["tokens"][step][0] != global_real  # the shards are each only a part
+
+
+@pytest.mark.parametrize("layout", ["", "_packed"], ids=["padded", "packed"])
+def test_steps_between_log_steps_never_wait_for_the_devices(runs, layout):
+  """Steps 1-3 of the 2-process runs built their batch and ran the step calling no host
+  collective (before: packed runs all-gathered their packed rows every step, a device
+  computation that waits for the previous step): the processes agree on the packed rows from
+  the plan's integers. The steps also run under jax.transfer_guard_device_to_host("disallow"),
+  which an accelerator enforces; on CPU arrays are host memory and it never fires, so the
+  count of collectives is the check here."""
+  for path in sorted((runs["multi" + layout]).glob("p*.json")):
+    run = json.load(open(path))
+    assert run["synced"][1:] == [[], [], []], run["synced"]

@@ -208,6 +208,19 @@ def test_checkpoint_position_and_data_fingerprint(tok, files):
     masked.verify_state(state)
 
 
+def test_a_checkpoint_of_another_batch_plan_is_named(tok, files):
+  """Batches drawn by the old plan (row-by-row redraws; no version in the stream) are not those
+  of this code: the resume stops naming it, or continues on request."""
+  pipe = make(tok, spec_of(files))
+  state = pipe.state_dict(42)
+  old = dict(state, stream={k: v for k, v in state["stream"].items()
+                            if k != "batch plan version"})
+  with pytest.raises(ConfigError, match=r"trained on other data \(batch plan version: None -> 2 "
+                     r"\(this version of the code draws other batches .*continue_on_new_data"):
+    pipe.verify_state(old)
+  assert len(pipe.verify_state(old, continue_on_new_data=True)) == 1
+
+
 def test_continue_on_new_data_starts_the_new_stream_at_the_saved_step(tok, files):
   """The explicit key accepts the change; the new data's position 0 is the restored step, and
   that offset is saved again, so a second resume continues the same stream."""
@@ -258,3 +271,33 @@ def test_vectorised_masking_follows_80_10_10_and_never_picks_specials():
   assert np.mean((got != 4) & (got != lab[real])) == pytest.approx(0.1, abs=0.015)
   assert np.mean(got == lab[real]) == pytest.approx(0.1, abs=0.015)
   assert got.min() >= 4 and got.max() < vocab
+
+
+def test_packed_rows_agree_for_any_process_count(tok, files):
+  """Packed: each process derives a step's rows from the plan's token counts (no collective),
+  so the processes' batches -- steps that fall back included -- are the 1-process batch cut."""
+  comps, weights, _ = sources.open_sources(spec_of(files))
+  pipes = [pair_pipeline.PairPipeline(comps, weights, tok, global_batch=32, max_length=80,
+                                      mask_prob=0.15, max_predictions=4, seed=5, packing=True,
+                                      packed_rows=9, batch_shards=4) for _ in range(3)]
+  for step in range(8):
+    whole = pipes[0].batch(step)
+    for P, pipe in ((2, pipes[1]), (4, pipes[2])):
+      parts = [pipe.batch(step, p, P) for p in range(P)]
+      for k in whole:
+        np.testing.assert_array_equal(whole[k], np.concatenate([q[k] for q in parts]), k)
+  falls = [p.counters["packing_fallback_steps"] for p in pipes]   # counted by each process
+  assert 0 < falls[0] < 8 and falls == [falls[0], 2 * falls[0], 4 * falls[0]]
+
+
+def test_token_counts_that_change_after_start_up_are_named(tok, files, monkeypatch):
+  """The packed rows are agreed from the token counts read at start-up: a tokenizer that
+  later gives other counts would split the processes' shapes, so it stops the run."""
+  comps, weights, _ = sources.open_sources(spec_of(files))
+  pipe = pair_pipeline.PairPipeline(comps, weights, tok, global_batch=16, max_length=64,
+                                    mask_prob=0.15, max_predictions=4, seed=5, packing=True,
+                                    batch_shards=4)
+  real = tok.encode_batch
+  monkeypatch.setattr(tok, "encode_batch", lambda texts: [t + [5] for t in real(texts)])
+  with pytest.raises(InputError, match="step 0: the tokenizer gives other token counts"):
+    pipe.batch(0)

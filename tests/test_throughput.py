@@ -87,3 +87,29 @@ def test_train_logs_real_tokens_and_padding_fraction(tmp_path, loss, caplog):
   line = next(m for m in caplog.messages if m.startswith("step 6/6"))
   assert f"{last['real_tokens_per_sec']:.0f} real tok/s, " \
          f"{100 * last['padding_fraction']:.0f}% pad" in line
+
+
+def test_counts_are_gathered_over_processes_at_log_steps_only():
+  """global_counts (an all-gather with several processes) runs when a window is logged, never
+  on the steps between: the loop's only per-step work on the host is its own batch."""
+  import jax.numpy as jnp
+  takes = []
+
+  class Meter:
+    def take(self):
+      takes.append(1)
+      return throughput.TokenCounts(10, 10, 20)
+
+  class Quiet:
+    def write(self, *a, **k):
+      pass
+
+    def check(self, *a, **k):
+      pass
+
+  keys = ("loss", "mlm_loss", "mlm_accuracy", "contrastive_loss", "acc_x2y", "acc_y2x",
+          "pos_cos", "neg_cos")
+  steplog = loop.StepLog(Quiet(), Meter(), Quiet(), steps=10, first=0, every=4)
+  for done in range(1, 11):
+    steplog.add(done, {k: jnp.float32(1.0) for k in keys})
+  assert len(takes) == 4              # steps 1 (the first), 4, 8 and 10 (the last)

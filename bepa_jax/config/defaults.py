@@ -88,6 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
       long_lines="skip",             # skip | truncate (over-long lines; counted and logged)
       invalid_utf8="error",          # error (file:line) | skip (counted and logged)
       tfds_data_dir="",              # TFDS data_dir ("" = TFDS default); array_record, prepared
+      cache_dir="",                  # the record store: the corpus parsed and tokenised once,
+                                     # keyed by the content of corpus and tokenizer, reused by later
+                                     # runs and every host (shared storage); "" = none, the corpus is
+                                     # read (and with packing tokenised) at every start
       max_length=48,                 # tokens per sentence incl. [CLS] and [SEP]; the row length
       packing=True,                  # several sentences per row of max_length (block-diagonal
                                      # attention, exact; bepa_jax/data/packing.py); False = one

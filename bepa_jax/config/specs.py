@@ -56,6 +56,7 @@ class DataSpec:
   long_lines: str
   invalid_utf8: str
   tfds_data_dir: str
+  cache_dir: str
   max_length: int
   packing: bool
   packed_rows: int

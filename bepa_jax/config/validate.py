@@ -104,6 +104,9 @@ def _validate_data(d) -> None:
     raise ConfigError(f"data.temperature must be a finite number > 0, got {d.temperature}")
   if int(d.max_chars) < 1:
     raise ConfigError(f"data.max_chars must be >= 1, got {d.max_chars}")
+  if "://" in str(d.cache_dir):
+    raise ConfigError(f"data.cache_dir={d.cache_dir!r}: the record store is memory-mapped, so it "
+                      f"needs a file system path (mount a bucket, e.g. with gcsfuse)")
 
 
 def _validate_train(t, optim) -> None:

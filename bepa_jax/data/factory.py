@@ -6,7 +6,7 @@ import os
 
 from bepa_jax import mesh as mesh_lib
 from bepa_jax.config import validate as config_lib
-from bepa_jax.data import pair_pipeline, sources
+from bepa_jax.data import pair_pipeline, sources, store
 from bepa_jax.data import tokenizer as tokenizer_lib
 from bepa_jax.data import tokenizers as tokenizers_lib
 from bepa_jax.errors import InputError
@@ -15,11 +15,32 @@ log = logging.getLogger("bepa")
 
 
 def open_configured_sources(data_cfg):
-  """(components, weights, load stats) of `data.source` under the config's text policy."""
-  return sources.open_sources(
-      str(data_cfg.source), sources.TextPolicy.from_config(data_cfg),
-      sources.parse_pairs(str(data_cfg.pairs)), str(data_cfg.tfds_data_dir) or None,
-      config_lib.split_list(data_cfg.languages))
+  """(components, weights, load stats) of `data.source` under the config's text policy; with
+  data.cache_dir, from the record store (data/store.py), written first when missing."""
+  args = (str(data_cfg.source), sources.TextPolicy.from_config(data_cfg),
+          sources.parse_pairs(str(data_cfg.pairs)), str(data_cfg.tfds_data_dir) or None,
+          config_lib.split_list(data_cfg.languages))
+  if not data_cfg.cache_dir:
+    return sources.open_sources(*args)
+  material = store.material(*args)
+  corpus = _by_process_0(lambda build: store.open_corpus(
+      str(data_cfg.cache_dir), material, lambda: sources.open_sources(*args), build))
+  return corpus.components, corpus.weights, corpus.stats
+
+
+def _by_process_0(open_store):
+  """`open_store(build)`: process 0 builds a missing store while the others wait, then they
+  open it (on storage every host sees) or build their own (on a host's local disk)."""
+  import jax
+  if jax.process_count() == 1:
+    return open_store(True)
+  from jax.experimental import multihost_utils
+  if jax.process_index() == 0:
+    got = open_store(True)
+    multihost_utils.sync_global_devices("bepa record store")
+    return got
+  multihost_utils.sync_global_devices("bepa record store")
+  return open_store(True)
 
 
 def training_texts(data_cfg, limit: int = 2_000_000, opened=None):
@@ -79,6 +100,8 @@ def build_pipeline(config, tokenizer, batch_shards: int | None = None, opened=No
     data, fsdp, _ = mesh_lib.resolve_shape(config.mesh, jax.device_count())
     batch_shards = data * fsdp
   comps, weights, stats = opened or open_configured_sources(d)
+  corpus = getattr(comps[0], "store", None) if comps else None   # data.cache_dir
+  tokens = corpus and _by_process_0(lambda build: corpus.tokens(tokenizer, build))
   pipe = pair_pipeline.PairPipeline(
       comps, weights, tokenizer, global_batch=int(config.train.global_batch),
       max_length=int(d.max_length), mask_prob=float(d.mask_prob),
@@ -88,6 +111,7 @@ def build_pipeline(config, tokenizer, batch_shards: int | None = None, opened=No
       mlm_input=str(config.loss.mlm_input), packing=bool(d.packing),
       packed_rows=int(d.packed_rows), packed_pair_rows=int(d.packed_pair_rows),
       batch_shards=batch_shards, micro_batches=config_lib.packing_micro_batches(config.train),
+      table=corpus.table(tokens) if corpus else None, tokens=tokens,
       stream_extra={  # which records are usable depends on these too
           f"data.{k}": getattr(d, k) for k in ("max_chars", "long_lines", "invalid_utf8")})
   if pipe.mlm_only and float(config.loss.weight) != 0.0:

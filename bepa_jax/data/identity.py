@@ -12,6 +12,11 @@ import json
 from bepa_jax.errors import ConfigError
 
 
+# keys set by the code, not by the config: what their change means
+NOTES = {"batch plan version": "this version of the code draws other batches than the one "
+                               "that saved the checkpoint"}
+
+
 def digest(stream: dict) -> str:
   """A short hash of a stream description."""
   return hashlib.sha1(json.dumps(stream, sort_keys=True).encode()).hexdigest()[:16]
@@ -29,8 +34,8 @@ def changes(now: dict, state: dict) -> list[str]:
   saved = state.get("stream")
   if saved is not None:
     keys = sorted(set(now) | set(saved))
-    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys
-            if saved.get(k) != now.get(k)]
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" + (f" ({NOTES[k]})" if k in NOTES else "")
+            for k in keys if saved.get(k) != now.get(k)]
   if state.get("data_fingerprint") not in (None, digest(now)):
     return [f"data fingerprint {state['data_fingerprint']} -> {digest(now)}"]
   return []

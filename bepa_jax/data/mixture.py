@@ -45,11 +45,15 @@ class Mixture:
     self._block_cum = [np.zeros(len(self.sizes), np.int64)]  # draws before block k
     self._perms: OrderedDict = OrderedDict()
     self._cache_epochs = cache_epochs
+    self._last_counts = (-1, None)
 
   def _counts(self, block: int) -> np.ndarray:
-    """[BLOCK, C] rows per component for each step of `block`."""
-    rng = np.random.default_rng([self.seed, 10, block])
-    return rng.multinomial(self.global_batch, self.probs, size=BLOCK).astype(np.int64)
+    """[BLOCK, C] rows per component for each step of `block` (the last block kept)."""
+    if self._last_counts[0] != block:
+      rng = np.random.default_rng([self.seed, 10, block])
+      self._last_counts = (block, rng.multinomial(self.global_batch, self.probs,
+                                                  size=BLOCK).astype(np.int64))
+    return self._last_counts[1]
 
   def _draws_before(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """(draws of each component before `step`, rows of each component at `step`)."""
@@ -75,15 +79,20 @@ class Mixture:
     return int(self._perm(c, epoch)[k])
 
   def plan(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """(component [B], example index [B]) of the global batch at `step`."""
+    """(component [B], example index [B]) of the global batch at `step` (vectorised: one
+    gather per component and epoch)."""
     before, counts = self._draws_before(step)
     comps, idx = [], []
     for c in np.nonzero(counts)[0]:
-      for j in range(int(counts[c])):
-        comps.append(c)
-        idx.append(self.example(c, before[c] + j))
+      epoch, k = np.divmod(before[c] + np.arange(counts[c]), self.sizes[c])
+      out = np.empty(len(k), np.int64)
+      for e in np.unique(epoch):
+        sel = epoch == e
+        out[sel] = self._perm(int(c), int(e))[k[sel]]
+      comps.append(np.full(len(k), c, np.int64))
+      idx.append(out)
     order = np.random.default_rng([self.seed, 12, int(step)]).permutation(self.global_batch)
-    return np.asarray(comps, np.int64)[order], np.asarray(idx, np.int64)[order]
+    return np.concatenate(comps)[order], np.concatenate(idx)[order]
 
   def epoch_of(self, step: int) -> np.ndarray:
     """Epochs completed by each component before `step` (for logging)."""

@@ -59,9 +59,73 @@ def first_fit(lengths: np.ndarray, capacity: int):
   return row, offset, len(free)
 
 
-def rows_needed(lengths: np.ndarray, capacity: int) -> np.ndarray:
-  """[G, n] item lengths -> [G] rows first-fit needs for each group."""
-  return np.array([first_fit(l, capacity)[2] for l in lengths], np.int64)
+def first_fit_groups(lengths: np.ndarray, capacity: int, limit: int | None = None):
+  """`first_fit` of every group at once: lengths [G, n] -> (bin [G, n], offset [G, n], bins
+  used [G]), the same as first_fit group by group, vectorised.
+
+  First-fit decreasing places a run of equal items by filling the bins in order, each bin
+  taking as many as its free room holds (the bins before it had no room for one, and still
+  have none). So the passes go over the distinct lengths (at most `capacity`), not the
+  items, each over [G, bins]. With `limit`, only whether a group fits `limit` bins is exact:
+  a group that needs more has used = limit + 1 (its bins and offsets past `limit` mean
+  nothing).
+  """
+  lengths = np.asarray(lengths, np.int64)
+  G, n = lengths.shape
+  row, offset = np.zeros((G, n), np.int64), np.zeros((G, n), np.int64)
+  if not n:
+    return row, offset, np.zeros(G, np.int64)
+  if lengths.max() > capacity or lengths.min() < 1:
+    raise ValueError(f"item lengths must lie in 1..{capacity}")
+  width = n if limit is None else min(n, limit + 1)
+  free = np.full((G, width), capacity, np.int64)
+  if limit is not None and width == limit + 1:
+    free[:, -1] = capacity * n   # overflow: holds whatever does not fit
+  group = np.repeat(np.arange(G), n)
+  item = np.tile(np.arange(n), G)
+  size = lengths.reshape(-1)
+  order = np.lexsort((item, group, -size))       # decreasing length, then group, then item
+  group, item, size = group[order], item[order], size[order]
+  cuts = np.flatnonzero(np.diff(size)) + 1
+  step = width * n + 1                           # separates the groups' cumulative counts
+  for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(size)]])):
+    g, i, m = group[a:b], item[a:b], int(size[a])
+    count = np.bincount(g, minlength=G)
+    j = np.arange(b - a) - (np.cumsum(count) - count)[g]    # rank in its group's run
+    k = np.minimum(free // m, n)                 # how many items each bin takes
+    cum = np.cumsum(k, axis=1)
+    before = cum - k
+    r = np.searchsorted((cum + np.arange(G)[:, None] * step).reshape(-1), j + g * step,
+                        side="right") - g * width
+    row[g, i] = r
+    offset[g, i] = capacity - free[g, r] + (j - before[g, r]) * m
+    free -= np.clip(count[:, None] - before, 0, k) * m
+  return row, offset, row.max(1) + 1
+
+
+def rows_needed(lengths: np.ndarray, capacity: int, limit: int | None = None) -> np.ndarray:
+  """[G, n] item lengths -> [G] rows first-fit needs for each group (with `limit`: exact up to
+  `limit`, limit + 1 for a group that needs more); `first_fit_groups`' third output, without
+  placing the items: one pass per distinct length over [G, bins], from a histogram."""
+  lengths = np.asarray(lengths, np.int64)
+  G, n = lengths.shape
+  if not n:
+    return np.zeros(G, np.int64)
+  width = n if limit is None else min(n, limit + 1)
+  free = np.full((G, width), capacity, np.int64)
+  if limit is not None and width == limit + 1:
+    free[:, -1] = capacity * n
+  hist = np.bincount((np.arange(G)[:, None] * (capacity + 1) + lengths).reshape(-1),
+                     minlength=G * (capacity + 1)).reshape(G, capacity + 1)
+  top = np.zeros(G, np.int64)
+  bins = np.arange(width)
+  for m in np.flatnonzero(hist[:, 1:].any(0))[::-1] + 1:   # decreasing lengths
+    k = np.minimum(free // m, n)
+    before = np.cumsum(k, axis=1) - k
+    take = np.clip(hist[:, m, None] - before, 0, k)
+    top = np.maximum(top, np.max(np.where(take > 0, bins, 0), axis=1))
+    free -= take * m
+  return top + 1
 
 
 def pack(seqs: list[np.ndarray], lengths: np.ndarray, capacity: int, rows: int, pad_id: int):
@@ -69,27 +133,36 @@ def pack(seqs: list[np.ndarray], lengths: np.ndarray, capacity: int, rows: int, 
 
   seqs: arrays [G, n, L] (e.g. the clean and the masked sentences; the first n tokens of item
   are real), lengths [G, n] -> (packed [G, rows, L] per seq, segment_ids [G, rows, L] (0 = pad,
-  1.. = the item's number in its row), start [G, n] flat index of each item's first token in
-  its group's rows x L grid), or None when some group needs more than `rows` rows.
+  1.. = the item's number in its row, in item order), start [G, n] flat index of each item's
+  first token in its group's rows x L grid), or None when some group needs more than `rows`
+  rows. Vectorised: one scatter per array.
   """
   G, n = lengths.shape
   L = seqs[0].shape[-1]
-  out = [np.full((G, rows, L), pad_id, s.dtype) for s in seqs]
-  segment_ids = np.zeros((G, rows, L), np.int32)
-  start = np.zeros((G, n), np.int64)
-  for gi in range(G):
-    row, offset, used = first_fit(lengths[gi], capacity)
-    if used > rows:
-      return None
-    count = np.zeros(rows, np.int32)
-    for i in range(n):
-      r, o, m = int(row[i]), int(offset[i]), int(lengths[gi, i])
-      for dst, src in zip(out, seqs):
-        dst[gi, r, o:o + m] = src[gi, i, :m]
-      count[r] += 1
-      segment_ids[gi, r, o:o + m] = count[r]
-      start[gi, i] = r * L + o
-  return out, segment_ids, start
+  row, offset, used = first_fit_groups(lengths, capacity, rows)
+  if n and used.max() > rows:
+    return None
+  start = row * L + offset
+  # segment number: the item's rank among the items of its row, in item order
+  slot = (np.arange(G)[:, None] * rows + row).reshape(-1)
+  order = np.argsort(slot, kind="stable")
+  ranks = np.arange(G * n)
+  first = np.concatenate([[True], slot[order][1:] != slot[order][:-1]])[:G * n]
+  rank = np.empty(G * n, np.int64)
+  rank[order] = ranks - np.maximum.accumulate(np.where(first, ranks, 0))
+  # token t of item (g, i) goes to flat position start[g, i] + t of group g
+  m = lengths.reshape(-1).astype(np.int64)
+  item = np.repeat(np.arange(G * n), m)
+  t = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
+  group, dst = item // max(n, 1), start.reshape(-1)[item] + t
+  out = []
+  for s in seqs:
+    grid = np.full((G, rows * L), pad_id, s.dtype)
+    grid[group, dst] = s.reshape(G * n, L)[item, t]
+    out.append(grid.reshape(G, rows, L))
+  segment_ids = np.zeros((G, rows * L), np.int32)
+  segment_ids[group, dst] = (rank + 1)[item]
+  return out, segment_ids.reshape(G, rows, L), start
 
 
 class Packer:
@@ -141,7 +214,7 @@ class Packer:
     A step whose sentences do not fit the rows of some group is never cut: the whole step
     (every group of this process) is packed into `fallback_rows`, one sequence per row, which
     always fits; it is counted (`packing fallback steps` in the report). With several processes
-    the train loop makes every process take the same rows (the largest any process needs).
+    every process must take the same rows: the pipeline passes those of `agree`, which fit.
     """
     groups = self.local_groups(lengths.shape[0], process_count)
     G, g = groups.shape
@@ -187,6 +260,24 @@ class Packer:
     for k in ("mlm_ids", "mlm_weights", "text_hash"):
       res[k] = out[k]
     return res
+
+  def agree(self, lengths: np.ndarray) -> tuple[int, int]:
+    """The rows every process packs a step into, from the token counts [B, 2] (uncut, without
+    [CLS]/[SEP]) of the whole global batch: the configured rows when every group of every
+    process fits them, else the fallback (counted). Integers only, the same on every process:
+    no collective agrees on the global shape."""
+    groups = pairs_by_group(lengths.shape[0], self.batch_shards, self.micro_batches)
+    L, half = self.max_length, (self.max_length - 4) // 2
+    R, R2 = self.rows
+    sentences = (np.minimum(lengths, L - 2) + 2)[groups].reshape(len(groups), -1)
+    fits = rows_needed(sentences, L, R).max() <= R
+    if fits and self.tlm:
+      pair = np.minimum(lengths, half).sum(1) + 4
+      fits = rows_needed(pair[groups], L, R2).max() <= R2
+    if fits:
+      return self.rows
+    self.counters["packing_fallback_steps"] += 1
+    return self.fallback_rows
 
   def choose_rows(self, lengths: list[np.ndarray]) -> None:
     """Auto rows (data.packed_rows=0) from the sentence lengths [B, 2] (without [CLS]/[SEP])

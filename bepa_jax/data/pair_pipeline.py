@@ -1,24 +1,30 @@
 """Batches from any mixture of pair sources, as a pure function of (seed, step).
 
-Every process computes the same global plan for a step (data/plan.py: the mixture, dedup) and
-then tokenises and masks only its own contiguous rows (data/rows.py), packing them when asked
-(data/packing.py), so the global batch does not depend on the number of processes and resuming
-at step s needs nothing but s (the step is already in the checkpoint; data/identity.py checks
-that the data is the same). The arrays are those data/batch_spec.py describes.
+Every process computes the same global plan for a step (data/plan.py: the mixture, dedup,
+over integers read once per record: data/table.py) and then reads, tokenises (or takes from
+the record store, data/store.py) and masks only its own contiguous rows (data/rows.py),
+packing them when asked (data/packing.py) into rows that every process derives from the
+plan's token counts, so no collective agrees on them. The global batch does not depend on
+the number of processes and resuming at step s needs nothing but s (the step is already in
+the checkpoint; data/identity.py checks that the data is the same). The arrays are those
+data/batch_spec.py describes.
 """
 from __future__ import annotations
 
 import collections
 from typing import Sequence
 
+import numpy as np
+
 from bepa_jax.data import identity
+from bepa_jax.data import table as table_lib
 from bepa_jax.data.batch_spec import BatchSpec
 from bepa_jax.data.packing import Packer
-from bepa_jax.data.plan import Plan
+from bepa_jax.data.plan import PLAN_VERSION, Plan
 from bepa_jax.data.records import Component, LoadStats
 from bepa_jax.data.rows import RowMaker
 from bepa_jax.data.tokenizer import Tokenizer
-from bepa_jax.errors import ConfigError
+from bepa_jax.errors import ConfigError, InputError
 
 
 class PairPipeline:
@@ -34,10 +40,13 @@ class PairPipeline:
                load_stats: LoadStats | None = None, stream_extra: dict | None = None,
                cls_input: str = "masked", mlm_input: str = "sentence", packing: bool = False,
                packed_rows: int = 0, packed_pair_rows: int = 0, batch_shards: int = 1,
-               micro_batches: int = 1):
+               micro_batches: int = 1, table: table_lib.Table | None = None, tokens=None):
     self.counters = collections.Counter()   # replaced duplicates / unusable, truncations
+    if table is None and (dedup or packing):  # the plan's integers: one read of every record
+      table = table_lib.scan(components, tokenizer if packing else None)
     self.plan = Plan(components, weights, temperature=temperature, global_batch=global_batch,
-                     seed=seed, dedup=dedup, counters=self.counters)
+                     seed=seed, dedup=dedup, counters=self.counters, table=table)
+    self.tokens = tokens  # the record store's token ids by text id (data/store.py), or None
     self.tok = tokenizer
     self.global_batch, self.seed = int(global_batch), int(seed)
     self.cls_input, self.mlm_input = cls_input, mlm_input
@@ -90,19 +99,34 @@ class PairPipeline:
             rows: tuple[int, int] | None = None) -> dict:
     """This process's rows of the global batch at `step` (`spec` describes the arrays): padded
     [b, 2, ...], or packed (data.packing) into `rows` = (sentence rows, pair rows) per group
-    (default: the configured or probed rows; a step that does not fit takes the fallback, see
-    packing.Packer.pack)."""
+    (default: the configured or probed rows, or the fallback for a step that some group of the
+    global batch does not fit: packing.Packer.agree, the same on every process)."""
     if self.global_batch % process_count:
       raise ConfigError(f"train.global_batch={self.global_batch} is not divisible by "
                         f"{process_count} processes")
     b = self.global_batch // process_count
     local = range(process_index * b, (process_index + 1) * b)
     position = int(step) - self.start_step
-    out, lengths, pair_lengths = self.row_maker.make(
-        self.plan.flat_texts(position, local), position, local.start)
+    if self.tokens is not None:   # the store holds every text's tokens: none tokenised here
+      out, lengths, pair_lengths = self.row_maker.make_ids(
+          self.tokens.ids(self.plan.flat_keys(position, local)), position, local.start)
+    else:
+      out, lengths, pair_lengths = self.row_maker.make(
+          self.plan.flat_texts(position, local), position, local.start)
     if not self.packing:
       return out
+    if rows is None:   # the same rows on every process, from the global plan's integers
+      counts = self.plan.lengths(position)
+      self._check_counts(counts[local.start:local.stop], lengths, step)
+      rows = self.packer.agree(counts)
     return self.packer.pack(out, lengths, pair_lengths, process_count, rows)
+
+  def _check_counts(self, counts, lengths, step: int) -> None:
+    """The token counts the plan agreed on are those of the rows built (else the processes
+    could pack into different shapes)."""
+    if not np.array_equal(np.minimum(counts, self.row_maker.max_length - 2) + 2, lengths):
+      raise InputError(f"step {step}: the tokenizer gives other token counts than it gave for "
+                       f"the same texts at start-up (a tokenizer that is not deterministic?)")
 
   def spec(self, process_count: int = 1, rows: tuple[int, int] | None = None) -> BatchSpec:
     """The layout of one process's batch (`rows`: those asked of a packed batch; default the
@@ -134,13 +158,11 @@ class PairPipeline:
 
   def _probe_packing(self, min_sentences: int = 4096, max_steps: int = 16):
     """Auto rows (data.packed_rows=0) from the first steps of the stream (packing.Packer.
-    choose_rows). The probe reads the global batch; it leaves no count behind."""
+    choose_rows), from the plan's token counts; it leaves no count behind."""
     steps = max(1, min(max_steps, -(-min_sentences // (2 * self.global_batch))))
     saved = self.counters.copy()
-    lengths = []
-    for step in range(self.start_step, self.start_step + steps):
-      flat = [t for x, y in self.texts_of(step) for t in (x, y)]
-      lengths.append(self.row_maker.sentence_lengths(flat))
+    cut = self.row_maker.max_length - 2
+    lengths = [np.minimum(self.plan.lengths(position), cut) for position in range(steps)]
     self.counters.clear()
     self.counters.update(saved)
     self.plan.forget()
@@ -160,6 +182,7 @@ class PairPipeline:
         "data.source": [f"{c.name} ({len(c)} pairs)" for c in self.components],
         "data.temperature/weights": [round(float(p), 9) for p in self.plan.mixture.probs],
         "data.seed": self.seed, "train.global_batch": self.global_batch,
+        "batch plan version": PLAN_VERSION,   # the redraw rule (data/plan.py)
         "data.max_length": maker.max_length, "data.dedup": self.plan.dedup,
         "data.mask_prob": maker.mask_prob, "data.max_predictions_per_seq": maker.max_predictions,
         "tokenizer": self.tok.fingerprint(), **self.stream_extra,

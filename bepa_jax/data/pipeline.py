@@ -20,9 +20,9 @@ class Pipeline(Protocol):
   def batch(self, step: int, process_index: int = 0, process_count: int = 1,
             rows: tuple[int, int] | None = None) -> dict:
     """This process's rows of the global batch at `step`, numpy arrays as `spec` describes.
-    Packed: `rows` = (sentence rows, TLM pair rows) per packing group, default the pipeline's
-    own; a step that does not fit them takes one sequence per row (the same on every process
-    when they all ask for the same rows)."""
+    Packed: `rows` = (sentence rows, TLM pair rows) per packing group; default: the pipeline's
+    own, or one sequence per row for a step some group of the global batch does not fit --
+    decided from the global plan, so the same on every process without a collective."""
 
   def spec(self, process_count: int = 1, rows: tuple[int, int] | None = None) -> BatchSpec:
     """The keys, shapes and dtypes of one process's batch (data/batch_spec.py)."""

@@ -75,6 +75,7 @@ class Component:
   lang_x: str
   lang_y: str
   monolingual = False        # MLM-only rows (two sentences of one language)
+  in_memory = True           # its texts are held in memory (False: read on access)
   stats: LoadStats | None = None  # what a lazy reader dropped so far (read on access)
 
   def __len__(self) -> int:

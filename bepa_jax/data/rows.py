@@ -28,36 +28,33 @@ class RowMaker:
     self.cls_input, self.mlm_input = cls_input, mlm_input
     self.counters = counters  # truncated sentences and TLM sides
 
-  def sentence_lengths(self, flat: list[str]) -> np.ndarray:
-    """[n/2, 2] token counts of x, y, x, y, ... without [CLS]/[SEP], cut to max_length - 2."""
-    ids = self.tok.encode_batch(flat)
-    return np.array([min(len(t), self.max_length - 2) for t in ids]).reshape(-1, 2)
-
   def _tokenise(self, ids: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sequences [N, L], content lengths [N], crc32 of each side's tokens [N])."""
-    L, tok = self.max_length, self.tok
-    seq = np.full((len(ids), L), tok.pad_id, np.int32)
-    n = np.zeros(len(ids), np.int64)
-    hashes = np.zeros(len(ids), np.int32)
-    for k, t in enumerate(ids):
-      if len(t) > L - 2:
-        self.counters["truncated"] += 1
-      t = np.asarray(t[:L - 2], np.int32)
-      seq[k, 1:len(t) + 1] = t
-      n[k] = len(t)
-      # crc32 of each side's tokens before masking: lets
-      # loss.mask_duplicates drop candidates repeating the positive's text
-      hashes[k] = np.int64(zlib.crc32(t.tobytes())).astype(np.int32)
+    L, tok, N = self.max_length, self.tok, len(ids)
+    cut = [np.asarray(t[:L - 2], np.int32) for t in ids]
+    n = np.array([len(t) for t in cut], np.int64)
+    self.counters["truncated"] += sum(len(t) > L - 2 for t in ids)
+    flat = np.concatenate(cut) if N else np.zeros(0, np.int32)
+    ends = np.cumsum(n)
+    seq = np.full((N, L), tok.pad_id, np.int32)
+    seq[np.repeat(np.arange(N), n), 1 + np.arange(len(flat)) - np.repeat(ends - n, n)] = flat
     seq[:, 0] = tok.cls_id
-    seq[np.arange(len(ids)), n + 1] = tok.sep_id
+    seq[np.arange(N), n + 1] = tok.sep_id
+    # crc32 of each side's tokens before masking: lets
+    # loss.mask_duplicates drop candidates repeating the positive's text
+    hashes = np.array([zlib.crc32(flat[a:b].tobytes()) for a, b in
+                       zip((ends - n).tolist(), ends.tolist())], np.int64).astype(np.int32)
     return seq, n, hashes
 
   def make(self, flat: list[str], position: int, first_row: int):
     """x, y, x, y, ... of b pairs (global rows first_row..) at stream `position` ->
     (batch [b, 2, ...] padded to max_length, sentence lengths [b, 2] with [CLS]/[SEP],
     pair-sequence lengths [b] or None)."""
-    b, L = len(flat) // 2, self.max_length
-    ids = self.tok.encode_batch(flat)
+    return self.make_ids(self.tok.encode_batch(flat), position, first_row)
+
+  def make_ids(self, ids: list, position: int, first_row: int):
+    """`make` from the token ids of the sentences (tokenised already: the record store)."""
+    b, L = len(ids) // 2, self.max_length
     seq, n, hashes = self._tokenise(ids)
     u = self.uniforms(position, first_row, b)
     shape = lambda a: a.reshape((b, 2) + a.shape[1:])

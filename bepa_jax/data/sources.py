@@ -99,7 +99,7 @@ def multiway_components(source: str, languages: Sequence[str], columns: Sequence
 
 
 # ----------------------------------------------------------------------------- readers
-def _resolve(path: str) -> str:
+def resolve_path(path: str) -> str:
   """`path`, or `path.gz` when only that exists (Moses files are often shipped gzipped)."""
   if not os.path.exists(path) and os.path.exists(path + ".gz"):
     return path + ".gz"
@@ -112,7 +112,7 @@ def aligned_files(files: dict[str, str], policy: TextPolicy, stats: LoadStats, p
   if len(files) < 2:
     raise InputError(f"aligned files need at least 2 languages, got {list(files)}")
   langs = list(files)
-  paths = [_resolve(files[l]) for l in langs]
+  paths = [resolve_path(files[l]) for l in langs]
   for p in paths:
     if not os.path.exists(p):
       raise InputError(f"file not found: {p}")
@@ -138,6 +138,7 @@ LAZY_BYTES = 256 << 20
 
 class LazyColumnPair(Component):
   """Two indexed files: lines are read and cleaned on access (None = unusable, redrawn)."""
+  in_memory = False
 
   def __init__(self, source, lang_x, lang_y, xs: IndexedLines, ys: IndexedLines, policy):
     self.source, self.lang_x, self.lang_y = source, lang_x, lang_y

@@ -13,6 +13,7 @@ on a machine with internet); we never download.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 
 import numpy as np
@@ -47,6 +48,7 @@ def _decode(value, policy: TextPolicy, where: str):
 
 class TfdsPair(Component):
   """One language pair of a TFDS data source; records are read (and cleaned) on access."""
+  in_memory = False
 
   def __init__(self, source, ds, lang_x, lang_y, extract, policy, index=None):
     self.source, self.lang_x, self.lang_y = source, lang_x, lang_y
@@ -64,18 +66,23 @@ class TfdsPair(Component):
     return self.policy.clean(texts, self.stats)   # None: unusable, the pipeline replaces it
 
 
-def open_data_source(name: str, split: str, data_dir: str | None = None):
-  """`tfds.data_source` with one-line errors for unknown names, splits and unprepared data."""
+def _builder(name: str, data_dir: str | None):
   tfds = _import_tfds()
   base = name.split("/")[0].split(":")[0]
   if base in _LEGACY_MODULES:
     importlib.import_module(_LEGACY_MODULES[base])
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise InputError(f"unknown TFDS dataset {name!r} (data.source tfds:{name})") from None
   except (ValueError, KeyError) as e:
     raise InputError(f"TFDS dataset {name!r}: {one_line(e)}") from None
+
+
+def open_data_source(name: str, split: str, data_dir: str | None = None):
+  """`tfds.data_source` with one-line errors for unknown names, splits and unprepared data."""
+  tfds = _import_tfds()
+  builder = _builder(name, data_dir)
   prepared = builder.is_prepared()
   if prepared:
     known = list(builder.info.splits.keys())
@@ -90,6 +97,17 @@ def open_data_source(name: str, split: str, data_dir: str | None = None):
                        f"--file_format=array_record` where it can download") from None
     raise InputError(f"TFDS dataset {name!r} split {split!r}: {one_line(e)}") from None
   return builder, ds
+
+
+def dataset_files(name: str, data_dir: str | None = None) -> list[list]:
+  """[[file, size]] under a prepared dataset's directory (what keys its record store)."""
+  root = str(_builder(name, data_dir).data_dir)
+  out = []
+  for d, _, files in sorted(os.walk(root)):
+    for f in sorted(files):
+      path = os.path.join(d, f)
+      out.append([os.path.relpath(path, root), os.path.getsize(path)])
+  return out
 
 
 def _layout(name: str, features):

@@ -9,10 +9,8 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from bepa_jax.checkpoint import store as ckpt_lib
-from bepa_jax.data import batch_spec
 from bepa_jax.data import factory as data_factory
 from bepa_jax.data.pipeline import Pipeline
 from bepa_jax.errors import ConfigError
@@ -36,16 +34,10 @@ def global_batch(local: dict, mesh) -> dict:
 
 
 def local_batch(pipeline: Pipeline, step: int, pid: int, pcount: int) -> dict:
-  """This process's rows at `step`. Packed: a step that does not fit the packed rows on some
-  process is packed into the fallback rows on every process (the global shape must agree)."""
-  local = pipeline.batch(step, pid, pcount)
-  if pcount > 1 and pipeline.packing:
-    from jax.experimental import multihost_utils
-    rows = batch_spec.packed_rows_of(local)
-    agreed = tuple(int(r) for r in np.max(multihost_utils.process_allgather(np.array(rows)), 0))
-    if agreed != rows:
-      local = pipeline.batch(step, pid, pcount, rows=agreed)
-  return local
+  """This process's rows at `step`. Packed: every process derives the same packed rows from
+  the global plan's token counts (a step that does not fit anywhere takes the fallback rows
+  everywhere), so no collective runs here and the host never waits for the devices."""
+  return pipeline.batch(step, pid, pcount)
 
 
 def format_eta(seconds: float) -> str:
