@@ -370,7 +370,7 @@ def fake_search(size, time_ms, crash=(), vocab=128, extra=()):
 def test_search_prunes_by_memory_then_tries_the_fastest_plans_variants():
   """XLM-R's vocabulary: chunked and dense MLM; a plan that needs no less memory than one that
   did not fit is skipped, fsdp and remat=full are not tried once a lighter plan fits; the
-  fastest then unrolled, with remat=full and with rbg dropout."""
+  fastest then unrolled, with fsdp, with remat=full and with rbg dropout."""
   P = search_lib.Plan
   size = lambda p: (20 - 2 * (p.sharding == "zero1") - 5 * bool(p.mlm_vocab_chunk)
                     - 6 * (p.sharding == "fsdp") - 8 * (p.remat == "full"))
@@ -384,15 +384,16 @@ def test_search_prunes_by_memory_then_tries_the_fastest_plans_variants():
   best = P("dots_saveable", "zero1", 16384)
   assert asked == [best, P("dots_saveable", "zero1"), P("dots_saveable", "data", 16384),
                    dataclasses.replace(best, scan_layers=False),
+                   dataclasses.replace(best, sharding="fsdp"),
                    dataclasses.replace(best, remat="full"),
                    dataclasses.replace(best, dropout_rng="rbg")]
   rows = {r["key"]: r for r in result["plans"]}
   skipped = rows[P("dots_saveable", "data").key]
   assert skipped["status"].startswith("skipped: needs at least the memory of remat="
                                       "dots_saveable, ZeRO-1, scanned")
-  assert result["compiles"] == 6 and result["best"] == dataclasses.replace(
+  assert result["compiles"] == 7 and result["best"] == dataclasses.replace(
       best, scan_layers=False).key
-  assert [rows[k]["step_ms"] for k in result["ranked"]] == [88, 92, 97, 100, 102]
+  assert [rows[k]["step_ms"] for k in result["ranked"]] == [88, 92, 97, 97, 100, 102]
   # to paste: only what differs from the config
   assert result["best_overrides"] == ["--config.mesh.shard_optimizer=True",
                                       "--config.loss.mlm_vocab_chunk=16384",
@@ -449,8 +450,8 @@ def test_search_retries_a_compiler_crash_with_rbg_dropout_and_skips_needless_chu
 @needs_libtpu
 def test_search_compiles_a_grid_and_ranks_the_plans_that_fit(capsys, tmp_path):
   """bepa-compile --search on v5e-8: ZeRO-1 and data parallel at remat=none, then the fastest
-  scanned; with dots_saveable too, but --max_compiles stops it: 3 compiles, each in its own
-  process."""
+  scanned; with fsdp and dots_saveable too, but --max_compiles stops it: 3 compiles, each in
+  its own process."""
   out = tmp_path / "s.json"
   code, stdout, err = run_cli(capsys, "--search", "--topology", "v5e-8", *TINY, "--out", str(out),
                               "--max_compiles", "3")
@@ -458,8 +459,9 @@ def test_search_compiles_a_grid_and_ranks_the_plans_that_fit(capsys, tmp_path):
   result = json.loads(out.read_text())
   rows = {r["key"]: r for r in result["plans"]}
   assert result["compiles"] == 3 and len(result["ranked"]) == 3
-  assert [r["status"] for r in result["plans"]][3:] == ["not compiled (budget)"]
-  assert rows[result["plans"][3]["key"]]["plan"]["remat"] == "dots_saveable"
+  assert [r["status"] for r in result["plans"]][3:] == ["not compiled (budget)"] * 2
+  assert [r["plan"]["sharding"] for r in result["plans"]][3] == "fsdp"
+  assert rows[result["plans"][4]["key"]]["plan"]["remat"] == "dots_saveable"
   times = [rows[k]["step_ms"] for k in result["ranked"]]
   assert times == sorted(times)
   for key in result["ranked"]:  # each plan's own report, from its own child

@@ -13,8 +13,10 @@ ranks the plans that fit by step time:
      when no data-parallel plan fits at that level; a combination that needs no more memory
      than one that did not fit is skipped; the first level where anything fits is the last.
      Nothing fits: GradCache chunks (4, then 16) at remat=full on the most frugal split.
-  2. speed: the fastest plan that fits, with its layers unrolled (or scanned), with the other
-     dropout PRNG (when there is dropout), and with the next heavier remat: in the compiled
+  2. speed: the fastest plan that fits, with its layers unrolled (or scanned), with fsdp (the
+     gradients reduce-scattered, each chip's share of the state: the fixed per-chip costs that
+     data parallelism does not shrink), with the other dropout PRNG (when there is dropout),
+     and with the next heavier remat: in the compiled
      roofline less saved activations can mean less HBM traffic (xlm-roberta-base, B = 4096 on
      v5e-64: 267 ms with remat=full, 347 with dots_saveable). A compiler crash is retried with
      rbg dropout.
@@ -72,6 +74,14 @@ class Plan:
                      f"cc{self.contrastive_chunk}", "scan" if self.scan_layers else "unrolled",
                      "rbg" if self.dropout_rng == RBG else self.dropout_rng]
                     + ([f"gc{self.gradcache_chunks}"] if self.gradcache_chunks else []))
+
+  @classmethod
+  def from_key(cls, key: str) -> "Plan":
+    """The plan of a `key`."""
+    parts = key.split(".")
+    gc = int(parts.pop()[2:]) if parts[-1].startswith("gc") else 0
+    remat, sharding, mc, cc, layers, rng = parts
+    return cls(remat, sharding, int(mc[2:]), int(cc[2:]), layers == "scan", rng, gc)
 
   def describe(self) -> str:
     parts = [f"remat={self.remat}", {"data": "data parallel", "zero1": "ZeRO-1",
@@ -182,9 +192,18 @@ class Search:
     self.config, self.shape, self.compile_fn, self.log = config, shape, compile_fn, log
     self.tried: dict[str, dict] = {}
 
+  def seed(self, plan: Plan, rep: dict) -> None:
+    """A plan compiled before (its report): met again, it is not compiled again."""
+    self.tried[plan.key] = dict(plan=plan, rep=rep, **summary(rep))
+
   def attempt(self, plan: Plan) -> dict:
-    if plan.key in self.tried:
-      return self.tried[plan.key]
+    row = self.tried.get(plan.key) or self._compile(plan)
+    crashed = (row.get("rep") or {}).get("failed") in CRASHED
+    if crashed and self.shape.dropout and plan.dropout_rng != RBG:
+      return self.attempt(dataclasses.replace(plan, dropout_rng=RBG))
+    return row
+
+  def _compile(self, plan: Plan) -> dict:
     try:
       config_lib.validate(plan_config(self.config, plan), self.shape.chips)
     except ConfigError as e:
@@ -193,9 +212,6 @@ class Search:
       self.log(f"[{len(self.tried) + 1}] {plan.describe()} ...")
       rep = self.compile_fn(plan)
       row = dict(plan=plan, rep=rep, **summary(rep))
-      if (rep or {}).get("failed") in CRASHED and self.shape.dropout and plan.dropout_rng != RBG:
-        self.tried[plan.key] = row
-        return self.attempt(dataclasses.replace(plan, dropout_rng=RBG))
     self.tried[plan.key] = row
     return row
 
@@ -225,18 +241,23 @@ class Search:
     return []
 
   def speed_stage(self) -> None:
+    """The fastest plan's variants, the likeliest gain first: rbg dropout (a crash's way out)
+    back to threefry with the layers flipped, the layers flipped, fsdp, heavier remat, the
+    PRNG."""
     best = self.ranked()[0]["plan"]
-    variants = [dataclasses.replace(best, scan_layers=not best.scan_layers)]
+    flip = dataclasses.replace(best, scan_layers=not best.scan_layers)
+    variants = [dataclasses.replace(flip, dropout_rng=THREEFRY)] if (
+        self.shape.dropout and best.dropout_rng == RBG) else []
+    variants.append(flip)
+    if best.sharding != "fsdp" and self.shape.chips > 1 and not best.gradcache_chunks:
+      variants.append(dataclasses.replace(best, sharding="fsdp"))
     remats = self.shape.remats()
     heavier = remats[remats.index(best.remat) + 1:] if best.remat in remats else ()
     if heavier and not best.gradcache_chunks:
       variants.append(dataclasses.replace(best, remat=heavier[0]))
     if self.shape.dropout:
-      other = THREEFRY if best.dropout_rng == RBG else RBG
-      variants.append(dataclasses.replace(best, dropout_rng=other))
-      if best.dropout_rng == RBG:
-        variants.append(dataclasses.replace(best, scan_layers=not best.scan_layers,
-                                            dropout_rng=THREEFRY))
+      variants.append(dataclasses.replace(
+          best, dropout_rng=THREEFRY if best.dropout_rng == RBG else RBG))
     for plan in variants:
       self.attempt(plan)
 
