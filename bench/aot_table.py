@@ -39,6 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 sys.path.insert(0, REPO)
 OUT = os.path.join(REPO, "bench", "results", "aot")
+HLO_DIR = os.environ.get("BEPA_AOT_HLO_DIR", "")  # large: kept out of bench/results
 CONFIGS = {"base": "configs/base.py", "xlmr": "configs/bepa_xlmr_base.py"}
 COMMON = ["--config.data.max_length=128", "--config.data.max_predictions_per_seq=20",
           "--config.model.dtype=bfloat16"]
@@ -194,6 +195,9 @@ def compiler(cell, deadline: float, timeout_s: float, max_compiles: int, nice: i
     path = plan_path(cell, plan)
     cmd = ["nice", "-n", str(nice), sys.executable, "-m", "bepa_jax.cli.compile",
            *args_for(cell, plan), "--out", path]
+    if HLO_DIR:  # the optimised HLO, to re-read a plan without compiling it again
+      os.makedirs(HLO_DIR, exist_ok=True)
+      cmd += ["--hlo", os.path.join(HLO_DIR, os.path.basename(path)[:-5] + ".hlo")]
     t0 = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {cell_label(cell)} {plan.describe()} ...", flush=True)
     try:

@@ -19,7 +19,7 @@ ranks the plans that fit by step time:
      and with the next heavier remat: in the compiled
      roofline less saved activations can mean less HBM traffic (xlm-roberta-base, B = 4096 on
      v5e-64: 267 ms with remat=full, 347 with dots_saveable). A compiler crash is retried with
-     rbg dropout.
+     unrolled layers, then rbg dropout (see Search.attempt).
 """
 from __future__ import annotations
 
@@ -197,10 +197,28 @@ class Search:
     self.tried[plan.key] = dict(plan=plan, rep=rep, **summary(rep))
 
   def attempt(self, plan: Plan) -> dict:
-    row = self.tried.get(plan.key) or self._compile(plan)
-    crashed = (row.get("rep") or {}).get("failed") in CRASHED
-    if crashed and self.shape.dropout and plan.dropout_rng != RBG:
-      return self.attempt(dataclasses.replace(plan, dropout_rng=RBG))
+    """The plan's row, compiled if new. XLA:TPU's crash (threefry dropout in scanned layers,
+    bepa_jax/aot/libtpu.py) comes with the shape, so likely with every plan: once seen, a scanned
+    threefry plan is not compiled but replaced, as a crashed one is, by its first way out
+    that compiles: unrolled layers (cheaper: rbg's masks go through HBM), then rbg dropout."""
+    doomed = (self.shape.dropout and plan.scan_layers and plan.dropout_rng == THREEFRY
+              and plan.key not in self.tried and any(
+                  r["plan"].scan_layers and r["plan"].dropout_rng == THREEFRY
+                  and (r.get("rep") or {}).get("failed") in CRASHED
+                  for r in self.tried.values()))
+    if doomed:
+      row = self.tried[plan.key] = dict(plan=plan, fits=False, status="skipped: scanned "
+                                        "layers with threefry dropout crashed XLA:TPU here")
+    else:
+      row = self.tried.get(plan.key) or self._compile(plan)
+    if not (doomed or (row.get("rep") or {}).get("failed") in CRASHED) or not self.shape.dropout:
+      return row
+    ways_out = ([dataclasses.replace(plan, scan_layers=False)] if plan.scan_layers else []) + (
+        [dataclasses.replace(plan, dropout_rng=RBG)] if plan.dropout_rng != RBG else [])
+    for alt in ways_out:  # the first that compiled (one not compiled now: the next)
+      alt_row = self.attempt(alt)
+      if alt_row.get("rep") and alt_row["rep"].get("failed") not in CRASHED:
+        return alt_row
     return row
 
   def _compile(self, plan: Plan) -> dict:
