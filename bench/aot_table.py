@@ -201,11 +201,16 @@ def compiler(cell, deadline: float, timeout_s: float, max_compiles: int, nice: i
     t0 = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {cell_label(cell)} {plan.describe()} ...", flush=True)
     try:
+      # compiled in this child itself (a crash: its signal, "rc -11"), so a timeout stops it
       proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                            timeout=min(timeout_s, left))
+                            timeout=min(timeout_s, left),
+                            env=dict(os.environ, BEPA_COMPILE_IN_PROCESS="1"))
       status, tail = f"rc {proc.returncode}", (proc.stderr.strip().splitlines() or [""])[-1]
     except subprocess.TimeoutExpired:
       status, tail = "timeout", ""
+      if left < timeout_s:  # the budget's end, not the plan's: it stays to compile
+        print(f"  stopped at the budget's end after {time.time() - t0:.0f} s", flush=True)
+        return None
     print(f"  {status} in {time.time() - t0:.0f} s {tail[:200]}", flush=True)
     rep = load(path)
     if rep is None:  # died or timed out without a report: record it, do not retry it
@@ -283,10 +288,12 @@ def row(cell, s) -> dict:
   tps = probe(config, B, 1, 1)["tokens_per_sentence"]  # the step's sentences: any grouping
   result = s.result()
   missing = sum(r["status"] == "not compiled (budget)" for r in result["plans"])
+  new = sum(os.path.exists(plan_path(cell, t["plan"])) for t in s.tried.values())
+  state = ("not searched (the does-not-fit check)" if cell == OVERSIZED else "complete"
+           if not missing else f"partial: {new} new plan(s), {missing} not compiled" if new
+           else f"today's plan only: {missing} plan(s) not compiled")
   r = dict(config=config, B=B, slice=topo, layout="packed" if packed else "padded",
-           tokens_per_sentence=tps, search="complete" if not missing and cell != OVERSIZED
-           else "not searched (the does-not-fit check)" if cell == OVERSIZED
-           else f"partial: {missing} plan(s) of the grid not compiled",
+           tokens_per_sentence=tps, search=state,
            tried=[dict(plan=short(search_plan(p)), status=p["status"],
                        **{k: p[k] for k in ("step_ms", "gib_per_chip") if k in p})
                   for p in result["plans"]])
@@ -414,12 +421,15 @@ def doc_block(result: dict) -> str:
   out = markdown(rows) + "\n\nTargets (issue 27), read from the table:\n\n" + targets_markdown(
       result["targets"])
   part = [r for r in rows if r["search"].startswith("partial")]
-  if part:
+  only = [r for r in rows if r["search"].startswith("today's plan only")]
+  if part or only:
     names = "; ".join(f"{r['config']} {r['B']} {r['slice']} {r['layout']}" for r in part)
-    out += (f"\n\nPartly searched ({len(part)} of {len(rows)} cells: the plans of their grid "
-            f"still to compile are listed in bench/results/aot_table.json; 1-6 minutes a "
-            f"compile on a 2-core VM): {names}. `python bench/aot_table.py --run --docs` "
-            f"compiles them (a bigger machine: `--budget_s 36000`).")
+    out += (f"\n\nSearched in part ({len(part)} of {len(rows)} cells; the plans still to "
+            f"compile are listed per cell in bench/results/aot_table.json): {names or '-'}. "
+            f"Not searched yet, today's plan from the earlier table's reports: {len(only)} "
+            f"cells. 1-14 minutes a compile on this shared 2-core VM; `python "
+            f"bench/aot_table.py --run --docs` goes on where this stopped (a bigger machine: "
+            f"`--budget_s 36000 --nice 0`).")
   return out
 
 

@@ -62,14 +62,16 @@ def test_packed_cells_ask_for_the_rows_bepa_train_would_choose(small_probe):
 
 def test_docs_block_rewritten_between_its_markers_only(tmp_path):
   row = dict(config="base", B=4096, slice="v5e-64", layout="packed", tried=[],
-             search="partial: 3 plan(s) of the grid not compiled")
+             search="partial: 2 new plan(s), 3 not compiled")
+  other = dict(row, slice="v4-32", search="today's plan only: 5 plan(s) not compiled")
   page = tmp_path / "pods.md"
   page.write_text(f"before\n{aot_table.BEGIN} note -->\nold table\n{aot_table.END}\nafter\n")
-  aot_table.write_doc({"rows": [row], "targets": []}, str(page))
+  aot_table.write_doc({"rows": [row, other], "targets": []}, str(page))
   text = page.read_text()
   assert text.startswith("before\n") and text.endswith(f"{aot_table.END}\nafter\n")
   assert "old table" not in text and "| config | B | slice | layout | plan |" in text
-  assert "Partly searched (1 of 1 cells" in text and "base 4096 v5e-64 packed" in text
+  assert "Searched in part (1 of 2 cells" in text and "): base 4096 v5e-64 packed." in text
+  assert "today's plan from the earlier table's reports: 1 cells" in text
   (tmp_path / "bare.md").write_text("no block\n")
   with pytest.raises(SystemExit, match="no <!-- aot_table"):
     aot_table.write_doc({"rows": [row], "targets": []}, str(tmp_path / "bare.md"))
