@@ -55,24 +55,24 @@ def make_config(name: str, **model_overrides):
 
 
 def train_flops(config) -> dict:
-  """Model FLOPs of one train step (forward + backward = 3x forward matmul FLOPs).
+  """Model FLOPs of one train step (forward + backward = 3x forward matmul FLOPs) of the
+  synthetic batch: every sentence full length, every prediction real.
 
-  Counts every matmul: QKV, attention scores and context, output projection, MLP, the MLM head
-  at the masked positions only (dense + tied decoder), the b x B contrastive logits. Element-wise
-  work (softmax, GELU, LayerNorm, the optimizer) is not model FLOPs.
+  bepa_jax/aot/flops.py's count: QKV, attention scores and context, output projection, MLP, the
+  MLM head at the masked positions only (dense + tied decoder), the b x B contrastive logits.
+  Element-wise work (softmax, GELU, LayerNorm, the optimizer) is not model FLOPs.
   """
+  from bepa_jax.aot import flops as flops_lib
   m = config.model
-  h, I, V, nl = m.hidden_size, m.intermediate_size, m.vocab_size, m.num_layers
   L, B = config.data.max_length, config.train.global_batch
-  seqs = 2 * B
-  tokens = seqs * L
-  per_token_layer = 2 * (4 * h * h + 2 * h * I) + 2 * 2 * L * h  # projections + QK^T and PV
-  encoder = tokens * nl * per_token_layer
-  head = seqs * config.data.max_predictions_per_seq * 2 * (h * h + h * V)
-  contrastive = 2 * 2 * B * B * h
-  fwd = encoder + head + contrastive
-  return dict(forward=fwd, step=3 * fwd, encoder=3 * encoder, mlm_head=3 * head,
-              contrastive=3 * contrastive, tokens=tokens, sequences=seqs)
+  fl = flops_lib.model_flops(
+      hidden=m.hidden_size, layers=m.num_layers, intermediate=m.intermediate_size,
+      vocab=m.vocab_size, pairs=B, tokens_per_sentence=L,
+      predictions_per_sentence=config.data.max_predictions_per_seq)
+  encoder = fl["dense"] + fl["attention"]
+  return dict(forward=fl["total"] / 3, step=fl["total"], encoder=encoder,
+              mlm_head=fl["mlm_head"], contrastive=fl["contrastive"], tokens=2 * B * L,
+              sequences=2 * B)
 
 
 def synthetic_batch(config, seed: int = 0) -> dict:

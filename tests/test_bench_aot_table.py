@@ -1,11 +1,13 @@
 """bench/aot_table.py without compiling: its cells, the packed rows it asks bepa-compile for
 (bepa-train's own probe), and the docs/pods.md block it rewrites."""
+import dataclasses
 import json
 import os
 import sys
 
 import pytest
 
+from bepa_jax.aot import search as search_lib
 from tests.conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -13,18 +15,17 @@ import aot_table  # noqa: E402
 import authors_step  # noqa: E402
 
 
-def test_cells_padded_with_both_chunks_packed_once_and_names_unique():
+def test_cells_padded_and_packed_the_targets_searched_first_and_names_unique():
   cells = aot_table.cells()
-  padded = [c for c in cells if not c[4]]
-  packed = [c for c in cells if c[4]]
-  assert len(padded) == 2 * 2 * 2 * 4 + 1 and len(packed) == 2 * 2 * 4  # + the oversized check
-  assert all(c[3] == 0 for c in packed)
-  names = {aot_table.cell_name(*c, "full", 0) for c in cells}
-  assert len(names) == len(cells)
-  # padded names are those of the JSONs already in bench/results/aot
-  assert aot_table.cell_name("base", 4096, "v5e-64", 0, False, "dots_saveable", 0) == \
-      "base_B4096_v5e-64_chunk0_dots_saveable_gc0"
-  assert cells.index(packed[0]) > cells.index(padded[-1])  # padded first
+  assert len(cells) == 2 * 2 * 2 * 4 + 1  # config x B x layout x slice + the oversized check
+  assert len({aot_table.cell_label(c) for c in cells}) == len(cells)
+  order = aot_table.search_order()
+  assert order[:len(aot_table.PRIORITY)] == aot_table.PRIORITY
+  assert sorted(order) == sorted(c for c in cells if c != aot_table.OVERSIZED)
+  # the earlier table's reports keep their names: they are plans of this one's search
+  name = aot_table.old_name(("base", 4096, "v5e-64", False), 0, "dots_saveable", 0, False, False)
+  assert name == "base_B4096_v5e-64_chunk0_dots_saveable_gc0"
+  assert os.path.exists(os.path.join(aot_table.OUT, name + ".json"))
 
 
 @pytest.fixture
@@ -43,31 +44,37 @@ def test_packed_cells_ask_for_the_rows_bepa_train_would_choose(small_probe):
   pr = aot_table.probe("base", B, 64, 1)
   assert pr["data"] == "bundled corpus en-de" and pr["sentences_per_group"] == 16
   assert 0 < pr["packed_rows"] < 16 and pr["tokens_per_sentence"] > 2
-  args = aot_table.args_for("base", B, topo, 0, True, "dots_saveable", 0)
+  plan = search_lib.Plan("dots_saveable", "zero1", scan_layers=False)
+  args = aot_table.args_for(("base", B, topo, True), plan)
   assert f"--config.data.packed_rows={pr['packed_rows']}" in args
   assert "--config.data.packing=True" in args
   assert args[args.index("--tokens_per_sentence") + 1] == f"{pr['tokens_per_sentence']:.3f}"
+  assert all(o in args for o in plan.overrides())  # the plan's settings, every one
   # GradCache chunks split a group further: rows for the chunk's share
   chunked = aot_table.probe("base", B, 64, 4)
   assert chunked["sentences_per_group"] == 4 and chunked["packed_rows"] <= pr["packed_rows"]
-  padded = aot_table.args_for("base", B, topo, 0, False, "full", 0)
+  gc = dataclasses.replace(plan, remat="full", gradcache_chunks=4)
+  assert f"--config.data.packed_rows={chunked['packed_rows']}" in aot_table.args_for(
+      ("base", B, topo, True), gc)
+  padded = aot_table.args_for(("base", B, topo, False), plan)
   assert "--config.data.packing=False" in padded and not any("packed_rows" in a for a in padded)
 
 
 def test_docs_block_rewritten_between_its_markers_only(tmp_path):
-  row = dict(config="base", B=4096, slice="v5e-64", layout="packed", contrastive_chunk=0,
-             attempts=[], analytic_step_ms=91.0, analytic_mfu=0.5)
+  row = dict(config="base", B=4096, slice="v5e-64", layout="packed", tried=[],
+             search="partial: 2 new plan(s), 3 not compiled")
+  other = dict(row, slice="v4-32", search="today's plan only: 5 plan(s) not compiled")
   page = tmp_path / "pods.md"
   page.write_text(f"before\n{aot_table.BEGIN} note -->\nold table\n{aot_table.END}\nafter\n")
-  aot_table.write_doc({"rows": [row]}, str(page))
+  aot_table.write_doc({"rows": [row, other], "targets": []}, str(page))
   text = page.read_text()
   assert text.startswith("before\n") and text.endswith(f"{aot_table.END}\nafter\n")
-  assert "old table" not in text and "| config | B | slice | layout |" in text
-  assert "Not compiled in the sessions' time (1 of 1 cells" in text
-  assert "base 4096 v5e-64 packed chunk 0" in text
+  assert "old table" not in text and "| config | B | slice | layout | plan |" in text
+  assert "Searched in part (1 of 2 cells" in text and "): base 4096 v5e-64 packed." in text
+  assert "today's plan from the earlier table's reports: 1 cells" in text
   (tmp_path / "bare.md").write_text("no block\n")
   with pytest.raises(SystemExit, match="no <!-- aot_table"):
-    aot_table.write_doc({"rows": [row]}, str(tmp_path / "bare.md"))
+    aot_table.write_doc({"rows": [row], "targets": []}, str(tmp_path / "bare.md"))
 
 
 def test_docs_page_holds_the_generated_table():
@@ -81,31 +88,56 @@ def test_docs_page_holds_the_generated_table():
   assert text[text.index("\n", a) + 1:b] == aot_table.doc_block(result) + "\n"
 
 
-def test_a_compiler_crash_is_retried_with_rbg_dropout_then_the_ladder_goes_on(tmp_path, monkeypatch,
-                                                                         small_probe):
+def report(step_ms, gib=2.0):
+  return {"memory": {"fits": gib <= 16, "total": gib * 2 ** 30, "hbm": 16 * 2 ** 30},
+          "time": {"step_s": step_ms / 1e3, "bound": "HBM"}, "pairs_per_s": 1.0}
+
+
+def test_the_earlier_tables_reports_are_plans_of_the_search(tmp_path, monkeypatch):
+  """Reports on disk, of the earlier ladder or of this search, are never compiled again;
+  today's plan is the ladder's first fit (a crash retried with rbg), the best the fastest."""
   monkeypatch.setattr(aot_table, "OUT", str(tmp_path))
-  cell = ("base", 4096, "v5e-256", 0, True)
-  fits = lambda ok: {"memory": {"fits": ok, "total": 1.0}}
-  outcome = {("dots_saveable", 0, False, False): {"failed": "crash"},
-             ("dots_saveable", 0, False, True): fits(False),
-             ("full", 0, False, False): fits(False),
-             ("full", 0, True, False): {"failed": "rc -11"},   # fsdp
-             ("full", 0, True, True): fits(True)}
+  cell = ("base", 4096, "v5e-256", True)
+  write = lambda name, rep: (tmp_path / f"{name}.json").write_text(json.dumps(rep))
+  write(aot_table.old_name(cell, 0, "dots_saveable", 0, False, False), {"failed": "crash"})
+  write(aot_table.old_name(cell, 0, "dots_saveable", 0, False, True), report(94))
+  write(aot_table.old_name(cell, 1024, "dots_saveable", 0, False, False), report(96))
+  zero1 = search_lib.Plan("dots_saveable", "zero1", scan_layers=True)
+  write(f"{aot_table.cell_label(cell)}__{zero1.key}", {"failed": "crash"})
+  write(f"{aot_table.cell_label(cell)}__{dataclasses.replace(zero1, dropout_rng='rbg').key}",
+        report(87))
+  today, rep = aot_table.todays_plan(cell)
+  assert today == search_lib.Plan("dots_saveable", "data", dropout_rng="rbg") and \
+      rep["time"]["step_s"] == 0.094
   asked = []
+  s = aot_table.search_cell(cell, lambda plan: asked.append(plan))  # compiles nothing
+  result = s.result()
+  assert result["best"] == dataclasses.replace(zero1, dropout_rng="rbg").key
+  # each crash's first way out (unrolled) is not on disk: the rbg one is; then the speed stage
+  assert asked[:2] == [dataclasses.replace(zero1, scan_layers=False),
+                       search_lib.Plan("dots_saveable", "data", scan_layers=False)]
+  assert asked[2:] == [dataclasses.replace(zero1, scan_layers=False, dropout_rng="rbg"),
+                       dataclasses.replace(zero1, sharding="fsdp", dropout_rng="rbg"),
+                       dataclasses.replace(zero1, remat="full", dropout_rng="rbg")]
+  assert {r["status"] for r in result["plans"]} >= {"fits", "failed: crash",
+                                                    "not compiled (budget)"}
 
-  def compile_missing(name, remat, gc, fsdp, rbg):
-    asked.append((remat, gc, fsdp, rbg))
-    assert name == aot_table.attempt_name(cell, remat, gc, fsdp, rbg)
-    return outcome[(remat, gc, fsdp, rbg)]
 
-  made, done = aot_table.walk(cell, compile_missing)
-  assert done and asked == list(outcome)  # each crash retried with rbg, then the next remat
-  assert [(m["remat"], m["gc"], m["fsdp"], m["rbg"]) for m in made] == list(outcome)
-  assert aot_table.cell_name(*cell, "full", 0) + "_fsdp_rbg" == \
-      aot_table.attempt_name(cell, "full", 0, fsdp=True, rbg=True)
-  args = aot_table.args_for(*cell[:4], False, "full", 0, fsdp=True, rbg=True)
-  assert "--config.train.dropout_rng=rbg" in args
-  assert "--config.mesh.data=1" in args and "--config.mesh.fsdp=-1" in args
-  # without a compiler the walk stops at the first missing report
-  made, done = aot_table.walk(cell)
-  assert made == [] and not done
+def test_targets_are_read_from_the_rows():
+  def cell(config, topo, layout, pairs, ms=10.0, today_ms=10.0, hfu=0.5, plan="dots / data"):
+    best = dict(pairs_per_s=pairs, step_ms=ms, hfu=hfu, plan=plan, bound="HBM",
+                bytes_accessed_gb=50.0, chips=int(topo.split("-")[1]))
+    return dict(config=config, B=4096, slice=topo, layout=layout, best=best,
+                today=dict(step_ms=today_ms),
+                tried=[dict(plan=plan, status="fits", gib_per_chip=9.0, step_ms=ms)])
+  rows = [cell("base", "v5e-64", "padded", 100), cell("base", "v5e-256", "padded", 310),
+          cell("xlmr", "v5e-64", "padded", 100, plan="full / data"),
+          cell("xlmr", "v5e-256", "padded", 250, hfu=0.2, ms=11.0)]
+  t = {x["target"]: x for x in aot_table.targets(rows)}
+  assert not t["every cell at least as fast as today's plan"]["met"]  # 11 ms against 10
+  assert t["base padded B=4096: v5e-256 >= 3x the pairs/s of v5e-64"]["ratio"] == 3.1
+  assert not t["xlmr padded B=4096: v5e-256 >= 3x the pairs/s of v5e-64"]["met"]
+  assert not t["xlmr B=4096 on v5e-64 padded fits without remat=full"]["met"]
+  low = t["no cell below 25% HFU without a stated reason"]["below"]
+  assert [c["cell"] for c in low] == ["xlmr 4096 v5e-256 padded"]
+  assert low[0]["reason"].startswith("HBM-bound: 50 GB accessed per chip per step for 16 pairs")

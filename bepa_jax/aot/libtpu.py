@@ -99,20 +99,25 @@ def crash_line(code: int, dump: list[str]) -> str:
           "--config.model.scan_layers=False")
 
 
-def run_isolated(cmd: list[str], out_path: str = "", env: dict | None = None) -> int:
+def run_isolated(cmd: list[str], out_path: str = "", env: dict | None = None,
+                 lines: list | None = None) -> int:
   """Runs the compile in a child process, streams its output and returns its exit code.
 
   XLA:TPU can die of a signal (a C++ crash, no Python exception to catch): its crash dump is
   kept from the terminal and becomes CompilerCrashed, and a JSON {"failed": ...} at
   `out_path`. Ctrl-C reaches the child too: it says so; KeyboardInterrupt is re-raised here
-  once it has exited."""
+  once it has exited. With `lines` the child is quiet: its stdout is dropped and its stderr
+  lines go there instead of to the terminal (a search compiles many plans)."""
   env = dict(os.environ if env is None else env, **{IN_PROCESS: "1"})
-  proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, errors="replace")
+  proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, errors="replace",
+                          stdout=None if lines is None else subprocess.DEVNULL)
   dump = []
   try:
     for line in proc.stderr:
       if _CRASH_DUMP.search(line):
         dump.append(line)
+      elif lines is not None:
+        lines.append(line.rstrip("\n"))
       else:
         sys.stderr.write(line)
         sys.stderr.flush()
@@ -121,7 +126,8 @@ def run_isolated(cmd: list[str], out_path: str = "", env: dict | None = None) ->
     proc.wait()
     raise
   if code >= 0:
-    sys.stderr.writelines(dump)
+    if lines is None:
+      sys.stderr.writelines(dump)
     return code
   message = crash_line(code, dump)
   if out_path:

@@ -6,6 +6,7 @@ import math
 
 from bepa_jax import hlo_stats
 from bepa_jax import tpu_specs
+from bepa_jax.aot import flops as flops_lib
 from bepa_jax.errors import BepaError
 
 
@@ -118,7 +119,8 @@ def report(info: dict, config, topo: tpu_specs.Topology, compiled, model_cfg) ->
   timing = step_time(cost, topo.chip, ici_bytes)
   slots = info["token_slots_per_step"]
   real = 2 * B * info["tokens_per_sentence"]
-  mfu = cost["flops"] / (topo.chip.peak_bf16_flops * timing["step_s"])
+  peak = topo.chip.peak_bf16_flops
+  model = flops_lib.step_model_flops(config, model_cfg, info["tokens_per_sentence"])
   return dict(
       info, memory=memory(compiled, info["state_bytes_per_chip"], topo.chip),
       cost=dict(flops_per_chip=cost["flops"], flops_total=cost["flops"] * info["chips"],
@@ -128,7 +130,9 @@ def report(info: dict, config, topo: tpu_specs.Topology, compiled, model_cfg) ->
                 transcendentals_per_chip=cost["transcendentals"]),
       time=timing, token_slots_per_s=slots / timing["step_s"],
       real_tokens_per_s=real / timing["step_s"] if real else None,
-      pairs_per_s=B / timing["step_s"], mfu=mfu, peak_bf16_flops=topo.chip.peak_bf16_flops,
+      pairs_per_s=B / timing["step_s"], model_flops=model,
+      mfu=model["total"] / (info["chips"] * peak * timing["step_s"]),
+      hfu=cost["flops"] / (peak * timing["step_s"]), peak_bf16_flops=peak,
       chip_source=topo.chip.source, collectives=coll_rows, ici_bytes_per_chip=ici_bytes,
       b_by_B_buffers=hlo_stats.buffers_with_dims(module, (B, B))[:5],
       largest_arrays=[dict(bytes=b, array=a) for b, a in hlo_stats.largest_arrays(module)])
@@ -217,8 +221,12 @@ def format_report(rep: dict) -> str:
                 f"{rep['real_tokens_per_s']:,.0f} real tokens/s "
                 f"({rep['tokens_per_sentence']:.1f} per sentence), " if rep["real_tokens_per_s"]
                 else "") +
-            f"{rep['token_slots_per_s']:,.0f} token positions/s (padding included), "
-            f"MFU {rep['mfu']:.1%} of the bf16 peak (XLA's flops, remat included)", "",
+            f"{rep['token_slots_per_s']:,.0f} token positions/s (padding included)",
+            f"  MFU {rep['mfu']:.1%} of the bf16 peak (model FLOPs of the real tokens, "
+            f"{rep['model_flops']['total']:.3g} per step, as MaxText and levanter count it"
+            + ("" if rep["real_tokens_per_s"] else
+               "; every sentence full length without --tokens_per_sentence") + "), "
+            f"HFU {rep['hfu']:.1%} (XLA's flops: remat recompute, padding, element-wise)", "",
             "collectives per step              kind            arrays                     "
             "group  x     MiB  ring MiB/chip"]
   B = rep["global_batch"]
