@@ -104,6 +104,11 @@ def _validate_data(d) -> None:
     raise ConfigError(f"data.temperature must be a finite number > 0, got {d.temperature}")
   if int(d.max_chars) < 1:
     raise ConfigError(f"data.max_chars must be >= 1, got {d.max_chars}")
+  if int(d.workers) < 0 or int(d.prefetch) < 0:
+    raise ConfigError(f"data.workers={d.workers} / data.prefetch={d.prefetch} must be >= 0")
+  if int(d.workers) > 0 and int(d.prefetch) < 1:
+    raise ConfigError(f"data.workers={d.workers} needs data.prefetch >= 1 (the batches they "
+                      f"build ahead), got {d.prefetch}")
 
 
 def _validate_train(t, optim) -> None:
