@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import gc
 import logging
 import math
 import os
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -108,9 +111,12 @@ class _Build:
             "tally": {k: v for k, v in delta.items() if v}}
 
 
-def _worker_init(index: int, count: int) -> None:
-  """In each worker, before its first batch: signals left to the training process, one thread
-  for the tokenizers, no log lines (errors come back as exceptions), exit with the parent."""
+def _worker_init(pid_dir: str, index: int, count: int) -> None:
+  """In each worker, before its first batch: its pid noted (to name it if it dies), signals
+  left to the training process, one thread for the tokenizers, no log lines (errors come back
+  as exceptions), exit with the parent."""
+  with open(os.path.join(pid_dir, str(index)), "w") as f:
+    f.write(str(os.getpid()))
   for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(sig, signal.SIG_IGN)
   os.environ["RAYON_NUM_THREADS"] = "1"        # HF tokenizers
@@ -157,7 +163,7 @@ class Feeder:
     self.workers, self.prefetch, self.recipe = int(workers), int(prefetch), recipe
     if self.workers and recipe is None:
       raise TypeError("Feeder: workers need a Recipe")
-    self._next, self._it, self._pids = self.first, None, {}
+    self._next, self._it, self._pid_dir = self.first, None, None
     cores = len(os.sched_getaffinity(0))
     if self.workers > cores:
       log.warning("data.workers=%d exceeds the %d cores this process may use: workers share "
@@ -169,12 +175,13 @@ class Feeder:
   def _open(self):
     import grain
     _mark_flags_parsed()
+    self._pid_dir = tempfile.mkdtemp(prefix="bepa-data-workers-")
     per_worker = max(1, math.ceil(self.prefetch / self.workers))
     ds = grain.MapDataset.range(self.first, self.last).map(_Build(self.recipe))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
                                                      per_worker_buffer_size=per_worker),
-                        worker_init_fn=_worker_init)
+                        worker_init_fn=functools.partial(_worker_init, self._pid_dir))
     log.info("data.workers=%d: batches built in %d worker processes (grain), up to %d steps "
              "ahead", self.workers, self.workers, per_worker * self.workers)
     return iter(ds)
@@ -197,28 +204,29 @@ class Feeder:
     if int(out["step"]) != step:
       raise RuntimeError(f"data workers returned step {int(out['step'])} for step {step}")
     k = (step - self.first) % self.workers
-    self._pids[k] = int(out["pid"])
     local = {key: _take(v) for key, v in out["batch"].items()}
     return step, local, {"worker": k, "cpu_s": float(out["cpu_s"]), "tally": out["tally"]}
 
   def _failure(self, step: int, e: Exception) -> DataWorkerError:
-    """One line naming the worker that built `step` (worker j builds first + j + i W)."""
+    """One line naming the worker of `step` (worker j builds steps first + j + i W)."""
     log.debug("data worker error at step %d", step, exc_info=e)
     k = (step - self.first) % self.workers
     who = f"data worker {k + 1} of {self.workers}"
-    if k in self._pids:
-      who += f" (pid {self._pids[k]})"
+    try:
+      with open(os.path.join(self._pid_dir, str(k))) as f:
+        who += f" (pid {int(f.read())})"
+    except (OSError, ValueError):
+      pass  # it died before it started
     died = re.search(r"terminated unexpectedly with exit code (-?\d+)", str(e))
-    if died:
+    if died:  # batches it had built but not handed over are lost with it
       code = int(died.group(1))
-      name = f", {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
-          else ""
-      how = f"died (exit code {code}{name})"
+      name = f", {signal.Signals(-code).name}" if -code in signal.valid_signals() else ""
+      what = f"died (exit code {code}{name}) before handing over the batch of step {step}"
     else:
-      how = "failed: " + (one_line(e) if isinstance(e, BepaError)
-                          else f"{type(e).__name__}: {one_line(e)}")
-    return DataWorkerError(f"{who} {how} building the batch of step {step}; the run stops "
-                           f"(rerun it to resume from its last checkpoint)")
+      what = "failed building the batch of step %d: %s" % (step, one_line(e) if isinstance(
+          e, BepaError) else f"{type(e).__name__}: {one_line(e)}")
+    return DataWorkerError(f"{who} {what}; the run stops (rerun it to resume from its last "
+                           f"checkpoint)")
 
   def close(self) -> None:
     """Stops the workers (batches built ahead are dropped)."""
@@ -230,6 +238,9 @@ class Feeder:
         log.debug("closing the data workers: %s", one_line(e))
       del it
       gc.collect()  # grain's iterators released while their modules are still loaded
+    if self._pid_dir is not None:
+      shutil.rmtree(self._pid_dir, ignore_errors=True)
+      self._pid_dir = None
 
   def __enter__(self):
     return self
