@@ -6,11 +6,12 @@ table, beside what the compiled step consumes per host.
 For every (config, B, slice, layout) of bench/results/aot_table.json: bepa-train's pipeline as
 process 0 of the slice's P hosts (each host builds its B/P rows of the global batch), run by
 data.workers = 1 and 2 grain worker processes (bepa_jax/data/feeder.py, one core each). Wall
-pairs/s are timed after each worker's start-up batches; each worker also reports the CPU
-seconds of every batch, whose rate needs no idle machine. N-worker figures for N up to 8 are the
-measured 1-worker rate x N, labelled projected (this VM has 2 cores; a TPU VM host 100+). The
-compiled step's demand per host is the table's pairs/s over P (the faster chunk setting);
-headroom = supply / demand.
+pairs/s are timed after each worker's start-up batches (2 workers / 1 worker: does anything
+shared serialise them?); each worker also reports the CPU seconds of every batch: the rate of
+one worker on a core of its own ("a core"), which on this shared 2-core VM the wall rate
+understates by the other tenants' load. N-worker figures for N up to 8 are that 1-worker rate
+x N, labelled projected (a TPU VM host has 100+ cores). The compiled step's demand per host is
+the table's pairs/s over P (the faster chunk setting); headroom = projected / demand.
 
 Data as in the pod table: L = 128, 20 masked positions, the configs' loss inputs, packing rows
 chosen by bepa-train's probe, dedup on. Multi30k train en/de/fr/cs (../shared/data/multi30k,
@@ -76,15 +77,17 @@ def cells(table: dict) -> list[dict]:
   return list(out.values())
 
 
-def summarize(cell: dict, rate1: float, rate2: float | None) -> dict:
-  """Projected N-worker rates (measured 1-worker rate x N), headroom against the demand, and
-  the workers a host needs for 2x headroom."""
-  row = dict(cell, pairs_per_s_1=rate1, pairs_per_s_2=rate2,
-             scaling_2=(rate2 / rate1) if rate2 and rate1 else None,
-             projected={n: rate1 * n for n in PROJECTED})
+def summarize(cell: dict, core_rate: float, wall1: float, wall2: float | None) -> dict:
+  """Projected N-worker rates (the 1-worker rate of a core to itself, from the workers' CPU
+  seconds, x N), headroom against the demand, the workers a host needs for 2x headroom, and
+  the wall rates measured here with 1 and 2 workers."""
+  row = dict(cell, pairs_per_s_core=core_rate, pairs_per_s_1=wall1, pairs_per_s_2=wall2,
+             scaling_2=(wall2 / wall1) if wall2 and wall1 else None,
+             projected={n: core_rate * n for n in PROJECTED})
   d = cell["demand"]
-  row["headroom"] = {n: rate1 * n / d for n in PROJECTED} if d else None
-  row["workers_for_2x"] = math.ceil(2 * d / rate1) if d and rate1 else None
+  row["headroom"] = {n: core_rate * n / d for n in PROJECTED} if d else None
+  row["headroom_wall_1"] = wall1 / d if d else None
+  row["workers_for_2x"] = math.ceil(2 * d / core_rate) if d and core_rate else None
   return row
 
 
@@ -169,26 +172,33 @@ def cell_specs(cell: dict, source: str):
 
 
 # ---------------------------------------------------------------------------- measuring
-def measure(specs, tok, cell: dict, workers: int, steps: int) -> dict:
-  """pairs/s of process 0 of the cell's hosts, built by `workers` worker processes: wall rate
-  over `steps` x workers batches after each worker's first three, and the CPU-time rate."""
+def measure(specs, tok, cell: dict, workers: int, steps: int, min_s: float = 4.0) -> dict:
+  """pairs/s of process 0 of the cell's hosts, built by `workers` worker processes: the wall
+  rate over at least `steps` batches per worker and `min_s` seconds, after each worker's
+  first three (start-up, buffers filled), and the rate of a worker's CPU seconds."""
   from bepa_jax.data import feeder
   recipe = feeder.Recipe(specs, tok, cell["shards"], 0, 0, cell["hosts"])
   rows = cell["B"] // cell["hosts"]
-  warm = 3 * workers  # start-up (sources, probe) and the buffers filled meanwhile
+  warm = 3 * workers
   stamps, cpu = [], []
+  load = os.getloadavg()[0]
   t_open = time.perf_counter()
-  with feeder.Feeder(None, 0, warm + steps * workers, workers=workers, prefetch=workers,
-                     recipe=recipe) as f:
+  with feeder.Feeder(None, 0, 10**6, workers=workers, prefetch=workers, recipe=recipe) as f:
     for i, (_, _, info) in enumerate(f):
       stamps.append(time.perf_counter())
+      if i == warm - 1:
+        main_cpu = time.process_time()
       if i >= warm:
         cpu.append(info["cpu_s"])
+        if len(cpu) >= steps * workers and stamps[-1] - stamps[warm - 1] >= min_s:
+          break
   wall = stamps[-1] - stamps[warm - 1]
-  return dict(workers=workers, rows=rows, startup_s=stamps[warm - 1] - t_open,
-              pairs_per_s=rows * steps * workers / wall,
+  main_cpu = time.process_time() - main_cpu  # this process: receiving, copying out of shm
+  return dict(consumer_ms_per_batch=1000 * main_cpu / len(cpu), workers=workers, rows=rows, batches=len(cpu), seconds=wall,
+              startup_s=stamps[warm - 1] - t_open, pairs_per_s=rows * len(cpu) / wall,
               cpu_pairs_per_s_per_worker=rows / statistics.median(cpu),
-              ms_per_batch_cpu=1000 * statistics.median(cpu))
+              ms_per_batch_cpu=1000 * statistics.median(cpu),
+              load_avg=(load, os.getloadavg()[0]))
 
 
 def run_cells(args) -> list[dict]:
@@ -199,29 +209,49 @@ def run_cells(args) -> list[dict]:
   toks = {k: tokenizer(k, sources[False]) for k in ("base", "xlmr")}
   rows = []
   for cell in cells(table):
-    if args.match and args.match not in cell["name"]:
-      continue
+    if (args.match and args.match not in cell["name"]) or not cell["demand"]:
+      continue  # no demand where no step compiled (B = 65,536 does not fit)
     source = sources[cell["B"] > 29000 // 2]
     specs = cell_specs(cell, source)
     m = {w: measure(specs, toks[cell["config"]], cell, w, args.steps) for w in (1, 2)}
-    row = summarize(cell, m[1]["pairs_per_s"], m[2]["pairs_per_s"])
-    row.update(source=source.split(":", 1)[1], measured=m,
-               cpu_headroom_1=(m[1]["cpu_pairs_per_s_per_worker"] / cell["demand"]
-                               if cell["demand"] else None))
+    core = statistics.median([m[1]["cpu_pairs_per_s_per_worker"],
+                              m[2]["cpu_pairs_per_s_per_worker"]])
+    row = summarize(cell, core, m[1]["pairs_per_s"], m[2]["pairs_per_s"])
+    row.update(source=source.split(":", 1)[1], measured=m)
     rows.append(row)
     print(format_row(row), flush=True)
   return rows
+
+
+def run_scaling(args, cell_rows: list[dict]) -> dict:
+  """1 and 2 workers again on `--scaling_cells`, interleaved `--scaling_rounds` times: the
+  ratio of the 2-worker to the 1-worker wall rate in each round, on this shared VM."""
+  out = {}
+  toks = {}
+  for row in cell_rows:
+    if row["name"] not in args.scaling_cells.split(","):
+      continue
+    source = "aligned:" + row["source"]
+    specs = cell_specs(row, source)
+    tok = toks.setdefault(row["config"], tokenizer(row["config"], source))
+    ratios = []
+    for _ in range(args.scaling_rounds):
+      m = {w: measure(specs, tok, row, w, args.steps) for w in (1, 2)}
+      ratios.append(m[2]["pairs_per_s"] / m[1]["pairs_per_s"])
+      print(f"scaling {row['name']}: 2 workers / 1 = {ratios[-1]:.2f}x "
+            f"(load {m[1]['load_avg'][0]:.1f})", flush=True)
+    out[row["name"]] = dict(ratios=ratios, best=max(ratios), median=statistics.median(ratios))
+  return out
 
 
 def format_row(r: dict) -> str:
   k = lambda v: f"{v / 1000:6.1f}k" if v else "     - "
   h = lambda n: f"{r['headroom'][n]:6.2f}x" if r["headroom"] else "     - "
   scale = f"{r['scaling_2']:.2f}x" if r["scaling_2"] else "-"
-  return (f"{r['name']:32s} P={r['hosts']:<3d} rows {r['B'] // r['hosts']:5d} | 1 worker "
-          f"{k(r['pairs_per_s_1'])} (cpu {k(r['measured'][1]['cpu_pairs_per_s_per_worker'])}) "
-          f"2 workers {k(r['pairs_per_s_2'])} ({scale}) | projected 4 {k(r['projected'][4])} "
-          f"8 {k(r['projected'][8])} | demand {k(r['demand'])} | headroom 1 {h(1)} 8 {h(8)}")
-
+  return (f"{r['name']:26s} P={r['hosts']:<3d} rows {r['B'] // r['hosts']:5d} | measured: 1 "
+          f"worker {k(r['pairs_per_s_1'])}, 2 {k(r['pairs_per_s_2'])} ({scale}); a core "
+          f"{k(r['pairs_per_s_core'])} | projected 4 {k(r['projected'][4])} 8 "
+          f"{k(r['projected'][8])} | demand {k(r['demand'])} | headroom 1 {h(1)} 8 {h(8)}")
 
 # ---------------------------------------------------------------------------- end to end
 E2E = {"model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4,
@@ -283,10 +313,13 @@ def plot(rows: list[dict], path: str) -> None:
   have = [r for r in rows if r["demand"]]
   fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(have)), 5))
   x = range(len(have))
-  ax.bar([i - 0.3 for i in x], [r["pairs_per_s_1"] for r in have], 0.2, label="1 worker")
-  ax.bar([i - 0.1 for i in x], [r["pairs_per_s_2"] for r in have], 0.2, label="2 workers")
-  ax.bar([i + 0.1 for i in x], [r["projected"][8] for r in have], 0.2, alpha=0.5,
-         label="8 workers (projected: 1 worker x 8)")
+  bars = (("pairs_per_s_1", "1 worker, measured (wall, shared VM)"),
+          ("pairs_per_s_2", "2 workers, measured (wall, shared VM)"),
+          ("pairs_per_s_core", "1 worker on a core of its own (CPU time)"))
+  for j, (key, label) in enumerate(bars):
+    ax.bar([i - 0.35 + 0.15 * j for i in x], [r[key] for r in have], 0.15, label=label)
+  ax.bar([i + 0.1 for i in x], [r["projected"][8] for r in have], 0.15, alpha=0.5,
+         label="8 workers (projected: a core x 8)")
   ax.scatter([i + 0.3 for i in x], [r["demand"] for r in have], color="k", marker="_", s=200,
              zorder=3, label="compiled step's demand per host")
   ax.set_yscale("log")
@@ -302,6 +335,9 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--steps", type=int, default=6, help="timed batches per worker, per cell")
   ap.add_argument("--match", default="", help="only cells whose name contains this")
+  ap.add_argument("--scaling_cells", default="base_B4096_v4-32_padded,base_B32768_v5e-64_packed")
+  ap.add_argument("--scaling_rounds", type=int, default=3)
+  ap.add_argument("--scaling_only", action="store_true", help="redo the scaling rounds only")
   ap.add_argument("--e2e", action="store_true", help="also the 2-process bepa-train figure")
   ap.add_argument("--e2e_only", action="store_true")
   ap.add_argument("--e2e_steps", type=int, default=40)
@@ -312,12 +348,16 @@ def main(argv=None) -> int:
     print(f"skipped: no Multi30k at {MULTI30K}", file=sys.stderr)
     return 0
   os.makedirs(CACHE, exist_ok=True)
-  result = json.load(open(args.out)) if args.e2e_only and os.path.exists(args.out) else {}
-  if not args.e2e_only:
+  again = args.e2e_only or args.scaling_only
+  result = json.load(open(args.out)) if again and os.path.exists(args.out) else {}
+  if args.scaling_only:
+    result["scaling"] = run_scaling(args, result["cells"])
+  elif not args.e2e_only:
     rows = run_cells(args)
     result = dict(method=__doc__.split("\n\n")[1:4], cores=os.cpu_count(),
                   load_avg=os.getloadavg(), copies=COPIES, cells=rows,
-                  targets=targets(rows), last_line=last_line(rows))
+                  scaling=run_scaling(args, rows), targets=targets(rows),
+                  last_line=last_line(rows))
     plot(rows, os.path.splitext(args.out)[0] + ".png")
   if args.e2e or args.e2e_only:
     result["e2e"] = run_e2e(args)

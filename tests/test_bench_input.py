@@ -35,13 +35,14 @@ def test_cells_are_the_pod_table_with_demand_per_host():
 
 def test_projection_headroom_and_the_last_line():
   cell = dict(name="a", slice="v5e-64", demand=1000.0, hosts=16, B=4096)
-  rows = [bench_input.summarize(cell, 600.0, 1150.0),
+  rows = [bench_input.summarize(cell, 600.0, 500.0, 950.0),
           bench_input.summarize(dict(cell, name="b", slice="v5p-128", demand=4000.0), 900.0,
-                                None),
-          bench_input.summarize(dict(cell, name="c", demand=None), 500.0, 900.0)]
+                                800.0, None),
+          bench_input.summarize(dict(cell, name="c", demand=None), 500.0, 400.0, 700.0)]
   a = rows[0]
   assert a["projected"][8] == 4800.0 and a["headroom"][1] == pytest.approx(0.6)
-  assert a["scaling_2"] == pytest.approx(1150 / 600) and a["workers_for_2x"] == 4
+  assert a["headroom_wall_1"] == pytest.approx(0.5) and a["workers_for_2x"] == 4
+  assert a["scaling_2"] == pytest.approx(1.9) and rows[1]["scaling_2"] is None
   assert rows[2]["headroom"] is None
   assert bench_input.last_line(rows) == "min headroom 1.80x at b with 8 workers"
   assert bench_input.targets(rows) == ("targets: >= 2x with 8 workers on 1 of 2 cells; >= 1x "
@@ -69,5 +70,5 @@ def test_one_cell_measured_through_a_worker(tmp_path):
   cell = dict(config="base", B=64, slice="v5e-64", layout="packed", hosts=4, shards=8, micro=1)
   specs = bench_input.cell_specs(cell, "embedded")
   assert specs.data.max_length == 128 and specs.data.dedup and specs.data.packing
-  m = bench_input.measure(specs, tok, cell, workers=1, steps=2)
+  m = bench_input.measure(specs, tok, cell, workers=1, steps=2, min_s=0.0)
   assert m["rows"] == 16 and m["pairs_per_s"] > 0 and m["cpu_pairs_per_s_per_worker"] > 0
