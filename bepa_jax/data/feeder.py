@@ -143,6 +143,23 @@ def _take(array) -> np.ndarray:
   return out
 
 
+def _quiet_resource_tracker() -> None:
+  """Shared-memory blocks that a killed worker leaves behind are unlinked at exit by
+  multiprocessing's resource tracker, which would print a warning per kind: start it (if not
+  running yet) with its stderr on /dev/null, so that a failed run ends in its one line."""
+  from multiprocessing import resource_tracker
+  if getattr(resource_tracker._resource_tracker, "_fd", None) is not None:
+    return
+  saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(null, 2)
+    resource_tracker.ensure_running()
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(null)
+
+
 def _mark_flags_parsed() -> None:
   """grain reads absl flags; the bepa-* commands parse their own arguments."""
   from absl import flags
@@ -175,6 +192,7 @@ class Feeder:
   def _open(self):
     import grain
     _mark_flags_parsed()
+    _quiet_resource_tracker()
     self._pid_dir = tempfile.mkdtemp(prefix="bepa-data-workers-")
     per_worker = max(1, math.ceil(self.prefetch / self.workers))
     ds = grain.MapDataset.range(self.first, self.last).map(_Build(self.recipe))
