@@ -24,6 +24,7 @@ setup(
     "numpy>=1.26",
     "tensorboardX>=2.6",
     "pyyaml",
+    "grain>=0.2.18",  # data.workers: the batch-building worker processes (bepa_jax/data/feeder.py)
   ],
   extras_require={
     "hf": ["transformers>=4.45", "safetensors", "tokenizers"],

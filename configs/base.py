@@ -28,6 +28,8 @@ def get_config():
   c.data.max_predictions_per_seq = 20
   c.data.packing = True                            # several sentences per row, exact
                                                    # (docs/packing.md); False = padded
+  c.data.workers = 8                               # processes building the next batches
+                                                   # on each host (docs/data.md: sizing them)
   c.optim.learning_rate = 1e-4
   c.optim.warmup_steps = 1000
   c.train.global_batch = 4096

@@ -31,6 +31,8 @@ def get_config():
   c.data.max_predictions_per_seq = 20
   c.data.packing = True                            # several sentences per row, exact
                                                    # (docs/packing.md); False = padded
+  c.data.workers = 8                               # processes building the next batches
+                                                   # on each host (docs/data.md: sizing them)
   c.optim.learning_rate = 5e-5
   c.optim.weight_decay = 0.01
   c.optim.warmup_steps = 1000

@@ -122,17 +122,18 @@ def _copy(ctx, tmp_path, keep_steps=None):
 
 def test_kill_and_preempt_then_resume_is_bitwise_exact(ctx, tmp_path):
   """SIGKILL at a random step, rerun; SIGTERM at a later random step (saves, exits 0), rerun:
-  the final parameters and optimizer state equal the uninterrupted run's, bit for bit."""
+  the final parameters and optimizer state equal the uninterrupted run's, bit for bit. The
+  interrupted runs build their batches in a data worker, the others in the training process."""
   wd = tmp_path / "wd"
   rng = random.Random()
   kill_at = rng.randint(3, 5)
-  rc, out = _run_until(ctx, wd, kill_at, signal.SIGKILL)
+  rc, out = _run_until(ctx, wd, kill_at, signal.SIGKILL, **{"data.workers": 1})
   assert rc == -signal.SIGKILL, out[-2000:]
   resumed_from = max(_steps(wd), default=0)  # an async save cut short by the kill is not listed
   assert resumed_from <= kill_at + 1
 
   term_at = rng.randint(resumed_from + 1, STEPS - 1)
-  rc, out = _run_until(ctx, wd, term_at, signal.SIGTERM)
+  rc, out = _run_until(ctx, wd, term_at, signal.SIGTERM, **{"data.workers": 1})
   assert (f"resumed from checkpoint step {resumed_from}" in out) == (resumed_from > 0), out[-3000:]
   assert rc == 0, f"SIGTERM at step {term_at}: exit {rc}\n{out[-3000:]}"
   assert "preempted: saved checkpoint" in out, out[-3000:]
@@ -282,10 +283,12 @@ def test_every_minutes_and_keep_best(tmp_path):
 def test_sigterm_with_two_processes_agrees_on_the_step(ctx, tmp_path, target):
   """SIGTERM reaches one of two processes only: JAX's preemption sync point makes both save the
   same step and exit 0. SIGTERM to launch/local.py reaches both (forwarded): both save, the
-  launcher exits 143 and no worker outlives it."""
+  launcher exits 143 and no worker outlives it. Each builds its packed batches in a data worker
+  (which a launcher's signal to the process group does not stop)."""
   import time
   wd, logs = tmp_path / "wd", tmp_path / "logs"
-  cmd = _cmd(wd, ctx["tokenizer"], **{"train.steps": 500, "checkpoint.every_steps": 0})
+  cmd = _cmd(wd, ctx["tokenizer"], **{"train.steps": 500, "checkpoint.every_steps": 0,
+                                      "data.workers": 1})
   launcher = subprocess.Popen(
       [sys.executable, os.path.join(REPO, "launch", "local.py"), "--num_processes", "2",
        "--devices_per_process", "2", "--log_dir", str(logs), "--timeout_s", "240",

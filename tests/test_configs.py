@@ -119,6 +119,8 @@ def test_fused_qkv_override_from_the_readme_is_accepted(tmp_path):
     ({"checkpoint.keep_best_mode": "median"}, "checkpoint.keep_best_mode='median'"),
     ({"train.host_malloc": "tcmalloc"}, "train.host_malloc"),
     ({"train.profile_steps": -1}, "train.profile_steps"),
+    ({"data.workers": -1}, "data.workers=-1 / data.prefetch=2 must be >= 0"),
+    ({"data.workers": 2, "data.prefetch": 0}, "data.workers=2 needs data.prefetch >= 1"),
     ({"eval.every_steps": 5}, "eval.every_steps > 0 needs"),
     ({"eval.every_steps": 5, "eval.parallel": "/nonexistent/a.en,/nonexistent/a.de"},
      "eval.parallel: /nonexistent/a.en"),

@@ -102,6 +102,11 @@ def get_config() -> ml_collections.ConfigDict:
       mask_prob=0.15,
       max_predictions_per_seq=5,
       seed=0,
+      workers=0,                     # processes that build the next steps' batches while a step
+                                     # runs (grain; one core each; docs/data.md sizes them for a
+                                     # pod host); 0 = built in the training process between steps
+      prefetch=2,                    # batches built ahead of the running step (with workers);
+                                     # >= 1 also puts the next one on the devices a step early
       continue_on_new_data=False,    # resume although the data settings above (or the tokenizer)
                                      # changed: the new stream starts at the restored step; False
                                      # = such a resume stops, naming the changed keys

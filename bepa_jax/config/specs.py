@@ -64,6 +64,8 @@ class DataSpec:
   mask_prob: float
   max_predictions_per_seq: int
   seed: int
+  workers: int
+  prefetch: int
   continue_on_new_data: bool
 
 

@@ -107,6 +107,11 @@ def _validate_data(d) -> None:
   if "://" in str(d.cache_dir):
     raise ConfigError(f"data.cache_dir={d.cache_dir!r}: the record store is memory-mapped, so it "
                       f"needs a file system path (mount a bucket, e.g. with gcsfuse)")
+  if int(d.workers) < 0 or int(d.prefetch) < 0:
+    raise ConfigError(f"data.workers={d.workers} / data.prefetch={d.prefetch} must be >= 0")
+  if int(d.workers) > 0 and int(d.prefetch) < 1:
+    raise ConfigError(f"data.workers={d.workers} needs data.prefetch >= 1 (the batches they "
+                      f"build ahead), got {d.prefetch}")
 
 
 def _validate_train(t, optim) -> None:

@@ -36,7 +36,8 @@ class XlmrSentencePieceTokenizer(Tokenizer):
     self._lut = lut
 
   def encode_batch(self, texts):
-    ids = self.sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+    ids = self.sp.encode(list(texts), out_type=int,
+                         num_threads=self.threads or os.cpu_count() or 1)
     lut = self._lut
     return [lut[np.asarray(t, np.int64)].tolist() if t else [] for t in ids]
 

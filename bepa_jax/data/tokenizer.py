@@ -33,6 +33,7 @@ class Tokenizer:
   cls_id: int
   sep_id: int
   mask_id: int
+  threads = 0  # sentencepiece threads per call: 0 = every core (a data worker uses one)
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     """Token ids without special tokens."""
@@ -87,7 +88,8 @@ class SentencePieceTokenizer(Tokenizer):
     self.cls_id, self.sep_id, self.mask_id = ids["[CLS]"], ids["[SEP]"], ids["[MASK]"]
 
   def encode_batch(self, texts):
-    return self.sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+    return self.sp.encode(list(texts), out_type=int,
+                          num_threads=self.threads or os.cpu_count() or 1)
 
   def decode(self, ids):
     return self.sp.decode([i for i in ids if i not in self.special_ids])

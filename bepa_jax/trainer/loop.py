@@ -21,6 +21,7 @@ from bepa_jax.training import throughput
 from bepa_jax.eval import periodic as periodic_eval
 from bepa_jax.metric_writer import MetricWriter
 from bepa_jax.trainer.build import Job, build, check_config
+from bepa_jax.trainer import feed
 from bepa_jax.trainer.guard import Guard
 from bepa_jax.workdir_lock import WorkdirLock
 
@@ -146,17 +147,18 @@ def run_steps(job: Job, ckpt, guard: Guard, workdir: str, first: int):
   config, mesh, pipeline, state, step_fn = job.config, job.mesh, job.pipeline, job.state, job.step_fn
   steps = int(config.train.steps)
   evaluator = periodic_eval.from_config(config, job.model, job.tokenizer, mesh)  # None: eval off
-  pid, pcount = jax.process_index(), jax.process_count()
   profiler = profiling.StepProfiler(config.train, workdir)
   writer = MetricWriter(workdir, resume_step=first)
   tokens = throughput.TokenMeter(config.loss)  # real / processed tokens, counted on the host
   steplog = StepLog(writer, tokens, guard, steps, first, int(config.train.log_every))
-  with jax.set_mesh(mesh):
+  # the batches: built ahead (data.workers) and on the devices a step early (data.prefetch)
+  with jax.set_mesh(mesh), feed.open_feed(job, first, steps, local_batch, global_batch) as batches:
     for step in range(first, steps):
       profiler.before(step)
-      local = local_batch(pipeline, step, pid, pcount)
+      local, batch = batches.take(step)
       tokens.add(local)
-      state, step_metrics = step_fn(state, global_batch(local, mesh))
+      state, step_metrics = step_fn(state, batch)
+      batches.ahead()  # the next step's batch, while this one runs
       done = step + 1
       profiler.after(done, step_metrics)
       steplog.add(done, step_metrics)

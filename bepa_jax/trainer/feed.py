@@ -1,0 +1,99 @@
+"""The loop's batches: built ahead (data/feeder.py: data.workers processes, or this process),
+and put on the devices a step before use (data.prefetch >= 1), so the host's work for step
+s + 1 overlaps step s on the devices.
+
+The loop calls `take(step)` for the batch it runs and `ahead()` once the step is dispatched.
+A failure while building ahead is raised by the `take` that needs the batch, so a step that
+ends in a preemption save still saves. Packed batches on several processes must agree on
+their packed rows (trainer/loop.local_batch, a host collective): the workers build the batch
+at the pipeline's own rows, and the agreement runs here, rebuilding only if the rows change.
+"""
+from __future__ import annotations
+
+import jax
+
+from bepa_jax.data import feeder as feeder_lib
+
+
+class _Built:
+  """The run's pipeline, whose batch of `step` at its own rows a worker has built already."""
+
+  def __init__(self, pipeline, step: int, local: dict):
+    self._pipeline, self._step, self._local = pipeline, step, local
+
+  def __getattr__(self, name):
+    return getattr(self._pipeline, name)
+
+  def batch(self, step, process_index=0, process_count=1, rows=None):
+    if rows is None and step == self._step:
+      return self._local
+    return self._pipeline.batch(step, process_index, process_count, rows=rows)
+
+
+class DeviceFeed:
+  """take(step) -> (this process's batch, the global batch on the devices)."""
+
+  def __init__(self, host: feeder_lib.Feeder, put, *, pipeline=None, settle=None,
+               ahead: bool = True):
+    self.host, self.put, self.pipeline, self.settle = host, put, pipeline, settle
+    self.lookahead = bool(ahead)
+    self._ready, self._error = None, None
+
+  def _load(self):
+    step, local, info = next(self.host)
+    if self.settle is not None:
+      local = self.settle(step, local)
+    self._ready = (step, local, info, self.put(local))
+
+  def take(self, step: int):
+    if self._error is not None:
+      raise self._error
+    if self._ready is None:
+      self._load()
+    ready, self._ready = self._ready, None
+    got, local, info, batch = ready
+    if got != step:
+      raise RuntimeError(f"the batch of step {got} was ready for step {step}")
+    if info is not None and self.pipeline is not None:
+      feeder_lib.add_tally(self.pipeline, info["tally"])
+    return local, batch
+
+  def ahead(self) -> None:
+    """Builds (or fetches) the next step's batch and puts it on the devices; call it once the
+    running step is dispatched."""
+    if not self.lookahead or self._ready is not None or self._error is not None:
+      return
+    try:
+      self._load()
+    except StopIteration:
+      pass
+    except feeder_lib.DataWorkerError as e:
+      self._error = e
+
+  def close(self) -> None:
+    self.host.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def open_feed(job, first: int, last: int, local_batch, global_batch) -> DeviceFeed:
+  """The batches of steps first .. last-1 of `job` (trainer/build.Job), as data.workers and
+  data.prefetch say. `local_batch(pipeline, step, pid, pcount)` builds this process's batch,
+  `global_batch(local, mesh)` puts it on the devices (trainer/loop.py's)."""
+  d, pipeline, mesh = job.config.data, job.pipeline, job.mesh
+  pid, pcount = jax.process_index(), jax.process_count()
+  recipe = settle = None
+  if d.workers:
+    recipe = feeder_lib.Recipe(job.config, job.tokenizer, pipeline.packer.batch_shards,
+                               pipeline.start_step, pid, pcount)
+    if pcount > 1 and pipeline.packing:  # the agreement is a collective: in this process
+      def settle(step, built):
+        return local_batch(_Built(pipeline, step, built), step, pid, pcount)
+  host = feeder_lib.Feeder(lambda step: local_batch(pipeline, step, pid, pcount), first, last,
+                           workers=d.workers, prefetch=d.prefetch, recipe=recipe)
+  return DeviceFeed(host, lambda local: global_batch(local, mesh), pipeline=pipeline,
+                    settle=settle, ahead=d.prefetch > 0)
