@@ -47,8 +47,8 @@ class DataWorkerError(BepaError):
 
 
 def build_rows(pipeline, step: int, process_index: int, process_count: int) -> dict:
-  """A worker's batch: this process's rows at `step`, at the pipeline's own packed rows (the
-  training process settles packed rows between processes where that needs a collective)."""
+  """A worker's batch: this process's rows at `step` (packed rows agreed from the global plan,
+  so the same as the training process would build)."""
   return pipeline.batch(step, process_index, process_count)
 
 

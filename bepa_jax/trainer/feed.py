@@ -4,9 +4,9 @@ s + 1 overlaps step s on the devices.
 
 The loop calls `take(step)` for the batch it runs and `ahead()` once the step is dispatched.
 A failure while building ahead is raised by the `take` that needs the batch, so a step that
-ends in a preemption save still saves. Packed batches on several processes must agree on
-their packed rows (trainer/loop.local_batch, a host collective): the workers build the batch
-at the pipeline's own rows, and the agreement runs here, rebuilding only if the rows change.
+ends in a preemption save still saves. A process's batch is a pure function of (step, process
+index, process count) -- packed rows included, agreed from the global plan without a
+collective -- so a worker builds it whole.
 """
 from __future__ import annotations
 
@@ -15,34 +15,16 @@ import jax
 from bepa_jax.data import feeder as feeder_lib
 
 
-class _Built:
-  """The run's pipeline, whose batch of `step` at its own rows a worker has built already."""
-
-  def __init__(self, pipeline, step: int, local: dict):
-    self._pipeline, self._step, self._local = pipeline, step, local
-
-  def __getattr__(self, name):
-    return getattr(self._pipeline, name)
-
-  def batch(self, step, process_index=0, process_count=1, rows=None):
-    if rows is None and step == self._step:
-      return self._local
-    return self._pipeline.batch(step, process_index, process_count, rows=rows)
-
-
 class DeviceFeed:
   """take(step) -> (this process's batch, the global batch on the devices)."""
 
-  def __init__(self, host: feeder_lib.Feeder, put, *, pipeline=None, settle=None,
-               ahead: bool = True):
-    self.host, self.put, self.pipeline, self.settle = host, put, pipeline, settle
+  def __init__(self, host: feeder_lib.Feeder, put, *, pipeline=None, ahead: bool = True):
+    self.host, self.put, self.pipeline = host, put, pipeline
     self.lookahead = bool(ahead)
     self._ready, self._error = None, None
 
   def _load(self):
     step, local, info = next(self.host)
-    if self.settle is not None:
-      local = self.settle(step, local)
     self._ready = (step, local, info, self.put(local))
 
   def take(self, step: int):
@@ -86,14 +68,11 @@ def open_feed(job, first: int, last: int, local_batch, global_batch) -> DeviceFe
   `global_batch(local, mesh)` puts it on the devices (trainer/loop.py's)."""
   d, pipeline, mesh = job.config.data, job.pipeline, job.mesh
   pid, pcount = jax.process_index(), jax.process_count()
-  recipe = settle = None
+  recipe = None
   if d.workers:
     recipe = feeder_lib.Recipe(job.config, job.tokenizer, pipeline.packer.batch_shards,
                                pipeline.start_step, pid, pcount)
-    if pcount > 1 and pipeline.packing:  # the agreement is a collective: in this process
-      def settle(step, built):
-        return local_batch(_Built(pipeline, step, built), step, pid, pcount)
   host = feeder_lib.Feeder(lambda step: local_batch(pipeline, step, pid, pcount), first, last,
                            workers=d.workers, prefetch=d.prefetch, recipe=recipe)
   return DeviceFeed(host, lambda local: global_batch(local, mesh), pipeline=pipeline,
-                    settle=settle, ahead=d.prefetch > 0)
+                    ahead=d.prefetch > 0)
