@@ -99,3 +99,15 @@ def test_a_failing_worker_stops_the_feed_with_one_line_naming_it(parts, fault):
     assert taken == [3, 4]
     assert "failed building the batch of step 5: corpus.tsv:12: not UTF-8;" in message, message
   assert not workers & {p.pid for p in multiprocessing.active_children()}  # none outlives it
+
+
+def test_workers_without_grain_are_refused_in_the_validation_pass(monkeypatch):
+  import importlib.util
+  from bepa_jax.config import validate
+  from bepa_jax.errors import ConfigError
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "grain" else real(name, *a))
+  with pytest.raises(ConfigError, match=r"data.workers=2 needs the grain package"):
+    validate.validate(tiny_config(**{"data.workers": 2}), 8)
+  validate.validate(tiny_config(**{"data.workers": 0}), 8)  # built here: no grain needed

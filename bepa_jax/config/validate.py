@@ -6,6 +6,7 @@ Every problem raises `ConfigError` whose message is one line naming the key;
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 
 import ml_collections
@@ -112,6 +113,9 @@ def _validate_data(d) -> None:
   if int(d.workers) > 0 and int(d.prefetch) < 1:
     raise ConfigError(f"data.workers={d.workers} needs data.prefetch >= 1 (the batches they "
                       f"build ahead), got {d.prefetch}")
+  if int(d.workers) > 0 and importlib.util.find_spec("grain") is None:
+    raise ConfigError(f"data.workers={d.workers} needs the grain package (pip install "
+                      f"'grain>=0.2.18', a dependency of bepa-jax); or data.workers=0")
 
 
 def _validate_train(t, optim) -> None:
