@@ -59,19 +59,21 @@ def hosts(slice_name: str) -> int:
 
 
 def cells(table: dict) -> list[dict]:
-  """The pod table's (config, B, slice, layout) cells, in table order, with the compiled step's
-  pairs/s per host (the faster chunk setting; None where no step compiled) and the batch
+  """The pod table's (config, B, slice, layout) cells, in table order, with the pairs/s per
+  host of the fastest plan compiled for the cell (None where none compiled) and the batch
   shards and micro-batches that set the packing groups."""
   out: dict[tuple, dict] = {}
   for r in table["rows"]:
     key = (r["config"], int(r["B"]), r["slice"], r["layout"].split()[0])  # packed R/S: packed
     cell = out.setdefault(key, dict(config=key[0], B=key[1], slice=key[2], layout=key[3],
                                     hosts=hosts(key[2]), demand=None, shards=None, micro=1))
-    if r.get("pairs_per_s") and (cell["demand"] is None
-                                 or r["pairs_per_s"] / cell["hosts"] > cell["demand"]):
-      cell["demand"] = r["pairs_per_s"] / cell["hosts"]
-      cell["shards"] = int(r["mesh"]["data"]) * int(r["mesh"]["fsdp"])
-      cell["micro"] = max(int(r.get("gradcache_chunks") or 0), 1)
+    best = r.get("best") or {}  # the fastest plan the search compiled (bench/aot_table.py)
+    if best.get("pairs_per_s") and (cell["demand"] is None
+                                    or best["pairs_per_s"] / cell["hosts"] > cell["demand"]):
+      cell["demand"] = best["pairs_per_s"] / cell["hosts"]
+      cell["shards"] = int(best["mesh"]["data"]) * int(best["mesh"]["fsdp"])
+      chunks = [o for o in best.get("overrides", []) if "train.gradcache_chunks=" in o]
+      cell["micro"] = max(int(chunks[0].split("=")[1]) if chunks else 0, 1)
   for cell in out.values():
     cell["name"] = f"{cell['config']}_B{cell['B']}_{cell['slice']}_{cell['layout']}"
     cell["shards"] = cell["shards"] or hosts(cell["slice"]) * 4
