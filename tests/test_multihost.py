@@ -40,7 +40,7 @@ with jax.set_mesh(job.mesh):
     # a step between log steps: batch + step with no device-to-host transfer, no collective
     before = len(calls)
     with jax.transfer_guard_device_to_host("disallow" if step else "allow"):
-      local = loop.local_batch(job.pipeline, step, jax.process_index(), jax.process_count())
+      local = job.pipeline.batch(step, jax.process_index(), jax.process_count())
       state, metrics = job.step_fn(state, loop.global_batch(local, job.mesh))
     synced.append(calls[before:])
     shards.append(local["input_ids"].tolist())
@@ -80,7 +80,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", ["", "_packed"], ids=["padded", "packed"])
 def test_two_processes_equal_one_process(runs, layout):
-  """Packed: each process packs its own groups and they agree on the rows (loop.local_batch)."""
+  """Packed: each process packs its own groups and they agree on the rows (from the global plan)."""
   single = json.load(open(runs["single" + layout] / "p0.json"))
   multi = [json.load(open(runs["multi" + layout] / f"p{i}.json")) for i in range(2)]
   assert single["device_count"] == 4 and multi[0]["device_count"] == 4

@@ -62,17 +62,16 @@ class DeviceFeed:
     self.close()
 
 
-def open_feed(job, first: int, last: int, local_batch, global_batch) -> DeviceFeed:
+def open_feed(job, first: int, last: int, global_batch) -> DeviceFeed:
   """The batches of steps first .. last-1 of `job` (trainer/build.Job), as data.workers and
-  data.prefetch say. `local_batch(pipeline, step, pid, pcount)` builds this process's batch,
-  `global_batch(local, mesh)` puts it on the devices (trainer/loop.py's)."""
+  data.prefetch say. `global_batch(local, mesh)` puts a batch on the devices (trainer/loop.py's)."""
   d, pipeline, mesh = job.config.data, job.pipeline, job.mesh
   pid, pcount = jax.process_index(), jax.process_count()
   recipe = None
   if d.workers:
     recipe = feeder_lib.Recipe(job.config, job.tokenizer, pipeline.packer.batch_shards,
                                pipeline.start_step, pid, pcount)
-  host = feeder_lib.Feeder(lambda step: local_batch(pipeline, step, pid, pcount), first, last,
+  host = feeder_lib.Feeder(lambda step: pipeline.batch(step, pid, pcount), first, last,
                            workers=d.workers, prefetch=d.prefetch, recipe=recipe)
   return DeviceFeed(host, lambda local: global_batch(local, mesh), pipeline=pipeline,
                     ahead=d.prefetch > 0)

@@ -12,7 +12,6 @@ import ml_collections
 
 from bepa_jax.checkpoint import store as ckpt_lib
 from bepa_jax.data import factory as data_factory
-from bepa_jax.data.pipeline import Pipeline
 from bepa_jax.errors import ConfigError
 from bepa_jax import host_memory
 from bepa_jax import mesh as mesh_lib
@@ -32,13 +31,6 @@ def global_batch(local: dict, mesh) -> dict:
   """Per-process rows -> global arrays sharded over the batch axes (no host gathers)."""
   sharding = mesh_lib.batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
-
-def local_batch(pipeline: Pipeline, step: int, pid: int, pcount: int) -> dict:
-  """This process's rows at `step`. Packed: every process derives the same packed rows from
-  the global plan's token counts (a step that does not fit anywhere takes the fallback rows
-  everywhere), so no collective runs here and the host never waits for the devices."""
-  return pipeline.batch(step, pid, pcount)
 
 
 def format_eta(seconds: float) -> str:
@@ -152,7 +144,7 @@ def run_steps(job: Job, ckpt, guard: Guard, workdir: str, first: int):
   tokens = throughput.TokenMeter(config.loss)  # real / processed tokens, counted on the host
   steplog = StepLog(writer, tokens, guard, steps, first, int(config.train.log_every))
   # the batches: built ahead (data.workers) and on the devices a step early (data.prefetch)
-  with jax.set_mesh(mesh), feed.open_feed(job, first, steps, local_batch, global_batch) as batches:
+  with jax.set_mesh(mesh), feed.open_feed(job, first, steps, global_batch) as batches:
     for step in range(first, steps):
       profiler.before(step)
       local, batch = batches.take(step)
