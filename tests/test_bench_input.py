@@ -69,3 +69,18 @@ def test_one_cell_measured_through_a_worker(tmp_path):
   assert specs.data.max_length == 128 and specs.data.dedup and specs.data.packing
   m = bench_input.measure(specs, tok, cell, workers=1, steps=2, min_s=0.0)
   assert m["rows"] == 16 and m["pairs_per_s"] > 0 and m["cpu_pairs_per_s_per_worker"] > 0
+
+
+def test_rescore_reads_todays_demand_and_keeps_the_rates():
+  table = json.load(open(os.path.join(REPO, "bench", "results", "aot_table.json")))
+  cell = next(c for c in bench_input.cells(table) if c["name"] == "base_B4096_v5e-64_packed")
+  stale = bench_input.summarize(dict(cell, demand=cell["demand"] / 2), 3 * cell["demand"],
+                                2 * cell["demand"], None)
+  stale.update(source="x", measured={"1": {}})
+  out = bench_input.rescore(dict(cells=[stale], e2e={"speedup": 1.1}))
+  row = out["cells"][0]
+  assert row["demand"] == pytest.approx(cell["demand"])
+  assert row["demand_when_measured"] == pytest.approx(cell["demand"] / 2)
+  assert row["headroom"][1] == pytest.approx(3.0) and row["headroom"][8] == pytest.approx(24.0)
+  assert row["pairs_per_s_core"] == stale["pairs_per_s_core"] and out["e2e"] == {"speedup": 1.1}
+  assert out["last_line"] == "min headroom 24.00x at base_B4096_v5e-64_packed with 8 workers"
