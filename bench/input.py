@@ -280,6 +280,21 @@ def rescore(result: dict) -> dict:
   return dict(result, cells=rows, targets=targets(rows), last_line=last_line(rows))
 
 
+def markdown(rows: list[dict]) -> str:
+  """The table of docs/data.md."""
+  k = lambda v: f"{v / 1000:.1f}k" if v else "-"
+  out = ["| cell (config, B, slice, layout) | hosts | rows / host | a core, pairs/s | measured "
+         "here: 1 / 2 workers | demand / host | headroom, 1 core | 8 workers (projected) | "
+         "workers for 2x |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    h = {int(n): v for n, v in r["headroom"].items()} if r["headroom"] else None
+    out.append(f"| {r['config']} {r['B']:,} {r['slice']} {r['layout']} | {r['hosts']} | "
+               f"{r['B'] // r['hosts']:,} | {k(r['pairs_per_s_core'])} | "
+               f"{k(r['pairs_per_s_1'])} / {k(r['pairs_per_s_2'])} | {k(r['demand'])} | "
+               + (f"{h[1]:.2f}x | {h[8]:.2f}x | {r['workers_for_2x']} |" if h else "- | - | - |"))
+  return "\n".join(out)
+
+
 def format_row(r: dict) -> str:
   k = lambda v: f"{v / 1000:6.1f}k" if v else "     - "
   h = lambda n: f"{r['headroom'][n]:6.2f}x" if r["headroom"] else "     - "
@@ -410,6 +425,7 @@ def main(argv=None) -> int:
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   if "targets" in result:
+    print(markdown(result["cells"]))
     print(result["targets"])
     print(result["last_line"])
   return 0

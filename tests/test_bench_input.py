@@ -44,6 +44,9 @@ def test_projection_headroom_and_the_last_line():
   assert bench_input.last_line(rows) == "min headroom 1.80x at b with 8 workers"
   assert bench_input.targets(rows) == ("targets: >= 2x with 8 workers on 1 of 2 cells; >= 1x "
                                        "on one core on 0 of 1 non-v5p cells")
+  md = bench_input.markdown([dict(r, config="base", layout="packed") for r in rows]).splitlines()
+  assert len(md) == 2 + len(rows) and md[2].endswith("| 0.60x | 4.80x | 4 |")
+  assert md[4].endswith("| - | - | - |")
 
 
 def test_enlarged_corpus_has_distinct_copies_in_every_language(tmp_path):
