@@ -295,6 +295,22 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(out)
 
 
+DOC = os.path.join(REPO, "docs", "data.md")  # the page that holds the table
+BEGIN, END = "<!-- input_table", "<!-- /input_table -->"
+
+
+def write_doc(table: str, path: str = DOC) -> None:
+  """Replaces the lines between the BEGIN and END markers of `path` by `table`."""
+  with open(path) as f:
+    text = f.read()
+  a, b = text.find(BEGIN), text.find(END)
+  if a < 0 or b < a:
+    raise SystemExit(f"{path}: no {BEGIN} ... {END} block to rewrite")
+  head = text.index("\n", a) + 1
+  with open(path, "w") as f:
+    f.write(text[:head] + table + "\n" + text[b:])
+
+
 def format_row(r: dict) -> str:
   k = lambda v: f"{v / 1000:6.1f}k" if v else "     - "
   h = lambda n: f"{r['headroom'][n]:6.2f}x" if r["headroom"] else "     - "
@@ -393,6 +409,7 @@ def main(argv=None) -> int:
   ap.add_argument("--scaling_only", action="store_true", help="redo the scaling rounds only")
   ap.add_argument("--rescore", action="store_true",
                   help="measure nothing: the stored rates against the pod table's demand now")
+  ap.add_argument("--docs", action="store_true", help="also rewrite the table in docs/data.md")
   ap.add_argument("--e2e", action="store_true", help="also the 2-process bepa-train figure")
   ap.add_argument("--e2e_only", action="store_true")
   ap.add_argument("--e2e_steps", type=int, default=40)
@@ -424,6 +441,8 @@ def main(argv=None) -> int:
           f"{args.e2e_rounds} each, interleaved)")
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
+  if args.docs and "cells" in result:
+    write_doc(markdown(result["cells"]))
   if "targets" in result:
     print(markdown(result["cells"]))
     print(result["targets"])

@@ -87,3 +87,14 @@ def test_rescore_reads_todays_demand_and_keeps_the_rates():
   assert row["headroom"][1] == pytest.approx(3.0) and row["headroom"][8] == pytest.approx(24.0)
   assert row["pairs_per_s_core"] == stale["pairs_per_s_core"] and out["e2e"] == {"speedup": 1.1}
   assert out["last_line"] == "min headroom 24.00x at base_B4096_v5e-64_packed with 8 workers"
+
+
+def test_docs_table_is_rewritten_between_its_markers_only(tmp_path):
+  doc = tmp_path / "data.md"
+  doc.write_text("intro\n<!-- input_table: note -->\nold\n<!-- /input_table -->\nafter\n")
+  bench_input.write_doc("| new |", str(doc))
+  assert doc.read_text() == ("intro\n<!-- input_table: note -->\n| new |\n"
+                             "<!-- /input_table -->\nafter\n")
+  (tmp_path / "none.md").write_text("no markers\n")
+  with pytest.raises(SystemExit, match="no <!-- input_table"):
+    bench_input.write_doc("| new |", str(tmp_path / "none.md"))
