@@ -12,6 +12,7 @@ from tests.conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
 import aot_table  # noqa: E402
+import aot_table_doc  # noqa: E402
 import authors_step  # noqa: E402
 
 
@@ -65,27 +66,27 @@ def test_docs_block_rewritten_between_its_markers_only(tmp_path):
              search="partial: 2 new plan(s), 3 not compiled")
   other = dict(row, slice="v4-32", search="today's plan only: 5 plan(s) not compiled")
   page = tmp_path / "pods.md"
-  page.write_text(f"before\n{aot_table.BEGIN} note -->\nold table\n{aot_table.END}\nafter\n")
-  aot_table.write_doc({"rows": [row, other], "targets": []}, str(page))
+  page.write_text(f"before\n{aot_table_doc.BEGIN} note -->\nold table\n{aot_table_doc.END}\nafter\n")
+  aot_table_doc.write_doc({"rows": [row, other], "targets": []}, str(page))
   text = page.read_text()
-  assert text.startswith("before\n") and text.endswith(f"{aot_table.END}\nafter\n")
+  assert text.startswith("before\n") and text.endswith(f"{aot_table_doc.END}\nafter\n")
   assert "old table" not in text and "| config | B | slice | layout | plan |" in text
   assert "Searched in part (1 of 2 cells" in text and "): base 4096 v5e-64 packed." in text
   assert "today's plan from the earlier table's reports: 1 cells" in text
   (tmp_path / "bare.md").write_text("no block\n")
   with pytest.raises(SystemExit, match="no <!-- aot_table"):
-    aot_table.write_doc({"rows": [row], "targets": []}, str(tmp_path / "bare.md"))
+    aot_table_doc.write_doc({"rows": [row], "targets": []}, str(tmp_path / "bare.md"))
 
 
 def test_docs_page_holds_the_generated_table():
   """docs/pods.md's block is what `bench/aot_table.py --docs` writes from the stored results."""
-  with open(aot_table.DOC, encoding="utf-8") as f:
+  with open(aot_table_doc.DOC, encoding="utf-8") as f:
     text = f.read()
-  a, b = text.find(aot_table.BEGIN), text.find(aot_table.END)
-  assert 0 <= a < b, f"{aot_table.DOC}: no generated table block"
+  a, b = text.find(aot_table_doc.BEGIN), text.find(aot_table_doc.END)
+  assert 0 <= a < b, f"{aot_table_doc.DOC}: no generated table block"
   with open(os.path.join(REPO, "bench", "results", "aot_table.json")) as f:
     result = json.load(f)
-  assert text[text.index("\n", a) + 1:b] == aot_table.doc_block(result) + "\n"
+  assert text[text.index("\n", a) + 1:b] == aot_table_doc.doc_block(result) + "\n"
 
 
 def report(step_ms, gib=2.0):
@@ -133,7 +134,7 @@ def test_targets_are_read_from_the_rows():
   rows = [cell("base", "v5e-64", "padded", 100), cell("base", "v5e-256", "padded", 310),
           cell("xlmr", "v5e-64", "padded", 100, plan="full / data"),
           cell("xlmr", "v5e-256", "padded", 250, hfu=0.2, ms=11.0)]
-  t = {x["target"]: x for x in aot_table.targets(rows)}
+  t = {x["target"]: x for x in aot_table_doc.targets(rows)}
   assert not t["every cell at least as fast as today's plan"]["met"]  # 11 ms against 10
   assert t["base padded B=4096: v5e-256 >= 3x the pairs/s of v5e-64"]["ratio"] == 3.1
   assert not t["xlmr padded B=4096: v5e-256 >= 3x the pairs/s of v5e-64"]["met"]
