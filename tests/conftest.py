@@ -53,6 +53,7 @@ LONGEST_FIRST = (
   "test_step", "test_gradcache", "test_multihost", "test_bench_authors_step", "test_st_export",
   "test_bench_packing", "test_bad_inputs", "test_faults", "test_bad_inputs_2",
   "test_objective_variants", "test_transfer", "test_hf_init", "test_perf_options", "test_aot",
+  "test_aot_search",
 )
 
 
