@@ -12,7 +12,7 @@ same token ids and masking and the same initial weights:
   authors_torch  the PyTorch peer of the authors' step (HF BertForMaskedLM with `labels`, as
                  their code calls it), each pass padded to the batch's longest (their collator);
   hf_max_length  the same PyTorch step with every pass padded to data.max_length.
-The PyTorch steps run in worker processes of their own (bench/authors_step.PeerWorker; glibc
+The PyTorch steps run in worker processes of their own (bench/authors_peer.PeerWorker; glibc
 defaults and torch's thread count, as their users run it, unless --torch_malloc/--torch_threads
 say otherwise); repetitions interleave one step of each column on the same batch. Real tokens
 = the x and y sentence tokens incl. [CLS]/[SEP] (the same count for every column); padding
@@ -40,7 +40,8 @@ REPO = os.path.dirname(BENCH)
 for _p in (REPO, BENCH):
   if _p not in sys.path:
     sys.path.insert(0, _p)
-import authors_step  # noqa: E402  (imports neither jax nor torch at module level)
+import authors_peer  # noqa: E402  (neither imports jax nor torch at module level)
+import authors_step  # noqa: E402
 
 # harness.SHAPES' model shapes; "micro" is for the smoke test only
 MICRO = dict(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, pairs=8)
@@ -115,8 +116,8 @@ def run_config(name: str, args, source: str, tok: str, tmp: str) -> dict:
   host = {k: [j.pipeline.batch(s) for s in range(n)] for k, j in jobs.items()}
   loss_cfg = padded.config.loss
   counts = {k: [throughput.count(b, loss_cfg) for b in bs] for k, bs in host.items()}
-  peers = {"authors_torch": [authors_step.peer_batch(b, "pair") for b in host["ours_padded"]],
-           "hf_max_length": [authors_step.peer_batch(b, "pair", args.max_length)
+  peers = {"authors_torch": [authors_peer.peer_batch(b, "pair") for b in host["ours_padded"]],
+           "hf_max_length": [authors_peer.peer_batch(b, "pair", args.max_length)
                              for b in host["ours_padded"]]}
   real = [c.real for c in counts["ours_padded"]]
   nonpad = [c.nonpad for c in counts["ours_padded"]]
@@ -125,7 +126,7 @@ def run_config(name: str, args, source: str, tok: str, tmp: str) -> dict:
       raise RuntimeError(f"{k}: its batches hold other tokens than the padded ones")
   processed = {k: [c.processed for c in cs] for k, cs in counts.items()}
   processed.update({k: [peer_processed(p) for p in ps] for k, ps in peers.items()})
-  spec, weights = authors_step.peer_spec(padded), authors_step.initial_weights(padded)
+  spec, weights = authors_peer.peer_spec(padded), authors_peer.initial_weights(padded)
   with open(os.path.join(tmp, f"{name}_spec.json"), "w") as f:
     json.dump(spec, f)
   fns, compile_s, workers = {}, {}, []
@@ -135,8 +136,8 @@ def run_config(name: str, args, source: str, tok: str, tmp: str) -> dict:
   try:
     for k, ps in peers.items():
       path = os.path.join(tmp, f"{name}_{k}.npz")
-      authors_step.save_inputs(path, ps, weights)
-      w = authors_step.PeerWorker(os.path.join(tmp, f"{name}_spec.json"), path, "hf",
+      authors_peer.save_inputs(path, ps, weights)
+      w = authors_peer.PeerWorker(os.path.join(tmp, f"{name}_spec.json"), path, "hf",
                                   args.torch_malloc, args.torch_threads)
       workers.append(w)
       fns[k] = w
@@ -275,7 +276,7 @@ def main(argv=None):
   p.add_argument("--dropout", type=float, default=0.1, help="timed steps: hidden and attention")
   p.add_argument("--curve_dropout", type=float, default=0.0,
                  help="loss curves (0: packed and padded must coincide)")
-  p.add_argument("--torch_malloc", choices=authors_step.MALLOC_SETTINGS, default="system")
+  p.add_argument("--torch_malloc", choices=authors_peer.MALLOC_SETTINGS, default="system")
   p.add_argument("--torch_threads", type=int, default=0, help="0 = torch's default")
   p.add_argument("--data", default=authors_step.MULTI30K,
                  help="dir with Multi30k train.{en,de}.gz ('embedded': the bundled corpus, "

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs torch and transformers (the peer)")
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
+import authors_peer  # noqa: E402
 import authors_step  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def test_peer_infonce_is_ours_with_their_candidate_set():
   hy = hy + 2 * hx  # positives closer than negatives
   want = infonce.infonce_reference(hx, hy, 0.07, infonce.Options(same_language=True,
                                                                  mask_self=False))
-  got = authors_step.peer_infonce(torch.from_numpy(hx), torch.from_numpy(hy), 0.07)
+  got = authors_peer.peer_infonce(torch.from_numpy(hx), torch.from_numpy(hy), 0.07)
   assert float(got) == pytest.approx(float(want["contrastive_loss"]), rel=1e-5)
   masked = infonce.infonce_reference(hx, hy, 0.07, infonce.Options(same_language=True))
   assert abs(float(got) - float(masked["contrastive_loss"])) > 1e-2  # the flag matters
@@ -60,8 +61,8 @@ def test_peer_loss_equals_ours_for_three_steps(tokenizer, tmp_path, mlm, family)
   from bepa_jax.trainer import loop
   job = _job(tokenizer, tmp_path, mlm, family, noise=0.2)
   host = [job.pipeline.batch(s) for s in range(3)]
-  peers = [authors_step.peer_batch(b, mlm) for b in host]
-  spec, weights = authors_step.peer_spec(job), authors_step.initial_weights(job)
+  peers = [authors_peer.peer_batch(b, mlm) for b in host]
+  spec, weights = authors_peer.peer_spec(job), authors_peer.initial_weights(job)
   ours, state = [], job.state
   for b in host:
     with jax.set_mesh(job.mesh):
@@ -69,8 +70,8 @@ def test_peer_loss_equals_ours_for_three_steps(tokenizer, tmp_path, mlm, family)
     ours.append({k: float(m[k]) for k in ("loss", "mlm_loss", "contrastive_loss")})
   # distinct [CLS]s: the contrastive term is not the ln(2B) of identical embeddings
   assert abs(ours[0]["contrastive_loss"] - np.log(2 * len(host[0]["input_ids"]))) > 0.05
-  for variant in authors_step.VARIANTS:
-    step, _ = authors_step.build_peer_step(spec, peers, variant, weights)
+  for variant in authors_peer.VARIANTS:
+    step, _ = authors_peer.build_peer_step(spec, peers, variant, weights)
     for i, want in enumerate(ours):
       step()
       for k, v in want.items():
@@ -80,7 +81,7 @@ def test_peer_loss_equals_ours_for_three_steps(tokenizer, tmp_path, mlm, family)
 def test_peer_batch_is_ours_without_padding(tokenizer, tmp_path):
   for mlm in authors_step.MLM_MODES:
     b = _job(tokenizer, tmp_path / mlm, mlm).pipeline.batch(0)
-    p = authors_step.peer_batch(b, mlm)
+    p = authors_peer.peer_batch(b, mlm)
     lengths = b["attention_mask"].sum(-1)            # [B, 2]
     Lc = int(lengths.max())                          # the longest sentence, x or y
     assert p["x_ids"].shape[1] == p["y_ids"].shape[1] == Lc
@@ -89,7 +90,7 @@ def test_peer_batch_is_ours_without_padding(tokenizer, tmp_path):
     picked = p["mlm_labels"] != -100
     assert picked.sum() == b["mlm_weights"].sum()    # the same masked positions and labels
     assert sorted(p["mlm_labels"][picked]) == sorted(b["mlm_ids"][b["mlm_weights"] > 0])
-    c = authors_step.token_counts(b, mlm, p)
+    c = authors_peer.token_counts(b, mlm, p)
     from bepa_jax.training import throughput  # what bepa-train logs: the same passes, the same count
     ours = throughput.count(b, authors_step.make_config("micro", mlm).loss)
     assert (ours.real, ours.nonpad, ours.processed) == (c["real"], c["nonpad"], c["ours"])
