@@ -142,3 +142,29 @@ def test_targets_are_read_from_the_rows():
   low = t["no cell below 25% HFU without a stated reason"]["below"]
   assert [c["cell"] for c in low] == ["xlmr 4096 v5e-256 padded"]
   assert low[0]["reason"].startswith("HBM-bound: 50 GB accessed per chip per step for 16 pairs")
+
+
+def test_prior_plan_is_the_best_on_disk_sharded_and_unrolled_and_a_crash_goes_to_rbg(
+    tmp_path, monkeypatch):
+  """bench/aot_prior.py: for a cell the search has not reached, the best plan on disk with
+  ZeRO-1, unrolled layers, threefry (MLM chunks at a 250k vocabulary); after a crash, rbg."""
+  import aot_prior
+  monkeypatch.setattr(aot_table, "OUT", str(tmp_path))
+  monkeypatch.setattr(aot_table, "args_for", lambda cell, plan: [])  # no packing probe
+  write = lambda cell, name, rep: (tmp_path / f"{name}.json").write_text(json.dumps(rep))
+  base, xlmr = ("base", 4096, "v4-32", True), ("xlmr", 4096, "v5p-128", False)
+  write(base, aot_table.old_name(base, 0, "dots_saveable", 0, False, False), {"failed": "crash"})
+  write(base, aot_table.old_name(base, 0, "dots_saveable", 0, False, True), report(102))
+  write(xlmr, aot_table.old_name(xlmr, 0, "dots_saveable", 0, False, False), report(108))
+  P = search_lib.Plan
+  want = P("dots_saveable", "zero1", scan_layers=False)
+  assert aot_prior.prior_plan(base) == want
+  assert aot_prior.prior_plan(xlmr) == dataclasses.replace(want, mlm_vocab_chunk=16384)
+  assert aot_prior.prior_plan(("base", 4096, "v5e-64", False)) is None  # nothing on disk
+  todo = dict(aot_prior.todo("B4096_(v4-32_packed|v5p-128)$"))
+  assert todo == {base: want, xlmr: dataclasses.replace(want, mlm_vocab_chunk=16384)}
+  write(base, f"{aot_table.cell_label(base)}__{want.key}", {"failed": "rc -11"})
+  rbg = dataclasses.replace(want, dropout_rng="rbg")
+  assert dict(aot_prior.todo("B4096_v4-32_packed$")) == {base: rbg}
+  write(base, f"{aot_table.cell_label(base)}__{rbg.key}", report(40))
+  assert aot_prior.todo("B4096_v4-32_packed$") == []
