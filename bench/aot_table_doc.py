@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 
+import doc_blocks
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -119,11 +121,4 @@ def doc_block(result: dict) -> str:
 
 
 def write_doc(result: dict, path: str = DOC) -> None:
-  with open(path) as f:
-    text = f.read()
-  a, b = text.find(BEGIN), text.find(END)
-  if a < 0 or b < a:
-    raise SystemExit(f"{path}: no {BEGIN} ... {END} block to rewrite")
-  head = text.index("\n", a) + 1
-  with open(path, "w") as f:
-    f.write(text[:head] + doc_block(result) + "\n" + text[b:])
+  doc_blocks.rewrite(path, BEGIN, END, doc_block(result))

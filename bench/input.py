@@ -40,6 +40,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
+import doc_blocks  # noqa: E402  (bench/ is not a package)
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 MULTI30K = os.path.join(SHARED, "multi30k")
 TATOEBA = os.path.join(SHARED, "tatoeba")
@@ -273,8 +274,9 @@ def rescore(result: dict) -> dict:
     cell = now[old["name"]]
     row = summarize(cell, old["pairs_per_s_core"], old["pairs_per_s_1"], old["pairs_per_s_2"])
     row.update(source=old["source"], measured=old["measured"])
-    if cell["demand"] != old["demand"]:
-      row["demand_when_measured"] = old.get("demand_when_measured", old["demand"])
+    when = old.get("demand_when_measured", old["demand"])  # kept over repeated rescores
+    if cell["demand"] != when:
+      row["demand_when_measured"] = when
     rows.append(row)
     print(format_row(row), flush=True)
   return dict(result, cells=rows, targets=targets(rows), last_line=last_line(rows))
@@ -300,15 +302,7 @@ BEGIN, END = "<!-- input_table", "<!-- /input_table -->"
 
 
 def write_doc(table: str, path: str = DOC) -> None:
-  """Replaces the lines between the BEGIN and END markers of `path` by `table`."""
-  with open(path) as f:
-    text = f.read()
-  a, b = text.find(BEGIN), text.find(END)
-  if a < 0 or b < a:
-    raise SystemExit(f"{path}: no {BEGIN} ... {END} block to rewrite")
-  head = text.index("\n", a) + 1
-  with open(path, "w") as f:
-    f.write(text[:head] + table + "\n" + text[b:])
+  doc_blocks.rewrite(path, BEGIN, END, table)
 
 
 def format_row(r: dict) -> str:

@@ -87,6 +87,8 @@ def test_rescore_reads_todays_demand_and_keeps_the_rates():
   assert row["headroom"][1] == pytest.approx(3.0) and row["headroom"][8] == pytest.approx(24.0)
   assert row["pairs_per_s_core"] == stale["pairs_per_s_core"] and out["e2e"] == {"speedup": 1.1}
   assert out["last_line"] == "min headroom 24.00x at base_B4096_v5e-64_packed with 8 workers"
+  again = bench_input.rescore(out)["cells"][0]  # a second rescore keeps what was measured against
+  assert again["demand_when_measured"] == pytest.approx(cell["demand"] / 2)
 
 
 def test_docs_table_is_rewritten_between_its_markers_only(tmp_path):
