@@ -139,7 +139,7 @@ def args_for(cell, plan) -> list[str]:
   config, B, topo, packed = cell
   a = ["--config", CONFIGS[config], "--topology", topo, *COMMON, *VOCAB[config],
        f"--config.train.global_batch={B}", *plan.overrides()]
-  pr = probe(config, B, chips(topo), max(plan.gradcache_chunks, 1))
+  pr = probe(config, B, chips(topo) // plan.tensor, max(plan.gradcache_chunks, 1))
   a += ["--tokens_per_sentence", f"{pr['tokens_per_sentence']:.3f}"]
   if packed:
     a += ["--config.data.packing=True", f"--config.data.packed_rows={pr['packed_rows']}"]

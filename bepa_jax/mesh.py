@@ -52,12 +52,21 @@ def create_mesh(mesh_cfg, devices=None) -> Mesh:
   dcn = int(mesh_cfg.dcn_data)
   if dcn > 1:  # multislice: only the data axis crosses the slow DCN links
     ici = (shape[0] // dcn, shape[1], shape[2])
-    grid = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices)
+    grid = _topology_aware(mesh_utils.create_hybrid_device_mesh, ici, (dcn, 1, 1), devices)
   elif devices[0].platform in ("tpu", "gpu"):  # ICI-topology-aware device order
-    grid = mesh_utils.create_device_mesh(shape, devices)
+    grid = _topology_aware(mesh_utils.create_device_mesh, shape, devices)
   else:
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _topology_aware(create, *args):
+  """`create`'s device grid; where no logical axis matches the physical ones (tensor=4 on a
+  16x16 v5e-256), split a physical axis, as MaxText's allow_split_physical_axes does."""
+  try:
+    return create(*args)
+  except (NotImplementedError, ValueError):
+    return create(*args, allow_split_physical_axes=True)
 
 
 def rules(mesh_cfg) -> tuple:

@@ -196,6 +196,24 @@ def test_v4_topologies_have_one_device_per_chip():
 
 
 @needs_libtpu
+def test_a_tensor_axis_the_torus_cannot_hold_whole_splits_a_physical_axis():
+  """v5e-256 is a 16x16 torus: tensor=4 fits no physical axis whole, so one is split (as
+  MaxText's allow_split_physical_axes); each tensor group is still 4 neighbouring chips."""
+  from jax.experimental import mesh_utils
+
+  from bepa_jax import mesh as mesh_lib
+  devices = libtpu.topology_devices(tpu_specs.parse("v5e-256"), 1)
+  with pytest.raises(NotImplementedError):
+    mesh_utils.create_device_mesh((64, 1, 4), devices)
+  mesh = mesh_lib.create_mesh(tiny("--config.mesh.tensor=4").mesh, devices)
+  assert dict(mesh.shape) == {"data": 64, "fsdp": 1, "tensor": 4}
+  assert len({d.id for d in mesh.devices.flat}) == 256
+  for group in mesh.devices.reshape(64, 4):
+    coords = np.array([d.coords[:2] for d in group])
+    assert (coords.max(0) - coords.min(0)).tolist() in ([3, 0], [0, 3], [1, 1]), coords
+
+
+@needs_libtpu
 @pytest.mark.parametrize("args,message", [
     (["--topology", "v5e-48"], "known sizes"),
     (["--topology", "v5e-8", "--config.mesh.data=3"], "does not match the 8 devices"),

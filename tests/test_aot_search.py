@@ -33,13 +33,14 @@ def fake_search(size, time_ms, crash=(), vocab=128, extra=()):
 def test_search_prunes_by_memory_then_tries_the_fastest_plans_variants():
   """XLM-R's vocabulary: chunked and dense MLM; a plan that needs no less memory than one that
   did not fit is skipped, fsdp and remat=full are not tried once a lighter plan fits; the
-  fastest then unrolled, with fsdp, with remat=full and with rbg dropout."""
+  fastest then unrolled, with fsdp, split over a tensor axis (16 pairs per chip: a small
+  share), with remat=full and with rbg dropout."""
   P = search_lib.Plan
   size = lambda p: (20 - 2 * (p.sharding == "zero1") - 5 * bool(p.mlm_vocab_chunk)
                     - 6 * (p.sharding == "fsdp") - 8 * (p.remat == "full"))
   time_ms = lambda p: (100 - 5 * (p.sharding == "zero1") - 3 * bool(p.mlm_vocab_chunk)
                        + 10 * (p.remat == "full") - 4 * (not p.scan_layers)
-                       + 8 * (p.dropout_rng == "rbg"))
+                       + 8 * (p.dropout_rng == "rbg") - 2 * (p.tensor > 1))
   s, asked = fake_search(size, time_ms, vocab=250_002, extra=(
       "--config.model.hidden_dropout=0.1", "--config.model.scan_layers=True",
       "--config.model.remat=dots_saveable"))
@@ -48,15 +49,18 @@ def test_search_prunes_by_memory_then_tries_the_fastest_plans_variants():
   assert asked == [best, P("dots_saveable", "zero1"), P("dots_saveable", "data", 16384),
                    dataclasses.replace(best, scan_layers=False),
                    dataclasses.replace(best, sharding="fsdp"),
+                   dataclasses.replace(best, tensor=2),
                    dataclasses.replace(best, remat="full"),
                    dataclasses.replace(best, dropout_rng="rbg")]
   rows = {r["key"]: r for r in result["plans"]}
+  tp4 = rows[dataclasses.replace(best, tensor=4).key]  # 2 heads: not compiled, and why
+  assert tp4["status"] == "invalid: model.num_heads=2 is not divisible by mesh.tensor=4"
   skipped = rows[P("dots_saveable", "data").key]
   assert skipped["status"].startswith("skipped: needs at least the memory of remat="
                                       "dots_saveable, ZeRO-1, scanned")
-  assert result["compiles"] == 7 and result["best"] == dataclasses.replace(
+  assert result["compiles"] == 8 and result["best"] == dataclasses.replace(
       best, scan_layers=False).key
-  assert [rows[k]["step_ms"] for k in result["ranked"]] == [88, 92, 97, 97, 100, 102]
+  assert [rows[k]["step_ms"] for k in result["ranked"]] == [88, 90, 92, 97, 97, 100, 102]
   # to paste: only what differs from the config
   assert result["best_overrides"] == ["--config.mesh.shard_optimizer=True",
                                       "--config.loss.mlm_vocab_chunk=16384",
@@ -162,3 +166,15 @@ def test_search_bad_input_and_nothing_fits_are_one_line(capsys, monkeypatch, arg
   monkeypatch.setattr(compile_cli, "plan_compiler", lambda *a: lambda plan: too_big)
   got, out, err = run_cli(capsys, "--search", *TINY, *args)
   assert got == code and len(err) == 1 and message in err[0], err
+
+
+def test_plan_keys_round_trip_and_keep_the_names_on_disk():
+  P = search_lib.Plan
+  for plan in (P("full", "zero1", 16384, 1024, False, "rbg", 4, 4), P("none"),
+               P("dots_saveable", tensor=2)):
+    assert P.from_key(plan.key) == plan
+  assert P("none").key == "none.data.mc0.cc0.scan.threefry2x32"  # as the reports were named
+  tp4 = P("none", "fsdp", tensor=4)
+  assert tp4.key.endswith(".tp4") and "tensor 4" in tp4.describe()
+  assert {k: v for k, v in tp4.settings().items() if k.startswith("mesh.")} == {
+      "mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 4, "mesh.shard_optimizer": False}

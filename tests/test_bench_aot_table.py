@@ -119,6 +119,7 @@ def test_the_earlier_tables_reports_are_plans_of_the_search(tmp_path, monkeypatc
                        search_lib.Plan("dots_saveable", "data", scan_layers=False)]
   assert asked[2:] == [dataclasses.replace(zero1, scan_layers=False, dropout_rng="rbg"),
                        dataclasses.replace(zero1, sharding="fsdp", dropout_rng="rbg"),
+                       *(dataclasses.replace(zero1, dropout_rng="rbg", tensor=t) for t in (2, 4)),
                        dataclasses.replace(zero1, remat="full", dropout_rng="rbg")]
   assert {r["status"] for r in result["plans"]} >= {"fits", "failed: crash",
                                                     "not compiled (budget)"}

@@ -38,6 +38,8 @@ VOCAB_CHUNK = 16384                      # loss.mlm_vocab_chunk tried (bench/ste
 LARGE_VOCAB = 65536
 CONTRASTIVE_CHUNK = 1024
 GRADCACHE = (4, 16)
+TENSOR = (2, 4)                          # mesh.tensor tried by the speed stage ...
+SMALL_SHARE = 32                         # ... at this many pairs per chip or fewer
 THREEFRY, RBG = "threefry2x32", "rbg"
 CRASHED = ("crash", "rc -11")            # XLA:TPU died of a signal
 
@@ -51,11 +53,13 @@ class Plan:
   scan_layers: bool = True
   dropout_rng: str = THREEFRY
   gradcache_chunks: int = 0
+  tensor: int = 1                        # mesh.tensor: heads, MLP and vocabulary split
 
   def settings(self, dcn_data: int = 1) -> dict:
     """config key -> value."""
     data, fsdp = (dcn_data, -1) if self.sharding == "fsdp" else (-1, 1)
     return {"model.remat": self.remat, "mesh.data": data, "mesh.fsdp": fsdp,
+            "mesh.tensor": self.tensor,
             "mesh.shard_optimizer": self.sharding == "zero1",
             "loss.mlm_vocab_chunk": self.mlm_vocab_chunk,
             "loss.contrastive_chunk": self.contrastive_chunk,
@@ -69,19 +73,21 @@ class Plan:
 
   @property
   def key(self) -> str:
-    """A file-name-safe name: remat.sharding.mcN.ccN.scan|unrolled.rng[.gcN]."""
+    """A file-name-safe name: remat.sharding.mcN.ccN.scan|unrolled.rng[.gcN][.tpN]."""
     return ".".join([self.remat, self.sharding, f"mc{self.mlm_vocab_chunk}",
                      f"cc{self.contrastive_chunk}", "scan" if self.scan_layers else "unrolled",
                      "rbg" if self.dropout_rng == RBG else self.dropout_rng]
-                    + ([f"gc{self.gradcache_chunks}"] if self.gradcache_chunks else []))
+                    + ([f"gc{self.gradcache_chunks}"] if self.gradcache_chunks else [])
+                    + ([f"tp{self.tensor}"] if self.tensor > 1 else []))
 
   @classmethod
   def from_key(cls, key: str) -> "Plan":
     """The plan of a `key`."""
     parts = key.split(".")
+    tp = int(parts.pop()[2:]) if parts[-1].startswith("tp") else 1
     gc = int(parts.pop()[2:]) if parts[-1].startswith("gc") else 0
     remat, sharding, mc, cc, layers, rng = parts
-    return cls(remat, sharding, int(mc[2:]), int(cc[2:]), layers == "scan", rng, gc)
+    return cls(remat, sharding, int(mc[2:]), int(cc[2:]), layers == "scan", rng, gc, tp)
 
   def describe(self) -> str:
     parts = [f"remat={self.remat}", {"data": "data parallel", "zero1": "ZeRO-1",
@@ -94,6 +100,8 @@ class Plan:
     parts.append("rbg dropout" if self.dropout_rng == RBG else "threefry dropout")
     if self.gradcache_chunks:
       parts.append(f"GradCache {self.gradcache_chunks}")
+    if self.tensor > 1:
+      parts.append(f"tensor {self.tensor}")
     return ", ".join(parts)
 
   def saves_at_least(self, other: "Plan") -> bool:
@@ -101,8 +109,10 @@ class Plan:
     return (MEMORY_RANK[self.sharding] >= MEMORY_RANK[other.sharding]
             and bool(self.mlm_vocab_chunk) >= bool(other.mlm_vocab_chunk)
             and bool(self.contrastive_chunk) >= bool(other.contrastive_chunk)
-            and (self.remat, self.scan_layers, self.dropout_rng, self.gradcache_chunks)
-            == (other.remat, other.scan_layers, other.dropout_rng, other.gradcache_chunks))
+            and (self.remat, self.scan_layers, self.dropout_rng, self.gradcache_chunks,
+                 self.tensor)
+            == (other.remat, other.scan_layers, other.dropout_rng, other.gradcache_chunks,
+                other.tensor))
 
 
 def plan_config(config, plan: Plan):
@@ -269,6 +279,10 @@ class Search:
     variants.append(flip)
     if best.sharding != "fsdp" and self.shape.chips > 1 and not best.gradcache_chunks:
       variants.append(dataclasses.replace(best, sharding="fsdp"))
+    if (self.shape.batch <= SMALL_SHARE * self.shape.chips and best.tensor == 1
+        and not best.gradcache_chunks):  # a small share: the per-chip fixed costs dominate
+      variants += [dataclasses.replace(best, tensor=t) for t in TENSOR
+                   if self.shape.chips % t == 0]
     remats = self.shape.remats()
     heavier = remats[remats.index(best.remat) + 1:] if best.remat in remats else ()
     if heavier and not best.gradcache_chunks:
