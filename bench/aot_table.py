@@ -254,6 +254,8 @@ def short(plan) -> str:
     parts.append("rbg")
   if plan.gradcache_chunks:
     parts.append(f"gc {plan.gradcache_chunks}")
+  if plan.tensor > 1:
+    parts.append(f"tensor {plan.tensor}")
   return " / ".join(parts)
 
 

@@ -54,7 +54,8 @@ def test_search_prunes_by_memory_then_tries_the_fastest_plans_variants():
                    dataclasses.replace(best, dropout_rng="rbg")]
   rows = {r["key"]: r for r in result["plans"]}
   tp4 = rows[dataclasses.replace(best, tensor=4).key]  # 2 heads: not compiled, and why
-  assert tp4["status"] == "invalid: model.num_heads=2 is not divisible by mesh.tensor=4"
+  assert tp4["status"] == ("invalid: model.num_heads=2 is not divisible by mesh.tensor=4 "
+                           "(mesh.rules splits 'heads' over tensor)")
   skipped = rows[P("dots_saveable", "data").key]
   assert skipped["status"].startswith("skipped: needs at least the memory of remat="
                                       "dots_saveable, ZeRO-1, scanned")

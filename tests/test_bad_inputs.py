@@ -138,6 +138,11 @@ CASES = [
      "loss.temperature=1e-40 is below 0.001: the logits cos/tau would reach +-1e+40"),
     ("train-nan-temperature", "bepa-train", ["--config.loss.temperature=nan"],
      "loss.temperature must be a finite number, got nan"),
+    # 8. a weight dimension the mesh splits must divide by it (XLM-R's vocabulary by tensor=4)
+    ("train-vocab-over-tensor", "bepa-train",
+     ["--config.mesh.tensor=2", "--config.model.vocab_size=1001"],
+     "model.vocab_size=1001 is not divisible by mesh.tensor=2 (mesh.rules splits 'vocab' over "
+     "tensor)"),
 ]
 
 

@@ -123,6 +123,8 @@ def test_the_earlier_tables_reports_are_plans_of_the_search(tmp_path, monkeypatc
                        dataclasses.replace(zero1, remat="full", dropout_rng="rbg")]
   assert {r["status"] for r in result["plans"]} >= {"fits", "failed: crash",
                                                     "not compiled (budget)"}
+  assert aot_table.short(dataclasses.replace(zero1, scan_layers=False, tensor=4)) == \
+      "dots / ZeRO-1 / unrolled / tensor 4"
 
 
 def test_targets_are_read_from_the_rows():
