@@ -1,11 +1,11 @@
 """`bepa-compile --search`: the fastest plan that fits, not the first.
 
 A plan is one setting of the knobs that change memory and speed but not the model or the
-loss: remat policy, how the state is split (data parallel, ZeRO-1 optimizer sharding, fsdp),
-the MLM loss streamed over vocabulary chunks, the contrastive loss streamed over column
-chunks, scanned or unrolled layers, dropout's PRNG, GradCache as the last resort. `run`
-walks a pruned grid of them, the caller compiling each (a child process per compile), and
-ranks the plans that fit by step time:
+loss: remat policy, how the state is split (data parallel, ZeRO-1 optimizer sharding, fsdp,
+a tensor axis), the MLM loss streamed over vocabulary chunks, the contrastive loss streamed
+over column chunks, scanned or unrolled layers, dropout's PRNG, GradCache as the last resort.
+`run` walks a pruned grid of them, the caller compiling each (a child process per compile),
+and ranks the plans that fit by step time:
 
   1. memory: per remat level, lightest first, every combination of sharding and chunking the
      shape warrants (chunking only where the dense buffers are large: the MLM logits at a
@@ -15,9 +15,10 @@ ranks the plans that fit by step time:
      Nothing fits: GradCache chunks (4, then 16) at remat=full on the most frugal split.
   2. speed: the fastest plan that fits, with its layers unrolled (or scanned), with fsdp (the
      gradients reduce-scattered, each chip's share of the state: the fixed per-chip costs that
-     data parallelism does not shrink), with the other dropout PRNG (when there is dropout),
-     and with the next heavier remat: in the compiled
-     roofline less saved activations can mean less HBM traffic (xlm-roberta-base, B = 4096 on
+     data parallelism does not shrink), over a tensor axis of 2 and 4 at <= 32 pairs per chip
+     (a quarter of the weights read for 4x the rows), with the other dropout PRNG (when there
+     is dropout), and with the next heavier remat: in the compiled roofline less saved
+     activations can mean less HBM traffic (xlm-roberta-base, B = 4096 on
      v5e-64: 267 ms with remat=full, 347 with dots_saveable). A compiler crash is retried with
      unrolled layers, then rbg dropout (see Search.attempt).
 """

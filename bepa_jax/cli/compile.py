@@ -52,8 +52,9 @@ def parse_args(argv):
                  help="mean real tokens per sentence with [CLS]/[SEP] (bepa-train's `packing:` "
                  "line reports it): gives real tokens/s; default: pairs/s and positions/s only")
   p.add_argument("--search", action="store_true",
-                 help="compile a grid of plans (remat, ZeRO-1 / fsdp, MLM and contrastive "
-                 "chunks, scanned or unrolled layers, dropout PRNG), each in its own process, "
+                 help="compile a grid of plans (remat, ZeRO-1 / fsdp / tensor axis, MLM and "
+                 "contrastive chunks, scanned or unrolled layers, dropout PRNG), each in its "
+                 "own process, "
                  "and rank those that fit by step time; --out: the ranking as JSON, each "
                  "plan's report in OUT's stem + .plans/")
   p.add_argument("--max_compiles", type=int, default=0,
