@@ -128,18 +128,23 @@ def test_the_earlier_tables_reports_are_plans_of_the_search(tmp_path, monkeypatc
 
 
 def test_targets_are_read_from_the_rows():
-  def cell(config, topo, layout, pairs, ms=10.0, today_ms=10.0, hfu=0.5, plan="dots / data"):
+  def cell(config, topo, layout, pairs, ms=10.0, today_ms=10.0, hfu=0.5, plan="dots / data",
+           gb=50.0):
     best = dict(pairs_per_s=pairs, step_ms=ms, hfu=hfu, plan=plan, bound="HBM",
-                bytes_accessed_gb=50.0, chips=int(topo.split("-")[1]))
+                bytes_accessed_gb=gb, chips=int(topo.split("-")[1]))
     return dict(config=config, B=4096, slice=topo, layout=layout, best=best,
                 today=dict(step_ms=today_ms),
                 tried=[dict(plan=plan, status="fits", gib_per_chip=9.0, step_ms=ms)])
-  rows = [cell("base", "v5e-64", "padded", 100), cell("base", "v5e-256", "padded", 310),
+  rows = [cell("base", "v5e-64", "padded", 100, gb=69.2),
+          cell("base", "v5e-256", "padded", 310, gb=26.2),
           cell("xlmr", "v5e-64", "padded", 100, plan="full / data"),
           cell("xlmr", "v5e-256", "padded", 250, hfu=0.2, ms=11.0)]
   t = {x["target"]: x for x in aot_table_doc.targets(rows)}
   assert not t["every cell at least as fast as today's plan"]["met"]  # 11 ms against 10
-  assert t["base padded B=4096: v5e-256 >= 3x the pairs/s of v5e-64"]["ratio"] == 3.1
+  base = t["base padded B=4096: v5e-256 >= 3x the pairs/s of v5e-64"]
+  assert base["ratio"] == 3.1  # 64 and 16 pairs a chip: 69.2 = F + 64 v, 26.2 = F + 16 v
+  assert base["detail"].endswith("69.2 -> 26.2 GB = 11.9 GB fixed + 0.90 GB a pair: 3x needs "
+                                 "the fixed part <= 7.2 GB")
   assert not t["xlmr padded B=4096: v5e-256 >= 3x the pairs/s of v5e-64"]["met"]
   assert not t["xlmr B=4096 on v5e-64 padded fits without remat=full"]["met"]
   low = t["no cell below 25% HFU without a stated reason"]["below"]
