@@ -125,8 +125,8 @@ def test_search_gets_around_a_compiler_crash_and_skips_needless_chunks():
 @needs_libtpu
 def test_search_compiles_a_grid_and_ranks_the_plans_that_fit(capsys, tmp_path):
   """bepa-compile --search on v5e-8: ZeRO-1 and data parallel at remat=none, then the fastest
-  scanned; with fsdp and dots_saveable too, but --max_compiles stops it: 3 compiles, each in
-  its own process."""
+  scanned; with fsdp, tensor 2 (5 pairs a chip; tensor 4 does not divide the 2 heads) and
+  dots_saveable too, but --max_compiles stops it: 3 compiles, each in its own process."""
   out = tmp_path / "s.json"
   code, stdout, err = run_cli(capsys, "--search", "--topology", "v5e-8", *TINY, "--out", str(out),
                               "--max_compiles", "3")
@@ -134,9 +134,12 @@ def test_search_compiles_a_grid_and_ranks_the_plans_that_fit(capsys, tmp_path):
   result = json.loads(out.read_text())
   rows = {r["key"]: r for r in result["plans"]}
   assert result["compiles"] == 3 and len(result["ranked"]) == 3
-  assert [r["status"] for r in result["plans"]][3:] == ["not compiled (budget)"] * 2
+  statuses = [r["status"] for r in result["plans"]][3:]
+  assert statuses[:2] + statuses[3:] == ["not compiled (budget)"] * 3
+  assert statuses[2].startswith("invalid: model.num_heads=2 is not divisible by mesh.tensor=4")
   assert [r["plan"]["sharding"] for r in result["plans"]][3] == "fsdp"
-  assert rows[result["plans"][4]["key"]]["plan"]["remat"] == "dots_saveable"
+  assert [r["plan"]["tensor"] for r in result["plans"]][4:6] == [2, 4]
+  assert rows[result["plans"][6]["key"]]["plan"]["remat"] == "dots_saveable"
   times = [rows[k]["step_ms"] for k in result["ranked"]]
   assert times == sorted(times)
   for key in result["ranked"]:  # each plan's own report, from its own child
