@@ -69,6 +69,11 @@ def _topology_aware(create, *args):
     return create(*args, allow_split_physical_axes=True)
 
 
+def spec_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec (or mesh.rules) entry: None, an axis, or a tuple."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def rules(mesh_cfg) -> tuple:
   return tuple((name, tuple(a) if isinstance(a, (list, tuple)) else a)
                for name, a in mesh_cfg.rules)
@@ -96,15 +101,14 @@ def shard_over_batch(sharding: NamedSharding, shape) -> NamedSharding:
   whose update is element-wise: each batch shard updates its slice, then the new parameters
   are gathered back to their own sharding."""
   mesh = sharding.mesh
-  entries = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
   spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-  used = {a for e in spec for a in entries(e)}
+  used = {a for e in spec for a in spec_axes(e)}
   extra = tuple(a for a in BATCH_AXES if a not in used and mesh.shape[a] > 1)
   if not extra:
     return sharding
   count = math.prod(mesh.shape[a] for a in extra)
   for i, (dim, e) in enumerate(zip(shape, spec)):
-    if dim % (count * math.prod(mesh.shape[a] for a in entries(e))) == 0:
-      spec[i] = entries(e) + extra
+    if dim % (count * math.prod(mesh.shape[a] for a in spec_axes(e))) == 0:
+      spec[i] = spec_axes(e) + extra
       return NamedSharding(mesh, P(*spec))
   return sharding

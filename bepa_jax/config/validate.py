@@ -60,6 +60,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
   _validate_train(config.train, config.optim)
   shape = mesh_lib.resolve_shape(config.mesh, num_devices)
   _validate_layout(config, shape)
+  _validate_split_dims(config, shape)
   return shape
 
 
@@ -175,7 +176,6 @@ def _validate_layout(config, shape: tuple[int, int, int]) -> None:
         raise ConfigError(f"data.{key}={d[key]} exceeds the {most} sequences of a packing group "
                           f"({group} pairs = train.global_batch / batch shards / micro-batches): "
                           f"one per row is the padded layout")
-  _validate_split_dims(config, shape)
 
 
 # the model dimensions a logical axis of mesh.rules names: each must divide over its mesh axes
@@ -189,8 +189,7 @@ def _validate_split_dims(config, shape: tuple[int, int, int]) -> None:
   sizes = dict(zip(mesh_lib.AXES, shape))
   rules = dict(mesh_lib.rules(config.mesh))
   for logical, key in SPLIT_DIMS:
-    target = rules.get(logical)
-    axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    axes = mesh_lib.spec_axes(rules.get(logical))
     if not axes:
       continue
     dim, ways = int(config.model[key]), math.prod(sizes[a] for a in axes)
