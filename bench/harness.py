@@ -38,7 +38,8 @@ def n_predictions(seq: int) -> int:
   return max(1, round(0.15 * (seq - 2)))
 
 
-def make_config(name: str, **model_overrides):
+def make_config(name: str, pairs: int = 0, **model_overrides):
+  """The config of a SHAPES entry; `pairs` > 0 replaces its pairs per step."""
   s = SHAPES[name]
   c = default_config.get_config()
   for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size"):
@@ -49,7 +50,7 @@ def make_config(name: str, **model_overrides):
   c.data.max_length = s["seq"]
   c.data.max_predictions_per_seq = n_predictions(s["seq"])
   c.data.packing = False  # the padded step (and its [B, 2, L] layout) is what this compares
-  c.train.global_batch = s["pairs"]
+  c.train.global_batch = pairs or s["pairs"]
   c.mesh.data = 1
   return c
 
@@ -138,10 +139,11 @@ def memory(compiled) -> dict:
   return out
 
 
-def jax_matmul(n: int = 2048):
-  """A jitted n x n x n fp32 matmul and its FLOPs: the XLA CPU peak in this run."""
-  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
+def jax_matmul(n: int = 2048, dtype=jnp.float32):
+  """A jitted n x n x n matmul in `dtype` and its FLOPs: the XLA peak in this run (the
+  model's dtype: bfloat16 on an accelerator's matrix units)."""
+  a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(2), (n, n), dtype)
   f = jax.jit(lambda a, b: a @ b)
   f(a, b).block_until_ready()
   return (lambda: f(a, b).block_until_ready()), 2 * n ** 3
@@ -156,10 +158,10 @@ class MatmulPeak:
   once measured 38 GFLOP/s on a machine that reaches 190) and inflate MFU past 100%.
   """
 
-  def __init__(self, sizes=(512, 1024, 2048), reps: int = 2):
+  def __init__(self, sizes=(512, 1024, 2048), reps: int = 2, dtype=jnp.float32):
     self.reps, self.samples, self.fns = reps, [], []
     for n in sizes:
-      fn, flops = jax_matmul(n)
+      fn, flops = jax_matmul(n, dtype)
       self.fns.append((fn, flops))
 
   def __call__(self):
@@ -228,6 +230,7 @@ def machine_info() -> dict:
   return dict(cpu=_cpu_name(), cores=os.cpu_count(),
               loadavg_1_5_15=[round(x, 2) for x in load], jax=jax.__version__,
               backend=jax.default_backend(), devices=len(jax.devices()),
+              device_kind=jax.devices()[0].device_kind,
               xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 

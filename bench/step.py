@@ -32,6 +32,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402  (sets up the repo path)
+import jax.numpy as jnp  # noqa: E402
 import torch_baseline  # noqa: E402  (torch itself is imported only in its worker processes)
 
 from bepa_jax import host_memory  # noqa: E402
@@ -48,7 +49,7 @@ def _parse_value(v: str):
 
 
 def run_config(name: str, args, overrides: dict) -> dict:
-  config = harness.make_config(name, **overrides)
+  config = harness.make_config(name, args.pairs, **overrides)
   fl = harness.train_flops(config)
   # Real tokens of the batch every step runs (the synthetic batch is full length: no padding).
   tokens = throughput.count(harness.synthetic_batch(config), config.loss)
@@ -56,13 +57,14 @@ def run_config(name: str, args, overrides: dict) -> dict:
   fns = {"ours": harness.step_runner(compiled, state, batch, mesh)}
   chunk_row = None
   if args.mlm_vocab_chunk:  # the same step with the MLM cross-entropy streamed over the vocab
-    config_c = harness.make_config(name, **overrides)
+    config_c = harness.make_config(name, args.pairs, **overrides)
     config_c.loss.mlm_vocab_chunk = args.mlm_vocab_chunk
     compiled_c, state_c, batch_c, mesh_c, compile_c, mem_c = harness.build_jax_step(config_c)
     fns["ours_mlm_chunk"] = harness.step_runner(compiled_c, state_c, batch_c, mesh_c)
     chunk_row = dict(chunk=args.mlm_vocab_chunk, compile_s=compile_c, memory=mem_c)
   n = args.matmul_n
-  peak_fn = harness.MatmulPeak(sorted({max(n // 4, 64), max(n // 2, 64), n}))
+  peak_fn = harness.MatmulPeak(sorted({max(n // 4, 64), max(n // 2, 64), n}),
+                               dtype=jnp.dtype(str(config.model.dtype)))
   fns["xla_matmul"] = peak_fn
   workers = []
   if args.baseline != "none":
@@ -90,6 +92,7 @@ def run_config(name: str, args, overrides: dict) -> dict:
   best = harness.mfu_peak(max(xla, torch_peak or 0.0), achieved)
   res = dict(config=name, shapes=harness.SHAPES[name], overrides=overrides,
              flops_per_step=fl["step"], flops_breakdown=fl, compile_s=compile_s, memory=mem,
+             pairs=int(config.train.global_batch), matmul_dtype=str(config.model.dtype),
              peak_matmul_flops_xla=xla, peak_matmul_samples_xla=peak_fn.samples,
              peak_matmul_flops_best=best["peak"], mfu_peak=peak, mfu_peak_best=best,
              achieved_flops_fastest=achieved, real_tokens_per_step=tokens.real,
@@ -121,7 +124,7 @@ def report(res: dict) -> None:
   print(f"\n== {res['config']} {res['overrides'] or ''}: {res['flops_per_step'] / 1e9:.1f} GFLOP/step,"
         f" compile {res['compile_s']:.1f}s, peak memory {res['memory']['peak_bytes'] / 2**20:.0f} MiB"
         f" (temps {res['memory']['temp_size'] / 2**20:.0f} MiB)")
-  print(f"   XLA fp32 matmul peak {res['peak_matmul_flops_xla'] / 1e9:.0f} GFLOP/s (best of "
+  print(f"   XLA {res['matmul_dtype']} matmul peak {res['peak_matmul_flops_xla'] / 1e9:.0f} GFLOP/s (best of "
         f"{len(res['peak_matmul_samples_xla'])} matmuls, interleaved)"
         + (f", torch {res['peak_matmul_flops_torch'] / 1e9:.0f} GFLOP/s"
            if "peak_matmul_flops_torch" in res else ""))
@@ -165,7 +168,8 @@ def plot(out: dict, path: str) -> str | None:
       label = f"{t:,.0f}" + ("" if k == "ours" else f"  (ours {res['ratio_vs_' + k]:.2f}x)")
       ax.text(t, y, " " + label, va="center", fontsize=8)
     ax.set_xlim(0, max(tok) * 1.6)
-    ax.set_xlabel("real tokens / s (fp32, CPU)")
+    ax.set_xlabel(f"real tokens / s ({res.get('matmul_dtype', 'float32')}, "
+                  f"{out['machine'].get('device_kind', 'cpu')})")
     ax.set_title(f"{res['config']}: MFU {100 * res['ours']['mfu_vs_best_matmul']:.1f}%", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -180,6 +184,9 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--baseline", choices=("hf", "gathered", "both", "none"), default="both")
   p.add_argument("--matmul_n", type=int, default=2048)
+  p.add_argument("--pairs", type=int, default=0,
+                 help="> 0: pairs per step instead of the config's (16); on an accelerator, "
+                      "enough to fill it")
   p.add_argument("--tag", default="", help="suffix of the JSON file name")
   p.add_argument("--mlm_vocab_chunk", type=int, default=0,
                  help="> 0: also time our step with loss.mlm_vocab_chunk=N (row ours_mlm_chunk)")

@@ -37,3 +37,20 @@ def test_step_bench_runs_ours_and_a_torch_worker(tmp_path):
   assert res["ratio_vs_torch_gathered/retain"] == pytest.approx(
       res["median_s"]["torch_gathered/retain"] / res["median_s"]["ours"])
   assert "ours/this" in r.stdout
+
+
+def test_step_bench_pairs_and_dtype_set_the_batch_and_the_matmul_peak(tmp_path):
+  """--pairs replaces the config's 16 pairs (real tokens follow), and the matmul peak is timed
+  in the model's dtype (bf16 on an accelerator's matrix units), both recorded in the JSON."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  r = subprocess.run([sys.executable, "bench/step.py", "--configs", "tiny", "--reps", "1",
+                      "--warmup", "0", "--baseline", "none", "--pairs", "4", "--matmul_n", "256",
+                      "--model.dtype=bfloat16", "--results_dir", str(tmp_path), "--tag", "p"],
+                     capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.loads((tmp_path / "step_p.json").read_text())
+  res = out["results"][0]
+  assert res["pairs"] == 4 and res["matmul_dtype"] == "bfloat16"
+  assert res["real_tokens_per_step"] == 2 * 4 * 64
+  assert out["machine"]["device_kind"] == "cpu"
+  assert "XLA bfloat16 matmul peak" in r.stdout
