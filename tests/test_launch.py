@@ -218,9 +218,9 @@ def _signal_launcher(tmp_path, sig, *opts, env=None, names=("pid",)):
     stderr=subprocess.STDOUT,
     text=True,
     env={**os.environ, **(env or {})},
-    # Ctrl-C as at a terminal: an ignored SIGINT is inherited (this test process may ignore
-    # it after an earlier test), and a Python started with it ignored never raises
-    # KeyboardInterrupt
+    # Ctrl-C as at a terminal: an ignored SIGINT is inherited, and a Python started with it
+    # ignored never raises KeyboardInterrupt. pytest itself may ignore it: a shell without job
+    # control starts a background command (`bash .ci/run &`) with SIGINT and SIGQUIT ignored
     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   pids = {}
