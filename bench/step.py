@@ -22,6 +22,8 @@ sentences: bench/authors_step.py, bench/packing.py). Honours XLA_FLAGS.
 --mlm_vocab_chunk N adds a row, ours_mlm_chunk: our step with loss.mlm_vocab_chunk=N (the MLM
 cross-entropy streamed over N vocabulary rows at a time, bepa_jax/objective/mlm.py), its compile
 time and compiled memory beside the dense step's, timed in the same interleaved rounds.
+--profile DIR traces a few more steps of ours with jax.profiler after the timed rounds (so the
+timings are not perturbed) and adds their op time by kind (matmuls first) to the JSON.
 Results go to bench/results/step_<tag>.json.
 """
 from __future__ import annotations
@@ -81,6 +83,10 @@ def run_config(name: str, args, overrides: dict) -> dict:
     for w in workers:
       w.close()
   steps = [k for k in fns if not k.endswith("matmul")]
+  profiles = {}
+  if args.profile:  # after the timed rounds, so the trace holds warm steps only
+    for k in [k for k in steps if k.startswith("ours")]:
+      profiles[k] = profile(fns[k], os.path.join(args.profile, f"{name}_{k}"), args.profile_steps)
   med = {k: harness.median(v) for k, v in times.items()}
   # Peak = the best matmul rate observed over sizes and repetitions (a stall only slows one
   # down); if a step's model FLOP rate beats it, the measurement is unreliable and that rate
@@ -108,12 +114,26 @@ def run_config(name: str, args, overrides: dict) -> dict:
                   mfu_vs_best_matmul=fl["step"] / med[k] / best["peak"])
   if torch_peak is not None:
     res["peak_matmul_flops_torch"] = torch_peak
+  if profiles:
+    res["profile"] = profiles
   if chunk_row is not None:
     res["mlm_chunk"] = dict(chunk_row, time_ratio_vs_dense=med["ours_mlm_chunk"] / med["ours"])
   for k in steps:
     if k.startswith("torch_"):
       res[f"ratio_vs_{k}"] = med[k] / med["ours"]
   return res
+
+
+def profile(step, trace_dir: str, steps: int) -> dict:
+  """`steps` steps under jax.profiler, summed by op kind (bench/profile_summary.py)."""
+  import jax
+  import profile_summary
+  with jax.profiler.trace(trace_dir):
+    for _ in range(steps):
+      step()
+  out = profile_summary.summarize(trace_dir, steps, top=15, quiet=True)
+  out["ops"] = dict(list(out["ops"].items())[:40])
+  return out
 
 
 def n_flops(n: int) -> int:
@@ -147,6 +167,11 @@ def report(res: dict) -> None:
           f"({c['time_ratio_vs_dense']:.2f}x the dense step's), compile {c['compile_s']:.1f}s, "
           f"peak memory {c['memory']['peak_bytes'] / 2**20:.0f} MiB (temps "
           f"{c['memory']['temp_size'] / 2**20:.0f} MiB)")
+  for k, prof in res.get("profile", {}).items():
+    print(f"   profile of {k}: {prof['ms_per_step']:.1f} ms of op time per step, "
+          f"{100 * prof['matmul_fraction']:.0f}% matmul ({prof['file']})")
+    for kind, ns in list(prof["kinds"].items())[:8]:
+      print(f"     {100 * ns / prof['total_ns']:5.1f}%  {kind}")
 
 
 def plot(out: dict, path: str) -> str | None:
@@ -191,6 +216,10 @@ def main(argv=None):
   p.add_argument("--mlm_vocab_chunk", type=int, default=0,
                  help="> 0: also time our step with loss.mlm_vocab_chunk=N (row ours_mlm_chunk)")
   p.add_argument("--results_dir", default=harness.RESULTS, help="where the JSON and PNG go")
+  p.add_argument("--profile", default="",
+                 help="a folder: after the timed rounds, trace --profile_steps steps of each of "
+                      "our steps there and add their op-time summary (bench/profile_summary.py)")
+  p.add_argument("--profile_steps", type=int, default=2)
   p.add_argument("--host_malloc", choices=host_memory.MODES, default="auto",
                  help="ours: glibc settings of this process (bepa_jax/host_memory.py; auto = "
                       "what bepa-train does: retain on CPU)")

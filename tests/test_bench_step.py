@@ -54,3 +54,45 @@ def test_step_bench_pairs_and_dtype_set_the_batch_and_the_matmul_peak(tmp_path):
   assert res["real_tokens_per_step"] == 2 * 4 * 64
   assert out["machine"]["device_kind"] == "cpu"
   assert "XLA bfloat16 matmul peak" in r.stdout
+
+
+def test_step_bench_profile_sums_the_traced_steps_by_kind(tmp_path):
+  """--profile traces our steps after the timed rounds and adds their op time by kind (matmuls
+  marked) to the JSON: the ops' total is the step's, not zero, and matmuls are a real share."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  r = subprocess.run([sys.executable, "bench/step.py", "--configs", "tiny", "--reps", "1",
+                      "--warmup", "1", "--baseline", "none", "--matmul_n", "256",
+                      "--mlm_vocab_chunk", "256", "--profile", str(tmp_path / "prof"),
+                      "--profile_steps", "1", "--results_dir", str(tmp_path), "--tag", "f"],
+                     capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  res = json.loads((tmp_path / "step_f.json").read_text())["results"][0]
+  assert set(res["profile"]) == {"ours", "ours_mlm_chunk"}
+  for k, prof in res["profile"].items():
+    assert prof["file"].startswith(str(tmp_path / "prof" / f"tiny_{k}"))
+    assert prof["total_ns"] > 0 and 0.2 < prof["matmul_fraction"] < 1.0
+    # the op time of one traced step is of the order of the timed step (2 compute threads)
+    assert 0.1 * res[k]["best_step_s"] < prof["ms_per_step"] / 1e3 < 4 * res[k]["step_s"]
+    assert any(kind.startswith("matmul") for kind in prof["kinds"])
+  assert "profile of ours_mlm_chunk" in r.stdout
+
+
+def test_profile_summary_reads_an_accelerators_streams_not_its_op_line_twice():
+  """On a GPU the kernels are on the device plane's streams and again, by HLO name, on its
+  "XLA Ops" line: only the streams count, so no op is summed twice; cuBLAS kernels are matmuls."""
+  import types
+  sys.path.insert(0, os.path.join(REPO, "bench"))
+  import profile_summary
+
+  def line(name, *events):
+    return types.SimpleNamespace(name=name, events=[types.SimpleNamespace(name=e, duration_ns=1)
+                                                    for e in events])
+  gpu = types.SimpleNamespace(name="/device:GPU:0", lines=[
+      line("XLA Ops", "fusion.1", "custom-call.2"), line("Stream #13(Compute)", "loop_fusion"),
+      line("Stream #14(MemcpyD2D)", "nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNN")])
+  host = types.SimpleNamespace(name="/host:CPU", lines=[line("XLA Ops", "dot.3")])
+  lines = profile_summary.op_lines(types.SimpleNamespace(planes=[host, gpu]))
+  assert [ln.name for ln in lines] == ["Stream #13(Compute)", "Stream #14(MemcpyD2D)"]
+  assert profile_summary.kind_of("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNN").startswith("matmul")
+  assert profile_summary.kind_of("loop_add_fusion_3") == "loop_add_fusion"
+  assert profile_summary.op_lines(types.SimpleNamespace(planes=[host]))[0].name == "XLA Ops"
