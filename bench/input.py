@@ -21,8 +21,9 @@ not on this VM). B = 32,768 needs more meanings than Multi30k's 29,000 with dedu
 cells read Multi30k x COPIES written outside the repository (`enlarge`: copy k > 0 of every
 line ends in " (k)" in all four languages alike, so copies are distinct sentences and meanings).
 
---e2e: bepa-train on 2 local processes (launch/local.py), packed, made input-heavy (Tatoeba's
-112 languages, data.max_length=256, a tiny model), data.workers=0 and 1 interleaved.
+--e2e (bench/input_e2e.py): bepa-train on 2 local processes (launch/local.py), packed, made
+input-heavy (Tatoeba's 112 languages, data.max_length=256, a tiny model), data.workers=0 and 1
+interleaved.
 Writes bench/results/input.json and input.png.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
 import doc_blocks  # noqa: E402  (bench/ is not a package)
+from input_e2e import run_e2e  # noqa: E402
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 MULTI30K = os.path.join(SHARED, "multi30k")
 TATOEBA = os.path.join(SHARED, "tatoeba")
@@ -282,6 +284,13 @@ def rescore(result: dict) -> dict:
   return dict(result, cells=rows, targets=targets(rows), last_line=last_line(rows))
 
 
+def merge(stored: list[dict], fresh: list[dict]) -> list[dict]:
+  """Stored rows with the fresh ones in their place (or added), in the pod table's order."""
+  by_name = {r["name"]: r for r in stored} | {r["name"]: r for r in fresh}
+  table = json.load(open(os.path.join(RESULTS, "aot_table.json")))
+  return [by_name[c["name"]] for c in cells(table) if c["name"] in by_name]
+
+
 def markdown(rows: list[dict]) -> str:
   """The table of docs/data.md."""
   k = lambda v: f"{v / 1000:.1f}k" if v else "-"
@@ -314,59 +323,6 @@ def format_row(r: dict) -> str:
           f"{k(r['pairs_per_s_core'])} | projected 4 {k(r['projected'][4])} 8 "
           f"{k(r['projected'][8])} | demand {k(r['demand'])} | headroom 1 {h(1)} 8 {h(8)}")
 
-# ---------------------------------------------------------------------------- end to end
-E2E = {"model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2,
-       "model.intermediate_size": 64, "model.max_position_embeddings": 256,
-       "data.max_length": 256, "data.max_predictions_per_seq": 8, "data.packing": True,
-       "train.global_batch": 2048, "train.log_every": 5, "checkpoint.every_steps": 0,
-       "checkpoint.every_minutes": 0, "data.prefetch": 2}
-E2E_VOCAB = 4000  # a small MLM head: the step stays cheap beside the input
-
-
-def e2e_run(workdir: str, tok_path: str, workers: int, steps: int) -> float:
-  """steps/s of a 2-process packed bepa-train (compilation excluded: bepa-train's own figure,
-  from its second log on)."""
-  from launch.local import run_local
-  cfg = {**E2E, "data.source": f"tatoeba:{TATOEBA}", "tokenizer.path": tok_path,
-         "train.steps": steps, "data.workers": workers}
-  cmd = [sys.executable, "-m", "bepa_jax.cli.train", "--workdir", workdir,
-         *[f"--config.{k}={v}" for k, v in cfg.items()]]
-  rc = run_local(cmd, num_processes=2, devices_per_process=1, log_dir=workdir + "_logs",
-                 stream=open(os.devnull, "w"), cwd=REPO, timeout_s=1200,
-                 env={"PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get(
-                     "PYTHONPATH", "")) if p)})
-  if rc != 0:
-    raise SystemExit(f"e2e run failed (exit {rc}): see {workdir}_logs/worker_0.log")
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    last = [json.loads(line) for line in f if "train/steps_per_sec" in line][-1]
-  return float(last["train/steps_per_sec"])
-
-
-def run_e2e(args) -> dict:
-  """data.workers=0 and 1, interleaved, `--e2e_rounds` times each, in one session."""
-  import tempfile
-  from bepa_jax.config import defaults as default_config
-  from bepa_jax.data import factory
-  from bepa_jax.data import tokenizer as tokenizer_lib
-  out = os.path.join(CACHE, f"spm{E2E_VOCAB}_tatoeba")
-  if not os.path.exists(os.path.join(out, "spm.model")):
-    d = default_config.get_config().data
-    d.source, d.pairs = f"tatoeba:{TATOEBA}", ""
-    tokenizer_lib.train_sentencepiece(factory.training_texts(d), out, E2E_VOCAB)
-  root = tempfile.mkdtemp(prefix="bepa-input-e2e-")
-  runs = {0: [], 1: []}
-  for k in range(args.e2e_rounds):
-    for workers in (0, 1):
-      rate = e2e_run(os.path.join(root, f"w{workers}_{k}"), os.path.join(out, "spm.model"),
-                     workers, args.e2e_steps)
-      runs[workers].append(rate)
-      print(f"e2e round {k + 1}: data.workers={workers}: {rate:.3f} steps/s", flush=True)
-  best = {w: max(v) for w, v in runs.items()}
-  return dict(config={**E2E, "data.source": "tatoeba (112 languages x eng)",
-                      "processes": 2, "devices_per_process": 1, "steps": args.e2e_steps},
-              steps_per_s=runs, speedup=best[1] / best[0])
-
-
 # ---------------------------------------------------------------------------- output
 def plot(rows: list[dict], path: str) -> None:
   import matplotlib
@@ -397,7 +353,8 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--steps", type=int, default=6, help="timed batches per worker, per cell")
-  ap.add_argument("--match", default="", help="only cells whose name contains this")
+  ap.add_argument("--match", default="", help="only cells whose name contains this (the "
+                  "others keep their stored figures)")
   ap.add_argument("--scaling_cells", default="base_B4096_v4-32_padded,base_B32768_v5e-64_packed")
   ap.add_argument("--scaling_rounds", type=int, default=3)
   ap.add_argument("--scaling_only", action="store_true", help="redo the scaling rounds only")
@@ -423,10 +380,15 @@ def main(argv=None) -> int:
     result["scaling"] = run_scaling(args, result["cells"])
   elif not args.e2e_only:
     rows = run_cells(args)
-    result = dict(method=__doc__.split("\n\n")[1:4], cores=os.cpu_count(),
-                  load_avg=os.getloadavg(), copies=COPIES, cells=rows,
-                  scaling=run_scaling(args, rows), targets=targets(rows),
-                  last_line=last_line(rows))
+    if args.match and os.path.exists(args.out):  # some cells again: the rest keep their figures
+      stored = json.load(open(args.out))
+      result = rescore(dict(stored, cells=merge(stored["cells"], rows)))
+      rows = result["cells"]
+    else:
+      result = dict(method=__doc__.split("\n\n")[1:4], cores=os.cpu_count(),
+                    load_avg=os.getloadavg(), copies=COPIES, cells=rows,
+                    scaling=run_scaling(args, rows), targets=targets(rows),
+                    last_line=last_line(rows))
     plot(rows, os.path.splitext(args.out)[0] + ".png")
   if args.e2e or args.e2e_only:
     result["e2e"] = run_e2e(args)

@@ -91,6 +91,18 @@ def test_rescore_reads_todays_demand_and_keeps_the_rates():
   assert again["demand_when_measured"] == pytest.approx(cell["demand"] / 2)
 
 
+def test_match_puts_fresh_cells_in_place_and_keeps_the_rest():
+  """--match measures some cells again (or cells the plan search has just made fit): they take
+  their place in the pod table's order, and the stored rows of the other cells are kept."""
+  table = json.load(open(os.path.join(REPO, "bench", "results", "aot_table.json")))
+  names = [c["name"] for c in bench_input.cells(table)]
+  stored = [dict(name=names[0], v="old"), dict(name=names[5], v="old")]
+  fresh = [dict(name=names[5], v="new"), dict(name=names[2], v="new")]
+  assert bench_input.merge(stored, fresh) == [dict(name=names[0], v="old"),
+                                              dict(name=names[2], v="new"),
+                                              dict(name=names[5], v="new")]
+
+
 def test_docs_table_is_rewritten_between_its_markers_only(tmp_path):
   doc = tmp_path / "data.md"
   doc.write_text("intro\n<!-- input_table: note -->\nold\n<!-- /input_table -->\nafter\n")
