@@ -14,6 +14,10 @@ import pytest
 
 from launch import local
 
+# The runner's Popen forks this (JAX-importing) test process and execs the worker at once, so
+# Python's "os.fork() ... JAX is multithreaded" warning does not apply: nothing runs between.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
 # --------------------------------------------------------------------------- local
 
 
