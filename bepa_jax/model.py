@@ -38,6 +38,7 @@ class EncoderConfig:
   remat: str = "none"
   scan_layers: bool = False
   fused_qkv: bool = False  # one [H, 3, heads, kv] matmul; same parameters, same names
+  weight_grads_fp32: bool = False  # see weight_dot: fp32 weight gradients under bf16 compute
 
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int | None = None) -> "EncoderConfig":
@@ -55,6 +56,11 @@ class EncoderConfig:
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def fp32_grads(self) -> bool:
+    """Weight gradients need their own fp32 path: bf16 compute with weight_grads_fp32."""
+    return self.weight_grads_fp32 and self.compute_dtype != jnp.float32
 
 
 # The EncoderConfig fields that fix the parameters' shapes (and what token ids mean): a checkpoint
@@ -111,6 +117,60 @@ def position_ids(cfg: EncoderConfig, input_ids, segment_ids=None):
   return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
 
 
+def weight_dot(cfg: EncoderConfig, x, kernel, n_in: int = 1, kernel_in_front: bool = True,
+               bias=None):
+  """x [..., in] times an fp32 parameter `kernel` ([in..., out...], or [out..., in...] with
+  kernel_in_front=False, as the tied decoder's [V, H]), plus `bias` [out...], in the compute
+  dtype.
+
+  With bf16 compute, the kernel's gradient is a bf16 dot's output, so each batch shard's partial
+  sum is rounded to bf16 and XLA:TPU sums the shards in bf16 (bench/grad_reduce_dtype.py); the
+  bias's likewise. With cfg.weight_grads_fp32 both gradients are formed in fp32 instead: the
+  same forward, an fp32 sum.
+  """
+  dt = cfg.compute_dtype
+  if cfg.fp32_grads:
+    return _fp32_grad_dot(x.astype(dt), kernel, bias, n_in, kernel_in_front)
+  y = _dot(x.astype(dt), kernel.astype(dt), n_in, kernel_in_front)
+  return y if bias is None else y + bias.astype(dt)
+
+
+def _dot(x, w, n_in, front):
+  w_in = tuple(range(n_in)) if front else tuple(range(w.ndim - n_in, w.ndim))
+  return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - n_in, x.ndim)), w_in), ((), ())))
+
+
+def _biased_dot(x, w, b, n_in, front):
+  y = _dot(x, w.astype(x.dtype), n_in, front)
+  return y if b is None else y + b.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fp32_grad_dot(x, w, b, n_in, front):
+  return _biased_dot(x, w, b, n_in, front)
+
+
+def _fp32_grad_dot_fwd(x, w, b, n_in, front):
+  return _biased_dot(x, w, b, n_in, front), (x, w, b)
+
+
+def _fp32_grad_dot_bwd(n_in, front, res, g):
+  x, w, b = res
+  n_free = x.ndim - n_in                   # y = [x's free dims..., w's free dims...]
+  w_free = tuple(range(n_in, w.ndim)) if front else tuple(range(w.ndim - n_in))
+  gx = jax.lax.dot_general(g, w.astype(x.dtype), ((tuple(range(n_free, g.ndim)), w_free),
+                                                   ((), ())))
+  lead = tuple(range(n_free))              # sum over the batch: -> [in..., out...], fp32
+  gw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+  if not front:                            # -> [out..., in...]
+    gw = jnp.moveaxis(gw, tuple(range(n_in)), tuple(range(gw.ndim - n_in, gw.ndim)))
+  gb = None if b is None else jnp.sum(g, axis=lead, dtype=jnp.float32).astype(b.dtype)
+  return gx.astype(x.dtype), gw.astype(w.dtype), gb
+
+
+_fp32_grad_dot.defvjp(_fp32_grad_dot_fwd, _fp32_grad_dot_bwd)
+
+
 def attention(q, k, v, segment_ids, dropout=None):
   """Softmax attention of q, k, v [N, L, heads, d] within segments; the XLA form.
 
@@ -150,9 +210,14 @@ class Embeddings(nn.Module):
     self.dropout = nn.Dropout(cfg.hidden_dropout)
 
   def __call__(self, input_ids, token_type_ids, deterministic: bool, segment_ids=None):
-    x = (self.word_embeddings(input_ids)
-         + self.position_embeddings(position_ids(self.cfg, input_ids, segment_ids))
-         + self.token_type_embeddings(token_type_ids))
+    cfg = self.cfg
+    # nn.Embed casts the whole table to the compute dtype, so its gradient is a bf16 scatter-add;
+    # with fp32 weight gradients the rows are cast after the lookup (the same values).
+    look = ((lambda e, ids: jnp.take(e.embedding, ids, axis=0).astype(cfg.compute_dtype))
+            if cfg.fp32_grads else (lambda e, ids: e(ids)))
+    x = (look(self.word_embeddings, input_ids)
+         + look(self.position_embeddings, position_ids(cfg, input_ids, segment_ids))
+         + look(self.token_type_embeddings, token_type_ids))
     return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
 
@@ -180,11 +245,7 @@ class HeadsDense(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     kernel, bias = self.weights()
-    n_in = len(self.in_dims)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
-                            (contract, ((), ())))
-    return y + bias.astype(cfg.compute_dtype)
+    return weight_dot(cfg, x, kernel, len(self.in_dims), bias=bias)
 
 
 class SelfAttention(nn.Module):
@@ -198,9 +259,8 @@ class SelfAttention(nn.Module):
                              ("heads", "kv"))
     if cfg.fused_qkv:  # concatenating the kernels costs 3*H*H copies; the matmul is 3x wider
       kb = [proj(name=n).weights() for n in ("query", "key", "value")]
-      kernel = jnp.stack([w for w, _ in kb], axis=1).astype(cfg.compute_dtype)  # [H, 3, nh, hd]
-      qkv_bias = jnp.stack([b for _, b in kb], axis=0).astype(cfg.compute_dtype)
-      qkv = jnp.einsum("blh,hcnd->blcnd", x.astype(cfg.compute_dtype), kernel) + qkv_bias
+      kernel = jnp.stack([w for w, _ in kb], axis=1)  # [H, 3, nh, hd]
+      qkv = weight_dot(cfg, x, kernel, bias=jnp.stack([b for _, b in kb], axis=0))
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
       q, k, v = (proj(name=n)(x) for n in ("query", "key", "value"))
@@ -221,12 +281,10 @@ class Layer(nn.Module):
     drop = nn.Dropout(cfg.hidden_dropout)
     h = SelfAttention(cfg, name="attention")(x, segment_ids, deterministic)
     x = layer_norm(cfg, "attention_LayerNorm")(x + drop(h, deterministic=deterministic))
-    h = nn.Dense(cfg.intermediate_size, dtype=cfg.compute_dtype,
-                 kernel_init=normal_init(cfg, ("embed", "mlp")), bias_init=zeros_init(("mlp",)),
-                 name="intermediate")(x)
-    h = nn.Dense(cfg.hidden_size, dtype=cfg.compute_dtype,
-                 kernel_init=normal_init(cfg, ("mlp", "embed")), bias_init=zeros_init(("embed",)),
-                 name="output")(gelu(h))
+    h = HeadsDense(cfg, (cfg.hidden_size,), (cfg.intermediate_size,), ("embed", "mlp"), ("mlp",),
+                   name="intermediate")(x)
+    h = HeadsDense(cfg, (cfg.intermediate_size,), (cfg.hidden_size,), ("mlp", "embed"),
+                   ("embed",), name="output")(gelu(h))
     x = layer_norm(cfg, "output_LayerNorm")(x + drop(h, deterministic=deterministic))
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     return x, None
@@ -270,14 +328,14 @@ class MLMHead(nn.Module):
     [V])), for a loss that applies the decoder itself (objective/mlm.py's chunked_mlm_loss).
     The parameters are the same either way."""
     cfg = self.cfg
-    h = nn.Dense(cfg.hidden_size, dtype=cfg.compute_dtype,
-                 kernel_init=normal_init(cfg, ("embed", "mlp")), bias_init=zeros_init(("mlp",)),
-                 name="dense")(h)
+    h = HeadsDense(cfg, (cfg.hidden_size,), (cfg.hidden_size,), ("embed", "mlp"), ("mlp",),
+                   name="dense")(h)
     h = layer_norm(cfg, "LayerNorm")(gelu(h)).astype(cfg.compute_dtype)
     bias = self.param("bias", zeros_init(("vocab",)), (cfg.vocab_size,), jnp.float32)
-    if not decode:
-      return h, (word_embeddings.embedding, bias)
-    logits = word_embeddings.attend(h)
+    embedding = word_embeddings.embedding
+    if not decode:  # the chunked loss casts each vocabulary chunk; its gradient takes this dtype
+      return h, (embedding if cfg.fp32_grads else embedding.astype(cfg.compute_dtype), bias)
+    logits = weight_dot(cfg, h, embedding, kernel_in_front=False)  # h @ embedding.T
     return logits.astype(jnp.float32) + bias
 
 

@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
       remat="none",                  # none | full | dots_saveable
       scan_layers=False,             # nn.scan over layers: O(1) compile time in depth
       fused_qkv=False,               # one [H, 3H] Q/K/V matmul; same parameters and names
+      weight_grads_fp32=False,       # bfloat16 compute: each weight's gradient leaves its matmul
+                                     # in float32, so the sum over batch shards is float32 on TPU
   ))
 
   # --- Objective: L = L_mlm + weight * L_con (symmetric InfoNCE over the global batch).

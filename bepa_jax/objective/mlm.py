@@ -38,14 +38,15 @@ def mlm_loss(logits, labels, weights):
 def chunked_mlm_loss(h, embedding, bias, labels, weights, chunk: int):
   """`mlm_loss` of the logits h @ embedding.T + bias, never forming them: V streamed in chunks.
 
-  h: [..., H] the MLM head's transformed hidden states (compute dtype); embedding: [V, H]
-  (cast to h's dtype, as the dense decoder does); bias: [V]; labels, weights: h's leading shape.
+  h: [..., H] the MLM head's transformed hidden states (compute dtype); embedding: [V, H], each
+  chunk cast to h's dtype as the dense decoder does (its gradient comes back in embedding's own
+  dtype: fp32 for an fp32 table); bias: [V]; labels, weights: h's leading shape.
   """
   if chunk < 1:
     raise ValueError(f"chunked_mlm_loss needs a chunk >= 1, got {chunk} (0 is mlm_loss's form)")
   hidden = h.shape[-1]
   h2 = h.reshape(-1, hidden)
-  ce, hit = streaming_ce(h2, embedding.astype(h.dtype), bias.astype(jnp.float32),
+  ce, hit = streaming_ce(h2, embedding, bias.astype(jnp.float32),
                          labels.reshape(-1).astype(jnp.int32), int(chunk))
   w = weights.reshape(-1).astype(jnp.float32)
   return (ce * w).sum(), (lax.stop_gradient(hit) * w).sum(), w.sum()
@@ -68,7 +69,7 @@ def _spans(vocab: int, chunk: int):
 
 def _logits(h, embedding, bias, labels, lo, size):
   """The [N, size] logits of vocabulary rows lo..lo+size and the labels' one-hot among them."""
-  ej = lax.dynamic_slice_in_dim(embedding, lo, size)
+  ej = lax.dynamic_slice_in_dim(embedding, lo, size).astype(h.dtype)
   bj = lax.dynamic_slice_in_dim(bias, lo, size)
   logits = lax.dot_general(h, ej, (((1,), (1,)), ((), ())),
                            preferred_element_type=jnp.float32) + bj
