@@ -161,7 +161,7 @@ def _fp32_grad_dot_bwd(n_in, front, res, g):
   gx = jax.lax.dot_general(g, w.astype(x.dtype), ((tuple(range(n_free, g.ndim)), w_free),
                                                    ((), ())))
   lead = tuple(range(n_free))              # sum over the batch: -> [in..., out...], fp32
-  gw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+  gw = _fp32_sum_dot(x, g, ((lead, lead), ((), ())))
   if not front:                            # -> [out..., in...]
     gw = jnp.moveaxis(gw, tuple(range(n_in)), tuple(range(gw.ndim - n_in, gw.ndim)))
   gb = None if b is None else jnp.sum(g, axis=lead, dtype=jnp.float32).astype(b.dtype)
@@ -169,6 +169,17 @@ def _fp32_grad_dot_bwd(n_in, front, res, g):
 
 
 _fp32_grad_dot.defvjp(_fp32_grad_dot_fwd, _fp32_grad_dot_bwd)
+
+
+def _fp32_sum_dot(a, b, dims):
+  """bf16 a . b with fp32 products and sums. XLA:CPU's runtime has no bf16 x bf16 -> f32 dot
+  for every fusion (UNIMPLEMENTED in DotThunk), so on CPU the operands are cast up first: the
+  same result, as bf16 products are exact in fp32. Chosen by the compile target, so an AOT
+  compile for TPU on a CPU host keeps the bf16 dot."""
+  bf16_in = lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  f32_in = lambda a, b: jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims,
+                                            precision=jax.lax.Precision.HIGHEST)
+  return jax.lax.platform_dependent(a, b, cpu=f32_in, default=bf16_in)
 
 
 def attention(q, k, v, segment_ids, dropout=None):
