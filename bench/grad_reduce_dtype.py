@@ -5,9 +5,10 @@
 The pod-table reports show every weight-gradient all-reduce of the real step in bf16 on TPU
 (docs/pods.md, "The gradient all-reduce runs in bf16"). This isolates why, on one bf16 matmul
 y = x @ w.astype(bf16) with an fp32 parameter w, data parallel over 8 shards, in three forms:
-  today     : the kernel cast to bf16 and a bf16 dot (what flax's Dense and our encoder do)
+  today     : the kernel cast to bf16 and a bf16 dot (model.weight_dot, as flax's Dense does)
   f32 out   : the same dot with preferred_element_type=float32, its output cast back to bf16
-  f32 grad  : a custom VJP whose weight-gradient dot returns fp32 (the activation path stays bf16)
+  f32 grad  : model.weight_dot with model.weight_grads_fp32: a custom VJP whose weight-gradient
+              dot returns fp32 (the activation path stays bf16)
 Each is compiled for a TPU slice (libtpu, nothing runs) and for 8 CPU devices; the dtype of the
 cross-shard gradient reduction is read from the optimised HLO. On the CPU devices it also runs,
 and the weight gradient is compared with an fp32 reference (the error of the per-shard bf16
@@ -16,6 +17,7 @@ rounding; TPU's bf16 sum adds to it). Writes bench/results/grad_reduce_dtype.jso
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -29,34 +31,20 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
+from bepa_jax import model as model_lib  # noqa: E402
+
 BF16 = jnp.bfloat16
-
-
-def today(x, w):
-  return jax.lax.dot(x, w.astype(BF16))
+_CFG = model_lib.EncoderConfig(vocab_size=1, dtype="bfloat16")
+TODAY, FP32_GRADS = _CFG, dataclasses.replace(_CFG, weight_grads_fp32=True)
 
 
 def f32_out(x, w):
   return jax.lax.dot(x, w.astype(BF16), preferred_element_type=jnp.float32).astype(BF16)
 
 
-@jax.custom_vjp
-def f32_grad(x, w):
-  return jax.lax.dot(x, w.astype(BF16))
-
-
-def _fwd(x, w):
-  return f32_grad(x, w), (x, w)
-
-
-def _bwd(res, g):
-  x, w = res
-  gw = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  return jax.lax.dot(g, w.astype(BF16).T), gw
-
-
-f32_grad.defvjp(_fwd, _bwd)
-FORMS = {"today": today, "f32 out": f32_out, "f32 grad": f32_grad}
+FORMS = {"today": lambda x, w: model_lib.weight_dot(TODAY, x, w),
+         "f32 out": f32_out,
+         "f32 grad": lambda x, w: model_lib.weight_dot(FP32_GRADS, x, w)}
 
 
 def loss(form, w, x):

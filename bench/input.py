@@ -42,12 +42,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
 import doc_blocks  # noqa: E402  (bench/ is not a package)
-from input_e2e import run_e2e  # noqa: E402
+from input_e2e import CACHE, run_e2e  # noqa: E402  (tokenizers, enlarged corpus)
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 MULTI30K = os.path.join(SHARED, "multi30k")
-TATOEBA = os.path.join(SHARED, "tatoeba")
 LANGS = ("en", "de", "fr", "cs")
-CACHE = os.path.join("/tmp", "bepa_input_bench")  # tokenizers and the enlarged corpus
 COPIES = 10          # Multi30k x 10: 290k meanings for B = 32,768 with dedup on
 PROJECTED = (1, 2, 4, 8)
 RESULTS = os.path.join(REPO, "bench", "results")

@@ -9,7 +9,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TATOEBA = os.path.join(os.path.dirname(REPO), "shared", "data", "tatoeba")
-CACHE = os.path.join("/tmp", "bepa_input_bench")  # input.py's: the tokenizer is kept there
+CACHE = os.path.join("/tmp", "bepa_input_bench")  # input.py's too: tokenizers, enlarged corpus
 
 E2E = {"model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2,
        "model.intermediate_size": 64, "model.max_position_embeddings": 256,

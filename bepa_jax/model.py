@@ -128,11 +128,8 @@ def weight_dot(cfg: EncoderConfig, x, kernel, n_in: int = 1, kernel_in_front: bo
   bias's likewise. With cfg.weight_grads_fp32 both gradients are formed in fp32 instead: the
   same forward, an fp32 sum.
   """
-  dt = cfg.compute_dtype
-  if cfg.fp32_grads:
-    return _fp32_grad_dot(x.astype(dt), kernel, bias, n_in, kernel_in_front)
-  y = _dot(x.astype(dt), kernel.astype(dt), n_in, kernel_in_front)
-  return y if bias is None else y + bias.astype(dt)
+  dot = _fp32_grad_dot if cfg.fp32_grads else _biased_dot
+  return dot(x.astype(cfg.compute_dtype), kernel, bias, n_in, kernel_in_front)
 
 
 def _dot(x, w, n_in, front):
@@ -141,6 +138,7 @@ def _dot(x, w, n_in, front):
 
 
 def _biased_dot(x, w, b, n_in, front):
+  """x . w + b with w and b cast to x's (the compute) dtype."""
   y = _dot(x, w.astype(x.dtype), n_in, front)
   return y if b is None else y + b.astype(x.dtype)
 
